@@ -1,0 +1,38 @@
+"""Entry point of the ``lmnet`` command."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lmnet import __version__
+from lmnet.cli import models
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmnet", description="LM-Net for 2-D medical image segmentation.")
+    parser.add_argument("--version", action="version", version=f"lmnet {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    models.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 1 failure, 2 bad input)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as err:
+        print(f"lmnet {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lmnet {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
