@@ -10,8 +10,13 @@ import torch
 from lmnet.layers import NeighborhoodAttention2d, neighborhood_attention_2d, neighborhood_window_index
 
 
+def cf(t):
+    """(B, H, W, C) -> (B, C, H, W)."""
+    return t.permute(0, 3, 1, 2)
+
+
 def na_loop_reference(q, k, v, heads, ksize, rpb=None, scale=None):
-    """Obviously-correct NAT semantics, one query at a time."""
+    """Obviously-correct NAT semantics, one query at a time, on (B, H, W, C) tokens."""
     B, H, W, C = q.shape
     d = C // heads
     scale = d ** -0.5 if scale is None else scale
@@ -56,24 +61,34 @@ def test_matches_loop_reference(shape, heads, ksize):
     q, k, v = (torch.randn(shape) for _ in range(3))
     rpb = torch.randn(heads, 2 * ksize - 1, 2 * ksize - 1)
     for bias in (None, rpb):
-        ours = neighborhood_attention_2d(q, k, v, heads, ksize, bias)
-        ref = na_loop_reference(q, k, v, heads, ksize, bias)
+        ours = neighborhood_attention_2d(cf(q), cf(k), cf(v), heads, ksize, bias)
+        ref = cf(na_loop_reference(q, k, v, heads, ksize, bias))
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_custom_scale_matches_reference():
     q, k, v = (torch.randn(1, 5, 6, 4) for _ in range(3))
-    ours = neighborhood_attention_2d(q, k, v, 2, 3, scale=0.3)
-    torch.testing.assert_close(ours, na_loop_reference(q, k, v, 2, 3, scale=0.3))
+    ours = neighborhood_attention_2d(cf(q), cf(k), cf(v), 2, 3, scale=0.3)
+    torch.testing.assert_close(ours, cf(na_loop_reference(q, k, v, 2, 3, scale=0.3)))
 
 
 def test_kernel_equal_to_map_is_global_attention():
     # With k == H == W every query sees every key: plain softmax attention plus bias.
     q, k, v = (torch.randn(1, 3, 3, 2) for _ in range(3))
-    ours = neighborhood_attention_2d(q, k, v, 1, 3)
+    ours = neighborhood_attention_2d(cf(q), cf(k), cf(v), 1, 3).permute(0, 2, 3, 1)
     logits = (q.reshape(9, 2) @ k.reshape(9, 2).T) / math.sqrt(2)
     dense = (logits.softmax(-1) @ v.reshape(9, 2)).reshape(1, 3, 3, 2)
     torch.testing.assert_close(ours, dense)
+
+
+def test_module_matches_reference_with_its_own_projections():
+    m = NeighborhoodAttention2d(8, 4, 3)
+    with torch.no_grad():
+        m.rpb.normal_()
+    x = torch.randn(2, 6, 5, 8)
+    q, k, v = m.qkv(x).chunk(3, dim=-1)
+    ref = m.proj(na_loop_reference(q, k, v, 4, 3, m.rpb))
+    torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_gradients_match_finite_differences():
@@ -91,7 +106,7 @@ def test_gradients_reach_every_parameter():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-@pytest.mark.parametrize("shape", [(1, 2, 5, 4), (1, 5, 2, 4)])
+@pytest.mark.parametrize("shape", [(1, 4, 2, 5), (1, 4, 5, 2)])
 def test_map_smaller_than_kernel_is_a_clear_error(shape):
     q = torch.randn(shape)
     with pytest.raises(ValueError, match="at least 3x3"):
