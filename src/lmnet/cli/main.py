@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from lmnet import __version__
-from lmnet.cli import models
+from lmnet.cli import models, scoring
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,6 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lmnet {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     models.register(sub)
+    scoring.register(sub)
     return parser
 
 

@@ -1,0 +1,66 @@
+"""Score a folder of predicted masks against a folder of true masks, matched by file stem."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from tqdm import tqdm
+
+from lmnet.data.io import list_images, read_mask
+from lmnet.metrics.evaluator import SegmentationEvaluator
+
+__all__ = ["match_by_stem", "score_folders"]
+
+
+def _by_stem(files: Sequence[Path], root: Path, what: str) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for f in files:
+        if f.stem in out:
+            raise ValueError(f"two {what} files share the stem {f.stem!r}: {out[f.stem]} and {f}")
+        out[f.stem] = f
+    if not out:
+        raise ValueError(f"no image files in {what} folder {root}")
+    return out
+
+
+def match_by_stem(pred_dir: str | Path, true_dir: str | Path, recursive: bool = False
+                  ) -> list[tuple[str, Path, Path, str | None]]:
+    """Pairs ``(stem, pred_file, true_file, group)``; the group is the truth file's sub-folder.
+
+    Raises ``ValueError`` listing the stems found on one side only.
+    """
+    pred_root, true_root = Path(pred_dir), Path(true_dir)
+    preds = _by_stem(list_images(pred_root, recursive), pred_root, "prediction")
+    trues = _by_stem(list_images(true_root, recursive), true_root, "truth")
+    only_pred, only_true = sorted(set(preds) - set(trues)), sorted(set(trues) - set(preds))
+    if only_pred or only_true:
+        def show(stems: list[str]) -> str:
+            return ", ".join(stems[:5]) + (f" and {len(stems) - 5} more" if len(stems) > 5 else "")
+        parts = []
+        if only_true:
+            parts.append(f"{len(only_true)} truth masks have no prediction ({show(only_true)})")
+        if only_pred:
+            parts.append(f"{len(only_pred)} predictions have no truth mask ({show(only_pred)})")
+        raise ValueError("files do not match by stem: " + "; ".join(parts))
+    pairs = []
+    for stem in sorted(trues):
+        rel = trues[stem].parent.relative_to(true_root)
+        pairs.append((stem, preds[stem], trues[stem], None if str(rel) == "." else rel.as_posix()))
+    return pairs
+
+
+def score_folders(pred_dir: str | Path, true_dir: str | Path,
+                  spacing: tuple[float, float] | None = None,
+                  empty_distance: float | str = "diagonal", recursive: bool = False,
+                  progress: bool = True) -> SegmentationEvaluator:
+    """Read every pair of masks, check their sizes, and score them; returns the evaluator."""
+    evaluator = SegmentationEvaluator(spacing=spacing, empty_distance=empty_distance)
+    for stem, pred_path, true_path, group in tqdm(match_by_stem(pred_dir, true_dir, recursive),
+                                                  desc="scoring", unit="img", disable=not progress):
+        pred, true = read_mask(pred_path), read_mask(true_path)
+        if pred.shape != true.shape:
+            raise ValueError(f"{pred_path} is {pred.shape[1]}x{pred.shape[0]} but {true_path} is "
+                             f"{true.shape[1]}x{true.shape[0]} (width x height): predictions must "
+                             "have the size of their truth mask")
+        evaluator.update(pred[None], true[None], names=[stem], groups=[group])
+    return evaluator
