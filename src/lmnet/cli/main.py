@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from lmnet import __version__
-from lmnet.cli import models, scoring
+from lmnet.cli import demo, models, scoring, training
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,6 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     models.register(sub)
     scoring.register(sub)
+    training.register(sub)
+    demo.register(sub)
     return parser
 
 

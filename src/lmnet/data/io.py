@@ -5,7 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["IMAGE_SUFFIXES", "read_array", "read_mask", "binarize_mask", "list_images"]
+__all__ = ["IMAGE_SUFFIXES", "read_array", "read_mask", "binarize_mask", "list_images", "read_image",
+           "to_uint8_channels"]
 
 #: File suffixes treated as images (lower case).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".ppm", ".pgm")
@@ -86,3 +87,43 @@ def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
     pattern = "**/*" if recursive else "*"
     return sorted(p for p in folder.glob(pattern)
                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+
+
+def to_uint8_channels(arr: np.ndarray, channels: int) -> np.ndarray:
+    """An image array as ``uint8`` ``(H, W, channels)``.
+
+    16-bit and float images are rescaled to 0..255; grey images are repeated to 3 channels and colour
+    images averaged to 1 channel when ``channels`` asks for it; an alpha channel is dropped.
+    """
+    a = np.asarray(arr)
+    if a.dtype != np.uint8:
+        if np.issubdtype(a.dtype, np.integer):
+            a = (a.astype(np.float64) * (255.0 / np.iinfo(a.dtype).max)).round().astype(np.uint8)
+        else:
+            lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
+            scale = 255.0 if lo >= 0 and hi <= 1 else 255.0 / max(hi - lo, 1e-12)
+            a = ((a - (0 if lo >= 0 and hi <= 1 else lo)) * scale).clip(0, 255).astype(np.uint8)
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.ndim != 3:
+        raise ValueError(f"expected a 2-D image, got an array of shape {arr.shape}")
+    if a.shape[2] in (2, 4):
+        a = a[..., : a.shape[2] - 1]
+    c = a.shape[2]
+    if c == channels:
+        return np.ascontiguousarray(a)
+    if c == 1:
+        return np.repeat(a, channels, axis=2)
+    if channels == 1:
+        return a.mean(axis=2, keepdims=True).round().astype(np.uint8)
+    raise ValueError(f"cannot turn a {c}-channel image into {channels} channels")
+
+
+def read_image(path: str | Path, channels: int = 3) -> np.ndarray:
+    """Read an image as ``uint8`` ``(H, W, channels)``; see :func:`to_uint8_channels`."""
+    try:
+        return to_uint8_channels(read_array(path), channels)
+    except ValueError as err:
+        if str(path) in str(err):
+            raise
+        raise ValueError(f"{path}: {err}") from None

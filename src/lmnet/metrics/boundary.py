@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["mask_boundary", "surface_distances", "boundary_metrics", "BOUNDARY_CASES"]
+__all__ = ["mask_boundary", "surface_distances", "boundary_metrics", "boundary_case", "BOUNDARY_CASES"]
 
 #: Names of the four cases counted in every report.
 BOUNDARY_CASES = ("both_present", "both_empty", "pred_empty", "true_empty")
@@ -49,6 +49,16 @@ def surface_distances(pred: np.ndarray, true: np.ndarray, spacing: Sequence[floa
     return to_true[bp], to_pred[bt]
 
 
+def boundary_case(pred: np.ndarray, true: np.ndarray) -> str:
+    """Which of :data:`BOUNDARY_CASES` a pair of masks falls in."""
+    p_any, t_any = bool(pred.any()), bool(true.any())
+    if p_any and t_any:
+        return "both_present"
+    if not (p_any or t_any):
+        return "both_empty"
+    return "true_empty" if p_any else "pred_empty"
+
+
 def boundary_metrics(pred: np.ndarray, true: np.ndarray, spacing: Sequence[float] | None = None,
                      empty_distance: float | str = "diagonal") -> dict[str, float | str]:
     """HD, HD95 and ASSD of one image.
@@ -64,18 +74,18 @@ def boundary_metrics(pred: np.ndarray, true: np.ndarray, spacing: Sequence[float
         HD95 is ``max(P95(d_pred_to_true), P95(d_true_to_pred))`` with linear interpolation
         between ranks, as in MONAI; ASSD is the mean of both directed distance sets together.
     """
-    p_any, t_any = bool(pred.any()), bool(true.any())
-    if p_any and t_any:
+    case = boundary_case(pred, true)
+    if case == "both_present":
         d_pt, d_tp = surface_distances(pred, true, spacing)
         both = np.concatenate([d_pt, d_tp])
         return {"hd": float(max(d_pt.max(), d_tp.max())),
                 "hd95": float(max(np.percentile(d_pt, 95), np.percentile(d_tp, 95))),
                 "assd": float(both.mean()), "case": "both_present"}
-    if not p_any and not t_any:
-        return {"hd": 0.0, "hd95": 0.0, "assd": 0.0, "case": "both_empty"}
+    if case == "both_empty":
+        return {"hd": 0.0, "hd95": 0.0, "assd": 0.0, "case": case}
     if empty_distance == "diagonal":
         sy, sx = (1.0, 1.0) if spacing is None else (float(spacing[0]), float(spacing[1]))
         dist = float(np.hypot(pred.shape[0] * sy, pred.shape[1] * sx))
     else:
         dist = float(empty_distance)
-    return {"hd": dist, "hd95": dist, "assd": dist, "case": "true_empty" if p_any else "pred_empty"}
+    return {"hd": dist, "hd95": dist, "assd": dist, "case": case}

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from lmnet.metrics.boundary import BOUNDARY_CASES, boundary_metrics
+from lmnet.metrics.boundary import BOUNDARY_CASES, boundary_case, boundary_metrics
 from lmnet.metrics.confusion import FN, FP, TN, TP, as_binary_masks, class_scores, confusion_counts, lesion_scores
 
 __all__ = ["SegmentationEvaluator", "summarize", "mean_std"]
@@ -70,10 +70,12 @@ class SegmentationEvaluator:
     Args:
         spacing: pixel size ``(sy, sx)`` for the boundary metrics; ``None`` gives pixels.
         empty_distance: boundary distance when exactly one mask is empty, ``"diagonal"`` or a number.
+        boundary: compute HD / HD95 / ASSD (``False`` leaves them ``None``: faster, for validation).
     """
 
     spacing: tuple[float, float] | None = None
     empty_distance: float | str = "diagonal"
+    boundary: bool = True
     rows: list[dict[str, Any]] = field(default_factory=list)
 
     def reset(self) -> None:
@@ -103,8 +105,11 @@ class SegmentationEvaluator:
                                    "tp": int(c[TP]), "fp": int(c[FP]), "fn": int(c[FN]),
                                    "tn": int(c[TN]), "true_area": true_area, "pred_area": pred_area}
             row.update({k: float(v[i]) for k, v in scores.items()})
-            b = boundary_metrics(p[i], t[i], self.spacing, self.empty_distance)
-            row.update(hd=b["hd"], hd95=b["hd95"], assd=b["assd"], boundary_case=b["case"])
+            if self.boundary:
+                b = boundary_metrics(p[i], t[i], self.spacing, self.empty_distance)
+                row.update(hd=b["hd"], hd95=b["hd95"], assd=b["assd"], boundary_case=b["case"])
+            else:
+                row.update(hd=None, hd95=None, assd=None, boundary_case=boundary_case(p[i], t[i]))
             row["rad_percent"] = (100.0 * (pred_area - true_area) / true_area) if true_area else None
             new.append(row)
         self.rows.extend(new)

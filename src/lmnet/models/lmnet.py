@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmnet._dataclass import dataclass_from_dict
 from lmnet.layers.multibranch import DEFAULT_BRANCHES, MultiBranchBlock, parse_branches
 from lmnet.layers.pyramid import LocalPyramidSkip, Up2Conv
 from lmnet.layers.transformer import GlobalFeatureTransformer, LocalFeatureTransformer
@@ -82,11 +83,7 @@ class LMNetConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "LMNetConfig":
         """Build from a mapping; unknown keys raise ``ValueError`` naming the valid ones."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"unknown LM-Net option(s) {unknown}; valid options: {sorted(names)}")
-        return cls(**values)
+        return dataclass_from_dict(cls, values, "LM-Net option(s)")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -1,0 +1,186 @@
+"""``lmnet train``, ``evaluate``, ``predict`` and ``check-data``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from lmnet.cli.models import parse_overrides
+from lmnet.data.layouts import FORMATS
+from lmnet.train.config import load_config
+
+# CLI flag -> config key; every flag defaults to None so that the YAML file's value stays.
+_FLAGS = {
+    "data": str, "format": str, "model": str, "epochs": int, "batch_size": int, "grad_accum": int,
+    "lr": float, "weight_decay": float, "image_size": int, "seed": int, "kfold": int, "fold": int,
+    "device": str, "num_workers": int, "time_budget": float, "out": str,
+    "name": str, "dice_weight": float, "cb_beta": float,
+}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lmnet.train.engine import train
+
+    overrides = {k: getattr(args, k) for k in _FLAGS}
+    overrides["split_file"] = args.split
+    for flag in ("bf16", "channels_last"):
+        if getattr(args, flag):
+            overrides[flag] = True
+    if args.no_amp:
+        overrides["amp"] = False
+    extra = parse_overrides(args.set)
+    model_args = {k[len("model."):]: v for k, v in extra.items() if k.startswith("model.")}
+    overrides.update({k: v for k, v in extra.items() if not k.startswith("model.")})
+    cfg = load_config(args.config, overrides)
+    if model_args:
+        cfg = cfg.replace(model_args={**cfg.model_args, **model_args})
+    resume = args.resume if args.resume is not None else False
+    if resume is False and not cfg.data:
+        raise ValueError("no dataset given: pass --data PATH or set 'data' in the config")
+    run_dir = train(cfg, resume=resume, progress=not args.quiet, overrides=overrides)
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        print(f"run folder: {run_dir}\n  best checkpoint: {run_dir / 'checkpoint_best.pt'}\n"
+              f"  log: {run_dir / 'log.csv'}  (TensorBoard: tensorboard --logdir {run_dir / 'tb'})\n"
+              f"next: lmnet evaluate {run_dir}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from lmnet.metrics import markdown_table
+    from lmnet.train.evaluate import evaluate_run
+
+    spacing = tuple(args.spacing) if args.spacing else None
+    result, out = evaluate_run(args.run, args.data, args.split, args.split_file, args.grid, args.out,
+                               spacing, args.device, progress=not args.quiet)
+    print(markdown_table(result))
+    print(f"wrote {out / 'metrics.json'}, {out / 'per_image.csv'} and {out / 'metrics.md'}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from lmnet.inference.predict import predict_files
+
+    summary = predict_files(args.checkpoint, args.inputs, args.out, args.threshold,
+                            progress=not args.quiet, engine=args.engine)
+    print(f"wrote {len(summary.written)} masks to {args.out}/masks, overlays to {args.out}/overlays, "
+          f"areas to {summary.csv_path}")
+    if summary.failed:
+        print(f"{len(summary.failed)} file(s) failed:", file=sys.stderr)
+        for _, msg in summary.failed:
+            print(f"  {msg}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from lmnet.inference.export import export_checkpoint
+
+    result = export_checkpoint(args.checkpoint, args.format, args.out, check=not args.no_check)
+    print(f"wrote {result['path']} ({args.format}, re-parameterised, dynamic batch and size)")
+    if "max_abs_diff" in result:
+        print(f"largest logit difference to PyTorch on shapes {result['check_shapes']}: "
+              f"{result['max_abs_diff']:.2e}")
+    return 0
+
+
+def cmd_check_data(args: argparse.Namespace) -> int:
+    from lmnet.data.check import check_dataset
+
+    report = check_dataset(args.path, args.format, read=not args.no_read, progress=not args.quiet)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"{report['path']}: format {report['format']}, {report['images']} images, "
+              f"{report['mask_files']} mask files")
+        if report["groups"]:
+            print("  subgroups: " + ", ".join(f"{k} {v}" for k, v in sorted(report["groups"].items())))
+        if report["patients"]:
+            print(f"  patients: {report['patients']}")
+        if report["images_with_several_masks"]:
+            print(f"  images with several masks (their union is used): "
+                  f"{report['images_with_several_masks']}")
+        if "sizes" in report:
+            s = report["sizes"]
+            print(f"  sizes: height {s['min_height']}-{s['max_height']}, width "
+                  f"{s['min_width']}-{s['max_width']}, {s['distinct']} distinct")
+            print(f"  empty masks: {report['empty_masks']}")
+        print(f"  problems: {len(report['problems'])}")
+        for p in report["problems"][:20]:
+            print(f"    {p}")
+    return 1 if report["problems"] else 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = sub.add_parser("train", help="train a model (paper recipe by default)", formatter_class=fmt)
+    p.add_argument("--config", default=None, help="YAML config (e.g. configs/kvasir.yaml)")
+    p.add_argument("--data", default=None, help="dataset folder")
+    p.add_argument("--format", default=None, choices=FORMATS, help="dataset layout (default: detect)")
+    p.add_argument("--model", default=None, help="registered model name (default lmnet)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default 200)")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch (default 32)")
+    p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per step (default 1)")
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 1e-3)")
+    p.add_argument("--weight-decay", type=float, default=None, help="default 1e-4")
+    p.add_argument("--image-size", type=int, default=None, help="training side in pixels (default 256)")
+    p.add_argument("--seed", type=int, default=None, help="default 0")
+    p.add_argument("--kfold", type=int, default=None, help="k for k-fold cross-validation (0 = hold-out)")
+    p.add_argument("--fold", type=int, default=None, help="test fold when --kfold is set")
+    p.add_argument("--split", default=None, help="reuse a split.json")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default 0)")
+    p.add_argument("--time-budget", type=float, default=None, help="stop after this many minutes")
+    p.add_argument("--dice-weight", type=float, default=None, help="soft Dice term weight (default 1)")
+    p.add_argument("--cb-beta", type=float, default=None, help="class-balanced beta (default 0.9999)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU)")
+    p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    p.add_argument("--no-amp", action="store_true", help="no fp16 mixed precision on CUDA")
+    p.add_argument("--out", default=None, help="parent folder of runs (default runs)")
+    p.add_argument("--name", default=None, help="run folder name")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
+                   help="continue a run exactly (its own config; --epochs/--time-budget may change)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="any config key; model.KEY=VALUE for model options, e.g. model.width=24")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="score a run's checkpoint on its test split", formatter_class=fmt)
+    p.add_argument("run", help="run folder or checkpoint file")
+    p.add_argument("--data", default=None, help="dataset folder (default: the run's)")
+    p.add_argument("--split", default="test", choices=("train", "val", "test", "all"))
+    p.add_argument("--split-file", default=None, help="split JSON (default: the run's split.json)")
+    p.add_argument("--grid", default="resized", choices=("resized", "original"),
+                   help="score at the training size (paper) or at each image's own size")
+    p.add_argument("--spacing", type=float, nargs=2, default=None, metavar=("SY", "SX"))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None, help="report folder (default: RUN/eval_<split>_<grid>)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="masks, overlays and lesion areas for new images",
+                       formatter_class=fmt)
+    p.add_argument("checkpoint", help="checkpoint file or run folder")
+    p.add_argument("inputs", nargs="+", help="image files or folders")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--threshold", type=float, default=0.5, help="lesion probability threshold")
+    p.add_argument("--engine", default="torch", choices=("torch", "onnx"),
+                   help="PyTorch, or ONNX Runtime (CHECKPOINT may then be an exported .onnx file)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="export a trained model (re-parameterised) to ONNX or TorchScript",
+                       formatter_class=fmt)
+    p.add_argument("checkpoint", help="checkpoint file or run folder")
+    p.add_argument("--format", default="onnx", choices=("onnx", "torchscript"))
+    p.add_argument("--out", required=True, help="output file (.onnx or .pt)")
+    p.add_argument("--no-check", action="store_true", help="skip the comparison with PyTorch")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("check-data", help="counts, sizes, empty masks and problems of a dataset",
+                       formatter_class=fmt)
+    p.add_argument("path", help="dataset folder")
+    p.add_argument("--format", default=None, choices=FORMATS)
+    p.add_argument("--no-read", action="store_true", help="only match files, do not decode them")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_check_data)

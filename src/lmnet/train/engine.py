@@ -1,0 +1,342 @@
+"""The training loop: paper recipe, progress bar, CSV + TensorBoard logs, exact resume, DDP."""
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import math
+import platform
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+from tqdm import tqdm
+
+from lmnet.data.dataset import SegmentationDataset
+from lmnet.data.layouts import DatasetError, Sample, discover
+from lmnet.data.splits import load_split, make_kfold_split, make_split, save_split
+from lmnet.train.checkpoint import build_model
+from lmnet.train.config import TrainConfig
+from lmnet.train.distributed import DistContext, resolve_device
+from lmnet.train.evaluation import evaluate_samples
+from lmnet.train.losses import SegmentationLoss, class_balanced_weights
+
+__all__ = ["train", "run_folder", "LOG_FIELDS", "RESUME_OVERRIDABLE"]
+
+log = logging.getLogger(__name__)
+
+LOG_FIELDS = ("epoch", "train_loss", "val_paper_mdice", "val_fg_dice", "val_fg_iou", "lr",
+              "epoch_seconds", "images_per_second", "steps")
+#: Keys that ``--resume`` may change; every other key comes from the run's own config.
+RESUME_OVERRIDABLE = ("epochs", "time_budget", "num_workers", "device")
+
+
+def run_folder(cfg: TrainConfig, fmt: str) -> Path:
+    """``<out>/<name>``, the name defaulting to ``<format>_<model>_s<seed>`` (plus the fold)."""
+    name = cfg.name or f"{fmt}_{cfg.model}_s{cfg.seed}" + (f"_fold{cfg.fold}" if cfg.kfold else "")
+    return Path(cfg.out) / name
+
+
+def _versions() -> dict[str, Any]:
+    import lmnet
+
+    info: dict[str, Any] = {"lmnet": lmnet.__version__, "python": sys.version.split()[0],
+                            "torch": torch.__version__, "numpy": np.__version__,
+                            "platform": platform.platform(), "processor": platform.processor(),
+                            "threads": torch.get_num_threads(),
+                            "cuda": torch.version.cuda if torch.cuda.is_available() else None}
+    for mod in ("monai", "albumentations", "cv2", "PIL"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - a missing optional module is not an error here
+            info[mod] = None
+    try:
+        src = Path(lmnet.__file__).resolve().parent
+        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True,
+                                            text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        info["git_commit"] = None
+    return info
+
+
+def _make_split(cfg: TrainConfig, samples: list[Sample], run_dir: Path, resume: bool) -> dict[str, Any]:
+    if cfg.split_file:
+        return load_split(cfg.split_file, samples)
+    if resume and (run_dir / "split.json").is_file():
+        return load_split(run_dir / "split.json", samples)
+    if cfg.kfold:
+        return make_kfold_split(samples, cfg.kfold, cfg.fold, cfg.seed, val_ratio=cfg.split_ratios[1])
+    return make_split(samples, cfg.split_ratios, cfg.seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _replica_difference(model: torch.nn.Module) -> float:
+    """Largest absolute difference between any replica's parameters and rank 0's (all ranks call)."""
+    import torch.distributed as dist
+
+    flat = torch.cat([p.detach().reshape(-1).float() for p in model.parameters()])
+    ref = flat.clone()
+    dist.broadcast(ref, 0)
+    diff = (flat - ref).abs().max().reshape(1)
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return float(diff)
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def _prepare_run(cfg: TrainConfig, resume: bool | str | Path, overrides: dict[str, Any]
+                 ) -> tuple[TrainConfig, str, list[Sample], Path]:
+    """Resolve the config (a resumed run keeps its own), find the data and the run folder."""
+    if resume and not isinstance(resume, bool):
+        run_dir = Path(resume)
+        if not (run_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{run_dir} is not a run folder (no config.json)")
+        saved = json.loads((run_dir / "config.json").read_text())
+        saved.update(out=str(run_dir.parent), name=run_dir.name)
+        cfg = TrainConfig.from_dict(saved)
+    if not cfg.data:
+        raise ValueError("no dataset given: pass --data PATH or set 'data' in the config")
+    fmt, samples, problems = discover(cfg.data, cfg.format)
+    if problems:
+        shown = "\n  ".join(problems[:10])
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise DatasetError(f"{len(problems)} problems in {cfg.data} (see lmnet check-data):\n  "
+                           f"{shown}{more}")
+    run_dir = run_folder(cfg, fmt)
+    last = run_dir / "checkpoint_last.pt"
+    if resume:
+        if not last.is_file():
+            raise FileNotFoundError(f"nothing to resume: {last} does not exist")
+        saved = json.loads((run_dir / "config.json").read_text())
+        saved.update(out=cfg.out, name=run_dir.name)
+        saved.update({k: v for k, v in overrides.items() if k in RESUME_OVERRIDABLE and v is not None})
+        cfg = TrainConfig.from_dict(saved)
+    elif last.exists():
+        raise ValueError(f"{run_dir} already holds a run: continue it with --resume, or choose "
+                         "another --name")
+    return cfg, fmt, samples, run_dir
+
+
+def train(cfg: TrainConfig, resume: bool | str | Path = False, progress: bool = True,
+          overrides: dict[str, Any] | None = None) -> Path:
+    """Train a model as ``cfg`` says; returns the run folder.
+
+    ``resume``: ``True`` continues the run folder that ``cfg`` names, a path continues that run
+    folder; either way the run's own ``config.json`` is used, except for the keys in
+    :data:`RESUME_OVERRIDABLE` given in ``overrides``.
+
+    The run folder gets ``config.json``, ``split.json``, ``env.json``, ``log.csv``, TensorBoard
+    events in ``tb/``, ``checkpoint_last.pt`` (every epoch) and ``checkpoint_best.pt`` (best
+    validation ``cfg.select_metric``). Under ``torchrun`` every process runs this function; rank 0
+    alone writes files.
+    """
+    ctx = DistContext.from_env(cfg.device)
+    try:
+        return _train(cfg, resume, progress, ctx, overrides or {})
+    finally:
+        ctx.close()
+
+
+def _train(cfg: TrainConfig, resume: bool | str | Path, progress: bool, ctx: DistContext,
+           overrides: dict[str, Any]) -> Path:
+    cfg, fmt, samples, run_dir = _prepare_run(cfg, resume, overrides)
+    resume = bool(resume)
+    device = resolve_device(cfg.device, ctx.local_rank)
+    if cfg.batch_size % (ctx.world * cfg.grad_accum):
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by processes x grad_accum "
+                         f"= {ctx.world} x {cfg.grad_accum}")
+    _seed_everything(cfg.seed)
+    split = _make_split(cfg, samples, run_dir, resume)
+    by_name = {s.name: s for s in samples}
+    train_samples = [by_name[n] for n in split["train"]]
+    val_samples = [by_name[n] for n in split["val"]]
+    if not train_samples or not val_samples:
+        raise ValueError(f"the split has {len(train_samples)} training and {len(val_samples)} "
+                         "validation images; both need at least one (check split_ratios)")
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        save_split({**split, "format": fmt, "data": str(cfg.data)}, run_dir / "split.json")
+        (run_dir / "env.json").write_text(json.dumps(_versions(), indent=2) + "\n")
+    show = progress and ctx.is_main
+
+    train_ds = SegmentationDataset(train_samples, cfg.image_size, True, cfg.in_channels, cfg.mean,
+                                   cfg.std, cfg.seed, progress=show)
+    val_ds = SegmentationDataset(val_samples, cfg.image_size, False, cfg.in_channels, cfg.mean,
+                                 cfg.std, progress=show)
+    lesion = np.mean([m.mean() for _, m in train_ds.cache]) * cfg.image_size**2
+    weights = class_balanced_weights([cfg.image_size**2 - lesion, lesion], cfg.cb_beta)
+    criterion = SegmentationLoss(weights, cfg.dice_weight, cfg.n_classes).to(device)
+
+    per_rank = cfg.batch_size // ctx.world
+    sampler = DistributedSampler(train_ds, num_replicas=ctx.world, rank=ctx.rank, shuffle=True,
+                                 seed=cfg.seed)
+    loader = DataLoader(train_ds, batch_size=per_rank, sampler=sampler, num_workers=cfg.num_workers,
+                        pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0)
+
+    model = build_model(cfg).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs, eta_min=cfg.min_lr)
+    fp16 = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+    start_epoch, best, best_epoch = 0, -math.inf, -1
+    if resume:
+        ckpt = torch.load(run_dir / "checkpoint_last.pt", map_location=device, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scheduler.T_max = cfg.epochs
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, best, best_epoch = ckpt["epoch"] + 1, ckpt["best_score"], ckpt["best_epoch"]
+        _set_rng_state(ckpt["rng"])
+        if start_epoch >= cfg.epochs:
+            log.info("run already finished %d of %d epochs", start_epoch, cfg.epochs)
+    net = DistributedDataParallel(model) if ctx.world > 1 else model
+    if fp16:
+        autocast = torch.autocast("cuda", dtype=torch.float16)
+    elif cfg.bf16:
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+    else:
+        autocast = contextlib.nullcontext()
+
+    writer = None
+    if ctx.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_epoch)
+        log_path = run_dir / "log.csv"
+        if not resume or not log_path.exists():
+            with log_path.open("w", newline="") as fh:
+                csv.writer(fh).writerow(LOG_FIELDS)
+        else:  # drop rows of epochs after the checkpoint (a crash mid-epoch leaves none, but be safe)
+            rows = list(csv.DictReader(log_path.open()))
+            with log_path.open("w", newline="") as fh:
+                w = csv.DictWriter(fh, LOG_FIELDS)
+                w.writeheader()
+                w.writerows(r for r in rows if int(r["epoch"]) < start_epoch + 1)
+
+    t_run = time.perf_counter()
+    budget_s = cfg.time_budget * 60 if cfg.time_budget else None
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            sampler.set_epoch(epoch)
+            train_ds.set_epoch(epoch)
+            net.train()
+            t0, seen, loss_sum, steps, stopped = time.perf_counter(), 0, 0.0, 0, False
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not show,
+                       dynamic_ncols=True)
+            for x, y, _ in bar:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if cfg.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                optimizer.zero_grad(set_to_none=True)
+                parts = [r for r in range(cfg.grad_accum) if r < len(x)]
+                step_loss = 0.0
+                for r in parts:
+                    sync = contextlib.nullcontext() if (r == parts[-1] or ctx.world == 1) else net.no_sync()
+                    with sync:
+                        with autocast:
+                            loss = criterion(net(x[r::cfg.grad_accum]), y[r::cfg.grad_accum]) / len(parts)
+                        scaler.scale(loss).backward()
+                    step_loss += float(loss.detach())
+                scaler.step(optimizer)
+                scaler.update()
+                steps += 1
+                seen += len(x) * ctx.world
+                loss_sum += step_loss
+                rate = seen / (time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{step_loss:.4f}", img_s=f"{rate:.1f}")
+                if budget_s is not None and time.perf_counter() - t_run > budget_s:
+                    stopped = True
+                    break
+            bar.close()
+            scheduler.step()
+            epoch_s = time.perf_counter() - t0
+            if ctx.is_main:
+                ev = evaluate_samples(model, val_samples, cfg, "resized", boundary=False,
+                                      dataset=val_ds, batch_size=max(1, per_rank))
+                val = ev.aggregate()["all"]
+                row = {"epoch": epoch + 1, "train_loss": loss_sum / max(steps, 1),
+                       "val_paper_mdice": val["paper_mdice"], "val_fg_dice": val["fg_dice_mean"],
+                       "val_fg_iou": val["fg_iou_mean"], "lr": optimizer.param_groups[0]["lr"],
+                       "epoch_seconds": round(epoch_s, 2), "images_per_second": round(seen / epoch_s, 3),
+                       "steps": steps}
+                with (run_dir / "log.csv").open("a", newline="") as fh:
+                    csv.DictWriter(fh, LOG_FIELDS).writerow(row)
+                for k, v in row.items():
+                    if k != "epoch":
+                        writer.add_scalar(k, v, epoch + 1)
+                writer.flush()
+                score = val.get(cfg.select_metric.removeprefix("val_"))
+                if score is None:
+                    raise ValueError(f"select_metric {cfg.select_metric!r} is not a validation metric")
+                state = {"config": cfg.to_dict(), "model": model.state_dict(),
+                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "scaler": scaler.state_dict(), "epoch": epoch, "best_score": best,
+                         "best_epoch": best_epoch, "rng": _rng_state(), "val": val,
+                         "format": fmt}
+                if score > best:
+                    best, best_epoch = score, epoch
+                    state.update(best_score=best, best_epoch=best_epoch)
+                    _atomic_save(state, run_dir / "checkpoint_best.pt")
+                _atomic_save(state, run_dir / "checkpoint_last.pt")
+                remaining = (time.perf_counter() - t_run) / (epoch + 1 - start_epoch) * (cfg.epochs - epoch - 1)
+                if show:
+                    tqdm.write(f"epoch {epoch + 1}: loss {row['train_loss']:.4f}  val mDice(paper) "
+                               f"{val['paper_mdice']:.4f}  val Dice(fg) {val['fg_dice_mean']:.4f}  "
+                               f"{epoch_s:.0f} s  ({row['images_per_second']:.2f} img/s)  "
+                               f"run ETA {remaining / 60:.1f} min")
+            ctx.barrier()
+            if stopped:
+                if show:
+                    tqdm.write(f"time budget of {cfg.time_budget} min reached after {steps} steps "
+                               f"of epoch {epoch + 1}; continue with --resume")
+                break
+    except KeyboardInterrupt:
+        if ctx.is_main:
+            print(f"\ninterrupted; {run_dir / 'checkpoint_last.pt'} holds the last finished epoch. "
+                  f"Continue with: lmnet train --resume {run_dir}", file=sys.stderr)
+        raise
+    finally:
+        if writer is not None:
+            writer.close()
+    if ctx.world > 1:
+        diff = _replica_difference(model)
+        if ctx.is_main:
+            (run_dir / "ddp.json").write_text(json.dumps(
+                {"world_size": ctx.world, "backend": "nccl" if device.type == "cuda" else "gloo",
+                 "per_process_batch": per_rank, "max_param_diff_across_replicas": diff}, indent=2) + "\n")
+    return run_dir

@@ -1,0 +1,61 @@
+"""``lmnet evaluate``: score a trained run or checkpoint on a split of its dataset."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmnet.data.layouts import discover
+from lmnet.data.splits import SPLITS, load_split
+from lmnet.metrics import write_report
+from lmnet.train.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
+from lmnet.train.evaluation import evaluate_samples
+
+__all__ = ["evaluate_run"]
+
+
+def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, split: str = "test",
+                 split_file: str | Path | None = None, grid: str = "resized",
+                 out: str | Path | None = None, spacing: tuple[float, float] | None = None,
+                 device: str = "cpu", progress: bool = True) -> tuple[dict[str, Any], Path]:
+    """Score the ``split`` images of the checkpoint's dataset; write the reports.
+
+    Args:
+        run_or_checkpoint: run folder (uses ``checkpoint_best.pt``) or checkpoint file.
+        data: dataset folder; default: the one the run was trained on.
+        split: ``train``, ``val``, ``test`` or ``all``.
+        split_file: split JSON; default: the run's ``split.json`` (beside the checkpoint).
+        grid: ``resized`` (score at the training size, as the paper) or ``original``.
+        out: report folder; default ``<run>/eval_<split>_<grid>``.
+
+    Returns:
+        The aggregated metrics and the report folder.
+    """
+    ckpt_path = resolve_checkpoint(run_or_checkpoint)
+    model, cfg = model_from_checkpoint(ckpt_path)
+    model.to(torch.device(device))
+    fmt = load_checkpoint(ckpt_path).get("format")
+    data = data or cfg.data
+    fmt, samples, problems = discover(data, cfg.format if cfg.format else None)
+    if problems:
+        raise ValueError(f"{len(problems)} problems in {data}, e.g. {problems[0]} (see lmnet check-data)")
+    if split == "all":
+        chosen = samples
+    else:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS + ('all',)}, got {split!r}")
+        split_path = Path(split_file) if split_file else ckpt_path.parent / "split.json"
+        names = set(load_split(split_path, samples)[split])
+        chosen = [s for s in samples if s.name in names]
+        if not chosen:
+            raise ValueError(f"the {split} split of {split_path} is empty")
+    ev = evaluate_samples(model, chosen, cfg, grid, boundary=True, progress=progress, spacing=spacing)
+    result = ev.aggregate()
+    out_dir = Path(out) if out else ckpt_path.parent / f"eval_{split}_{grid}"
+    extra = {"checkpoint": str(ckpt_path), "data": str(data), "format": fmt, "split": split,
+             "grid": grid, "image_size": cfg.image_size, "model": cfg.model}
+    write_report(result, ev.rows, out_dir, extra)
+    (out_dir / "evaluated_on.json").write_text(json.dumps(extra, indent=2) + "\n")
+    return result, out_dir

@@ -1,0 +1,101 @@
+"""Export to ONNX / TorchScript and prediction through ONNX Runtime, on real Kvasir-SEG images."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lmnet.cli.main import main
+from lmnet.data.io import read_image
+from lmnet.inference.engine import predict_probabilities, preprocess, probabilities_to_mask
+from lmnet.inference.export import export_checkpoint, load_exported, onnx_config
+from lmnet.train.checkpoint import model_from_checkpoint
+from lmnet.train.config import TrainConfig
+from lmnet.train.engine import train
+from tests.conftest import SHARED_DATASETS
+
+KVASIR_IMAGES = sorted((SHARED_DATASETS / "kvasir-seg" / "images").glob("*.jpg"))[100:106]
+
+#: Stated tolerance: ONNX Runtime and PyTorch logits agree to 1e-4 absolute (fp32, different
+#: kernels and summation orders).
+LOGIT_ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def kvasir_run(tmp_path_factory):
+    """A short real run on 24 Kvasir-SEG images at 64 x 64 (a trained, non-trivial checkpoint)."""
+    from lmnet.data.layouts import discover
+    from lmnet.data.splits import save_split
+
+    out = tmp_path_factory.mktemp("kv")
+    names = [s.name for s in discover(SHARED_DATASETS / "kvasir-seg")[1][:24]]
+    save_split({"train": names[:16], "val": names[16:20], "test": names[20:]}, out / "split.json")
+    cfg = TrainConfig(data=str(SHARED_DATASETS / "kvasir-seg"), image_size=64, batch_size=8,
+                      epochs=2, split_file=str(out / "split.json"), out=str(out), name="run")
+    return train(cfg, progress=False)
+
+
+def test_onnx_matches_pytorch_on_real_images(kvasir_run, tmp_path):
+    path = tmp_path / "model.onnx"
+    result = export_checkpoint(kvasir_run, "onnx", path)
+    assert result["max_abs_diff"] < LOGIT_ATOL
+    import onnx
+
+    proto = onnx.load(str(path))
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    assert onnx_config(path).image_size == 64
+    model, cfg = model_from_checkpoint(kvasir_run)
+    run = load_exported(path, "onnx")
+    images = [read_image(p) for p in KVASIR_IMAGES]
+    x = preprocess(images, cfg.image_size, cfg.mean, cfg.std)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    out = run(x.numpy())
+    np.testing.assert_allclose(out, ref, atol=LOGIT_ATOL, rtol=0)
+    masks_torch = probabilities_to_mask(predict_probabilities(model, x, images[0].shape[:2]))
+    masks_onnx = probabilities_to_mask(predict_probabilities(run, x, images[0].shape[:2]))
+    np.testing.assert_array_equal(masks_onnx, masks_torch)
+    # Dynamic spatial size: a batch at another size than the exported one.
+    x2 = torch.randn(3, 3, 96, 128)
+    with torch.no_grad():
+        np.testing.assert_allclose(run(x2.numpy()), model(x2).numpy(), atol=LOGIT_ATOL, rtol=0)
+
+
+def test_torchscript_export(kvasir_run, tmp_path):
+    result = export_checkpoint(kvasir_run, "torchscript", tmp_path / "model.pt")
+    assert result["max_abs_diff"] < LOGIT_ATOL
+
+
+def test_predict_with_both_engines_gives_identical_masks(kvasir_run, tmp_path, capsys):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for p in KVASIR_IMAGES[:3]:
+        (inputs / p.name).write_bytes(p.read_bytes())
+    assert main(["predict", str(kvasir_run), str(inputs), "--out", str(tmp_path / "t"), "--quiet"]) == 0
+    assert main(["export", str(kvasir_run), "--out", str(tmp_path / "m.onnx")]) == 0
+    assert "largest logit difference" in capsys.readouterr().out
+    assert main(["predict", str(tmp_path / "m.onnx"), str(inputs), "--engine", "onnx", "--out",
+                 str(tmp_path / "o"), "--quiet"]) == 0
+    from PIL import Image
+
+    for p in KVASIR_IMAGES[:3]:
+        a = np.asarray(Image.open(tmp_path / "t" / "masks" / f"{p.stem}.png"))
+        b = np.asarray(Image.open(tmp_path / "o" / "masks" / f"{p.stem}.png"))
+        np.testing.assert_array_equal(a, b)
+    # A checkpoint with --engine onnx exports beside it once.
+    assert main(["predict", str(kvasir_run), str(inputs), "--engine", "onnx", "--out",
+                 str(tmp_path / "c"), "--quiet"]) == 0
+    assert (kvasir_run / "checkpoint_best.onnx").is_file()
+
+
+def test_export_errors(tmp_path, capsys):
+    assert main(["export", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "x.onnx")]) == 2
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    assert main(["export", str(tmp_path / "junk.pt"), "--out", str(tmp_path / "x.onnx")]) == 2
+    (tmp_path / "junk.onnx").write_bytes(b"junk")
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / KVASIR_IMAGES[0].name).write_bytes(KVASIR_IMAGES[0].read_bytes())
+    assert main(["predict", str(tmp_path / "junk.onnx"), str(tmp_path / "imgs"), "--engine", "onnx",
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "not a readable" in err and "Traceback" not in err

@@ -1,0 +1,202 @@
+"""Training end to end on tiny data: logs, checkpoints, exact resume, bad input, DDP, evaluate,
+predict and the demo."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lmnet.cli.main import main
+from lmnet.train.config import TrainConfig, load_config
+from lmnet.train.engine import train
+from tests.conftest import ROOT
+
+SMALL = {"image_size": 32, "batch_size": 8, "epochs": 2, "split_ratios": [0.5, 0.25, 0.25],
+         "lr": 3e-3}
+
+
+def _params(run_dir, name="checkpoint_last.pt"):
+    return torch.load(run_dir / name, map_location="cpu", weights_only=False)["model"]
+
+
+def test_train_writes_a_complete_run_folder(disc_data, tmp_path):
+    cfg = TrainConfig(data=str(disc_data), out=str(tmp_path), name="run", **SMALL)
+    run = train(cfg, progress=False)
+    for f in ("config.json", "split.json", "env.json", "log.csv", "checkpoint_last.pt",
+              "checkpoint_best.pt"):
+        assert (run / f).is_file(), f
+    assert any((run / "tb").iterdir())
+    rows = list(csv.DictReader((run / "log.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert all(0.0 <= float(r["val_paper_mdice"]) <= 1.0 for r in rows)
+    env = json.loads((run / "env.json").read_text())
+    assert env["torch"] == torch.__version__ and "git_commit" in env
+    assert json.loads((run / "config.json").read_text())["image_size"] == 32
+    ckpt = torch.load(run / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    assert ckpt["epoch"] == 1 and TrainConfig.from_dict(ckpt["config"]) == cfg
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(cfg, progress=False)
+
+
+def test_resume_after_interruption_is_exact(disc_data, tmp_path, monkeypatch):
+    straight = train(TrainConfig(data=str(disc_data), out=str(tmp_path), name="straight", **SMALL),
+                     progress=False)
+    cfg = TrainConfig(data=str(disc_data), out=str(tmp_path), name="interrupted", **SMALL)
+    from torch.utils.data.distributed import DistributedSampler
+
+    original = DistributedSampler.set_epoch
+
+    def ctrl_c_in_epoch_two(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        original(self, epoch)
+
+    monkeypatch.setattr(DistributedSampler, "set_epoch", ctrl_c_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, progress=False)
+    monkeypatch.setattr(DistributedSampler, "set_epoch", original)
+    assert torch.load(tmp_path / "interrupted" / "checkpoint_last.pt",
+                      weights_only=False)["epoch"] == 0
+    resumed = train(cfg, resume=True, progress=False)
+    a, b = _params(straight), _params(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    rows = list(csv.DictReader((resumed / "log.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+
+
+def test_time_budget_stops_early(disc_data, tmp_path):
+    cfg = TrainConfig(data=str(disc_data), out=str(tmp_path), name="budget",
+                      **{**SMALL, "epochs": 50, "batch_size": 2}, time_budget=0.001)
+    run = train(cfg, progress=False)
+    rows = list(csv.DictReader((run / "log.csv").open()))
+    assert len(rows) == 1 and int(rows[0]["steps"]) == 1
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--epochs", "0"], "epochs must be > 0"),
+    (["--image-size", "50"], "multiple of 16"),
+    (["--set", "optimizer=sgd"], "unknown config key"),
+    (["--model", "nope"], "unknown model 'nope'"),
+    (["--set", "model.bridge=gft"], "bridge must be one of"),
+    (["--batch-size", "8", "--grad-accum", "3"], "not divisible"),
+])
+def test_bad_configs_are_clear_errors(disc_data, tmp_path, capsys, argv, match):
+    base = ["train", "--data", str(disc_data), "--out", str(tmp_path), "--quiet"]
+    assert main(base + argv) == 2
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err
+
+
+def test_unusable_data_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path)]) == 2
+    assert "cannot tell the layout" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
+    assert main(["train", "--resume", str(tmp_path / "empty")]) == 2
+
+
+def test_config_files_load_with_the_paper_recipe():
+    for name in ("kvasir", "busi", "lgg"):
+        cfg = load_config(ROOT / "configs" / f"{name}.yaml", {"epochs": 1})
+        assert cfg.format == name and cfg.epochs == 1
+        assert (cfg.lr, cfg.weight_decay, cfg.batch_size, cfg.image_size) == (1e-3, 1e-4, 32, 256)
+    assert load_config(ROOT / "configs" / "kvasir.yaml").epochs == 200
+
+
+def test_ddp_two_processes_match_single_process(disc_data, tmp_path):
+    common = ["--data", str(disc_data), "--image-size", "32", "--batch-size", "8", "--epochs", "1",
+              "--set", "model.drop=0.0", "--set", "split_ratios=[0.5,0.25,0.25]", "--out",
+              str(tmp_path), "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29517", "-m", "lmnet", "train", *common, "--name", "ddp"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single = subprocess.run([sys.executable, "-m", "lmnet", "train", *common, "--grad-accum", "2",
+                             "--name", "single"], capture_output=True, text=True, env=env, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    report = json.loads((tmp_path / "ddp" / "ddp.json").read_text())
+    assert report["world_size"] == 2 and report["backend"] == "gloo"
+    assert report["max_param_diff_across_replicas"] == 0.0
+    a, b = _params(tmp_path / "ddp"), _params(tmp_path / "single")
+    params = [k for k in a if "running" not in k and "num_batches" not in k]
+    worst = max(float((a[k] - b[k]).abs().max()) for k in params)
+    assert worst < 1e-5, worst
+    moved = max(float((a[k] - torch.load(tmp_path / "ddp" / "checkpoint_last.pt",
+                                         weights_only=False)["model"][k]).abs().max()) for k in params)
+    assert moved == 0.0  # rank 0 saved what it trained
+    init = __import__("lmnet").create_model("lmnet", drop=0.0).state_dict()
+    assert max(float((a[k] - init[k]).abs().max()) for k in params) > 1e-4  # it did train
+
+
+@pytest.fixture(scope="module")
+def trained_run(disc_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    return train(TrainConfig(data=str(disc_data), out=str(out), name="r", **SMALL), progress=False)
+
+
+def test_evaluate_writes_reports(trained_run, capsys):
+    for grid in ("resized", "original"):
+        assert main(["evaluate", str(trained_run), "--grid", grid, "--quiet"]) == 0
+        out = trained_run / f"eval_test_{grid}"
+        metrics = json.loads((out / "metrics.json").read_text())
+        split = json.loads((trained_run / "split.json").read_text())
+        assert metrics["all"]["n_images"] == len(split["test"]) == 4
+        assert metrics["grid"] == grid and "paper_mdice" in metrics["all"]
+        rows = list(csv.DictReader((out / "per_image.csv").open()))
+        assert sorted(r["name"] for r in rows) == sorted(split["test"])
+        if grid == "original":  # each image's own size, not the training size
+            assert {int(r["height"]) for r in rows} != {32}
+    assert "mDice (paper)" in capsys.readouterr().out
+
+
+def test_predict_writes_masks_at_original_size(trained_run, disc_data, tmp_path, capsys):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for p in sorted((disc_data / "images").glob("*.png"))[:3]:
+        (inputs / p.name).write_bytes(p.read_bytes())
+    Image.fromarray(np.zeros((37, 53), np.uint8)).save(inputs / "grey_odd_size.jpg")
+    assert main(["predict", str(trained_run), str(inputs), "--out", str(tmp_path / "pred"),
+                 "--quiet"]) == 0
+    for src in inputs.iterdir():
+        mask = Image.open(tmp_path / "pred" / "masks" / f"{src.stem}.png")
+        assert mask.size == Image.open(src).size
+        assert set(np.unique(np.asarray(mask))) <= {0, 255}
+        assert (tmp_path / "pred" / "overlays" / f"{src.stem}.png").is_file()
+    rows = list(csv.DictReader((tmp_path / "pred" / "areas.csv").open()))
+    assert len(rows) == 4 and all(int(r["lesion_area_px"]) >= 0 for r in rows)
+    (inputs / "corrupt.png").write_bytes(b"nope")
+    assert main(["predict", str(trained_run), str(inputs), "--out", str(tmp_path / "pred2"),
+                 "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "corrupt.png" in err and "Traceback" not in err
+    assert len(list((tmp_path / "pred2" / "masks").iterdir())) == 4
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    from lmnet.demo import run_demo, sample_data_path
+
+    assert len(list((sample_data_path() / "images").glob("*.jpg"))) == 40
+    report = run_demo(tmp_path / "demo", minutes=0.02, image_size=32, epochs=1, progress=False)
+    for f in ("README.md", "metrics.json", "metrics.md", "per_image.csv"):
+        assert (report / f).is_file(), f
+    assert len(list((report / "predictions" / "overlays").glob("*.png"))) == 6
+    # A second demo into the same folder replaces the earlier run.
+    run_demo(tmp_path / "demo", minutes=0.02, image_size=32, epochs=1, progress=False)
+
+
+def test_cpu_options_bf16_and_channels_last(disc_data, tmp_path):
+    cfg = TrainConfig(data=str(disc_data), out=str(tmp_path), name="bf16", bf16=True,
+                      channels_last=True, **{**SMALL, "epochs": 1})
+    run = train(cfg, progress=False)
+    rows = list(csv.DictReader((run / "log.csv").open()))
+    assert len(rows) == 1 and np.isfinite(float(rows[0]["train_loss"]))
