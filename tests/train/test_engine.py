@@ -200,3 +200,15 @@ def test_cpu_options_bf16_and_channels_last(disc_data, tmp_path):
     run = train(cfg, progress=False)
     rows = list(csv.DictReader((run / "log.csv").open()))
     assert len(rows) == 1 and np.isfinite(float(rows[0]["train_loss"]))
+
+
+def test_evaluate_and_predict_in_bf16(trained_run, tmp_path, disc_data):
+    assert main(["evaluate", str(trained_run), "--precision", "bf16", "--quiet"]) == 0
+    metrics = json.loads((trained_run / "eval_test_resized_bf16" / "metrics.json").read_text())
+    assert metrics["precision"] == "bf16" and 0.0 <= metrics["all"]["fg_dice_mean"] <= 1.0
+    src = sorted((disc_data / "images").glob("*.png"))[0]
+    assert main(["predict", str(trained_run), str(src), "--precision", "bf16", "--out",
+                 str(tmp_path / "p"), "--quiet"]) == 0
+    assert (tmp_path / "p" / "masks" / f"{src.stem}.png").is_file()
+    assert main(["predict", str(trained_run), str(src), "--precision", "bf16", "--engine", "onnx",
+                 "--out", str(tmp_path / "q"), "--quiet"]) == 2

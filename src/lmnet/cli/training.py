@@ -51,7 +51,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     spacing = tuple(args.spacing) if args.spacing else None
     result, out = evaluate_run(args.run, args.data, args.split, args.split_file, args.grid, args.out,
-                               spacing, args.device, progress=not args.quiet)
+                               spacing, args.device, progress=not args.quiet,
+                               precision=args.precision)
     print(markdown_table(result))
     print(f"wrote {out / 'metrics.json'}, {out / 'per_image.csv'} and {out / 'metrics.md'}")
     return 0
@@ -61,7 +62,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from lmnet.inference.predict import predict_files
 
     summary = predict_files(args.checkpoint, args.inputs, args.out, args.threshold,
-                            progress=not args.quiet, engine=args.engine)
+                            progress=not args.quiet, engine=args.engine, precision=args.precision)
     print(f"wrote {len(summary.written)} masks to {args.out}/masks, overlays to {args.out}/overlays, "
           f"areas to {summary.csv_path}")
     if summary.failed:
@@ -153,6 +154,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="score at the training size (paper) or at each image's own size")
     p.add_argument("--spacing", type=float, nargs=2, default=None, metavar=("SY", "SX"))
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="inference precision (bf16: autocast)")
     p.add_argument("--out", default=None, help="report folder (default: RUN/eval_<split>_<grid>)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_evaluate)
@@ -163,6 +166,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--threshold", type=float, default=0.5, help="lesion probability threshold")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="inference precision with --engine torch (bf16: autocast)")
     p.add_argument("--engine", default="torch", choices=("torch", "onnx"),
                    help="PyTorch, or ONNX Runtime (CHECKPOINT may then be an exported .onnx file)")
     p.add_argument("--quiet", action="store_true")

@@ -1,6 +1,7 @@
 """Inference on images of any size: resize to the model's size, predict, resize back."""
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Sequence
 
 import numpy as np
@@ -8,7 +9,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["preprocess", "predict_probabilities", "probabilities_to_mask"]
+__all__ = ["PRECISIONS", "precision_context", "preprocess", "predict_probabilities",
+           "probabilities_to_mask"]
+
+#: Inference precisions: fp32, or bf16 autocast (AVX-512 BF16 / AMX CPUs, recent GPUs).
+PRECISIONS = ("fp32", "bf16")
+
+
+def precision_context(precision: str, device_type: str = "cpu") -> contextlib.AbstractContextManager:
+    """Autocast for ``bf16``, nothing for ``fp32``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "bf16":
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def preprocess(images: Sequence[np.ndarray], size: int, mean: Sequence[float], std: Sequence[float]
@@ -38,8 +52,11 @@ def predict_probabilities(model: nn.Module | Callable[[np.ndarray], np.ndarray],
     bilinear on the probabilities.
     """
     if isinstance(model, nn.Module):
-        device = next(model.parameters()).device
-        logits = model(x.to(device)).float()
+        param = next(model.parameters())
+        x = x.to(param.device)
+        if param.dim() == 4 and param.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous(memory_format=torch.channels_last)
+        logits = model(x).float()
     else:
         logits = torch.from_numpy(np.asarray(model(x.numpy()))).float()
     prob = torch.sigmoid(logits[:, :1]) if logits.shape[1] == 1 else torch.softmax(logits, 1)[:, 1:2]

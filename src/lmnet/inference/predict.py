@@ -12,7 +12,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from lmnet.data.io import IMAGE_SUFFIXES, list_images, read_image
-from lmnet.inference.engine import predict_probabilities, preprocess, probabilities_to_mask
+from lmnet.inference.engine import (
+    precision_context,
+    predict_probabilities,
+    preprocess,
+    probabilities_to_mask,
+)
 from lmnet.train.checkpoint import model_from_checkpoint, resolve_checkpoint
 from lmnet.train.config import TrainConfig
 
@@ -84,8 +89,8 @@ def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndar
 
 
 def predict_files(checkpoint: str | Path, inputs: Sequence[str | Path], out_dir: str | Path,
-                  threshold: float = 0.5, progress: bool = True, engine: str = "torch"
-                  ) -> PredictionSummary:
+                  threshold: float = 0.5, progress: bool = True, engine: str = "torch",
+                  precision: str = "fp32") -> PredictionSummary:
     """Predict every image; write ``masks/NAME.png`` (0/255), ``overlays/NAME.png``, ``areas.csv``.
 
     ``checkpoint`` is a checkpoint, a run folder, or (with ``engine="onnx"``) an ONNX file from
@@ -95,6 +100,8 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[str | Path], out_dir:
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; available: {', '.join(ENGINES)}")
+    if precision != "fp32" and engine != "torch":
+        raise ValueError(f"precision {precision!r} is available with --engine torch only")
     files = collect_inputs(inputs)
     model, cfg = load_predictor(checkpoint, engine)
     out = Path(out_dir)
@@ -107,7 +114,9 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[str | Path], out_dir:
         try:
             image = read_image(path, cfg.in_channels)
             x = preprocess([image], cfg.image_size, cfg.mean, cfg.std)
-            mask = probabilities_to_mask(predict_probabilities(model, x, image.shape[:2]), threshold)[0]
+            with precision_context(precision if engine == "torch" else "fp32"):
+                prob = predict_probabilities(model, x, image.shape[:2])
+            mask = probabilities_to_mask(prob, threshold)[0]
         except Exception as err:  # noqa: BLE001 - report and go on with the next file
             msg = str(err) if str(path) in str(err) else f"{path}: {err}"
             summary.failed.append((path, msg))

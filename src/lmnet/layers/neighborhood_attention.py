@@ -125,7 +125,10 @@ def neighborhood_attention_2d(
         rk, ck = row_key[rows], col_key[cols]
 
         def gathered(t: torch.Tensor, a: int, b: int) -> torch.Tensor:
-            return t.index_select(3, rk[:, a]).index_select(4, ck[:, b])
+            # Narrow the shorter side first: a strip is k // 2 pixels wide.
+            if rk.shape[0] <= ck.shape[0]:
+                return t.index_select(3, rk[:, a]).index_select(4, ck[:, b])
+            return t.index_select(4, ck[:, b]).index_select(3, rk[:, a])
 
         bias = None
         if rpb is not None:

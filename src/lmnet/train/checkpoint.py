@@ -44,8 +44,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def model_from_checkpoint(path: str | Path, deploy: bool = True) -> tuple[nn.Module, TrainConfig]:
-    """Rebuild the model of a checkpoint, load its weights, and re-parameterise it for inference."""
+def model_from_checkpoint(path: str | Path, deploy: bool = True, channels_last: bool = True
+                          ) -> tuple[nn.Module, TrainConfig]:
+    """Rebuild the model of a checkpoint, load its weights, and prepare it for inference.
+
+    ``deploy`` re-parameterises it; ``channels_last`` stores its weights channels-last, which
+    oneDNN runs about 1.4x faster on a CPU (``docs/performance.md``); results are unchanged.
+    """
     from lmnet import deploy as deploy_model
 
     ckpt = load_checkpoint(path)
@@ -55,4 +60,6 @@ def model_from_checkpoint(path: str | Path, deploy: bool = True) -> tuple[nn.Mod
     model.eval()
     if deploy:
         deploy_model(model)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     return model, cfg

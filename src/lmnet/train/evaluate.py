@@ -9,6 +9,7 @@ import torch
 
 from lmnet.data.layouts import discover
 from lmnet.data.splits import SPLITS, load_split
+from lmnet.inference.engine import precision_context
 from lmnet.metrics import write_report
 from lmnet.train.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
 from lmnet.train.evaluation import evaluate_samples
@@ -19,7 +20,8 @@ __all__ = ["evaluate_run"]
 def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, split: str = "test",
                  split_file: str | Path | None = None, grid: str = "resized",
                  out: str | Path | None = None, spacing: tuple[float, float] | None = None,
-                 device: str = "cpu", progress: bool = True) -> tuple[dict[str, Any], Path]:
+                 device: str = "cpu", progress: bool = True, precision: str = "fp32"
+                 ) -> tuple[dict[str, Any], Path]:
     """Score the ``split`` images of the checkpoint's dataset; write the reports.
 
     Args:
@@ -28,7 +30,8 @@ def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, 
         split: ``train``, ``val``, ``test`` or ``all``.
         split_file: split JSON; default: the run's ``split.json`` (beside the checkpoint).
         grid: ``resized`` (score at the training size, as the paper) or ``original``.
-        out: report folder; default ``<run>/eval_<split>_<grid>``.
+        out: report folder; default ``<run>/eval_<split>_<grid>`` (``_bf16`` appended for bf16).
+        precision: ``fp32`` or ``bf16`` (autocast) inference.
 
     Returns:
         The aggregated metrics and the report folder.
@@ -51,11 +54,14 @@ def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, 
         chosen = [s for s in samples if s.name in names]
         if not chosen:
             raise ValueError(f"the {split} split of {split_path} is empty")
-    ev = evaluate_samples(model, chosen, cfg, grid, boundary=True, progress=progress, spacing=spacing)
+    with precision_context(precision, torch.device(device).type):
+        ev = evaluate_samples(model, chosen, cfg, grid, boundary=True, progress=progress,
+                              spacing=spacing)
     result = ev.aggregate()
-    out_dir = Path(out) if out else ckpt_path.parent / f"eval_{split}_{grid}"
+    suffix = "" if precision == "fp32" else f"_{precision}"
+    out_dir = Path(out) if out else ckpt_path.parent / f"eval_{split}_{grid}{suffix}"
     extra = {"checkpoint": str(ckpt_path), "data": str(data), "format": fmt, "split": split,
-             "grid": grid, "image_size": cfg.image_size, "model": cfg.model}
+             "grid": grid, "image_size": cfg.image_size, "model": cfg.model, "precision": precision}
     write_report(result, ev.rows, out_dir, extra)
     (out_dir / "evaluated_on.json").write_text(json.dumps(extra, indent=2) + "\n")
     return result, out_dir

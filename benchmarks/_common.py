@@ -1,0 +1,107 @@
+"""Shared pieces of the benchmarks: the naive reference attention, timing, machine description."""
+from __future__ import annotations
+
+import contextlib
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+import lmnet.layers.neighborhood_attention as na_module
+from lmnet.layers.neighborhood_attention import neighborhood_window_index
+
+
+def naive_neighborhood_attention_2d(q, k, v, num_heads, kernel_size, rpb=None, scale=None):
+    """The naive reference: gather every window into a (B, heads, H, W, k*k, d) copy, then matmul.
+
+    Same results as :func:`lmnet.layers.neighborhood_attention_2d` (channels-first inputs).
+    """
+    B, C, H, W = q.shape
+    h, d, ks = num_heads, C // num_heads, kernel_size
+    scale = d ** -0.5 if scale is None else scale
+    rk, rb = neighborhood_window_index(H, ks, q.device)
+    ck, cb = neighborhood_window_index(W, ks, q.device)
+
+    def windows(t):  # (B, C, H, W) -> (B, h, H, W, k*k, d)
+        t = t.reshape(B, h, d, H, W).permute(0, 1, 3, 4, 2)  # (B, h, H, W, d)
+        g = t[:, :, rk[:, :, None, None], ck[None, None, :, :]]  # (B, h, H, k, W, k, d)
+        return g.permute(0, 1, 2, 4, 3, 5, 6).reshape(B, h, H, W, ks * ks, d)
+
+    qh = q.reshape(B, h, d, H, W).permute(0, 1, 3, 4, 2)[..., None, :] * scale  # (B,h,H,W,1,d)
+    attn = (qh @ windows(k).transpose(-1, -2))[..., 0, :]  # (B, h, H, W, k*k)
+    if rpb is not None:
+        bias = rpb[:, rb[:, None, :, None], cb[None, :, None, :]]  # (h, H, W, k, k)
+        attn = attn + bias.reshape(h, H, W, ks * ks)
+    attn = attn.softmax(-1)
+    out = (attn[..., None, :] @ windows(v))[..., 0, :]  # (B, h, H, W, d)
+    return out.permute(0, 1, 4, 2, 3).reshape(B, C, H, W)
+
+
+@contextlib.contextmanager
+def naive_attention() -> Iterator[None]:
+    """Within the block, every NeighborhoodAttention2d uses the naive reference."""
+    fast = na_module.neighborhood_attention_2d
+    na_module.neighborhood_attention_2d = naive_neighborhood_attention_2d
+    try:
+        yield
+    finally:
+        na_module.neighborhood_attention_2d = fast
+
+
+def time_call(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> list[float]:
+    """Wall-clock seconds of ``repeats`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def summarize_times(times: list[float], batch: int) -> dict[str, float]:
+    """Median and interquartile range in ms per image, and images per second."""
+    per_img = np.asarray(times) * 1e3 / batch
+    q1, med, q3 = np.percentile(per_img, [25, 50, 75])
+    return {"ms_per_image_median": round(float(med), 2), "ms_per_image_iqr": round(float(q3 - q1), 2),
+            "images_per_second": round(1e3 / float(med), 2), "runs": len(times)}
+
+
+def machine() -> dict[str, Any]:
+    import onnxruntime
+
+    import lmnet
+
+    cpu = platform.processor()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"cpu": cpu, "machine": platform.machine(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__, "lmnet": lmnet.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def write_json(path: str | Path, payload: dict[str, Any]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> None:
+    widths = [max(len(h), *(len(str(r.get(k, ""))) for r in rows)) for h, k in columns]
+    print("  ".join(h.ljust(w) for (h, _), w in zip(columns, widths)))
+    for r in rows:
+        print("  ".join(str(r.get(k, "")).ljust(w) for (_, k), w in zip(columns, widths)))
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)

@@ -1,0 +1,175 @@
+"""Inference speed on the CPU: LM-Net engines and variants against the naive reference, and the
+registered baselines through the same harness (run by hand, not in CI).
+
+    python benchmarks/bench_infer.py [--size 256] [--batches 1 8] [--no-compile] [--no-baselines]
+                                     [--out benchmarks/results/infer.json]
+
+Every row: median and interquartile range of milliseconds per image, images per second, and the
+speed-up against the naive reference (training form, fp32 eager PyTorch, attention by gathering
+every window) measured in the same run at the same batch size.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402
+    machine,
+    naive_attention,
+    print_table,
+    summarize_times,
+    time_call,
+    write_json,
+)
+
+import lmnet  # noqa: E402
+from lmnet.inference.export import export_onnx  # noqa: E402
+
+BASELINES = ("unet", "basic_unet", "unet_plusplus", "attention_unet", "dynunet", "swin_unetr")
+
+
+def ort_runner(model: torch.nn.Module, size: int, threads: int) -> Callable[[np.ndarray], Any]:
+    import onnxruntime as ort
+
+    path = Path(tempfile.mkdtemp()) / "model.onnx"
+    export_onnx(model, path, 3, size)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return lambda x: sess.run(None, {name: x})[0]
+
+
+def lmnet_variants(size: int, use_compile: bool, threads: int) -> dict[str, Callable[[], Any]]:
+    """name -> factory returning ``run(x_tensor)``; built lazily so failures are per row."""
+    torch.manual_seed(0)
+    train_form = lmnet.create_model("lmnet").eval()
+    deployed = lmnet.deploy(copy.deepcopy(train_form))
+
+    def eager(model, channels_last=False, bf16=False):
+        m = model.to(memory_format=torch.channels_last) if channels_last else model
+
+        def run(x):
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+            with torch.inference_mode(), ctx:
+                return m(x)
+        return run
+
+    def naive():
+        inner = eager(train_form)
+
+        def run(x):
+            with naive_attention():
+                return inner(x)
+        return run
+
+    def compiled(channels_last=False):
+        m = copy.deepcopy(deployed)
+        if channels_last:
+            m = m.to(memory_format=torch.channels_last)
+        return eager(torch.compile(m), channels_last=channels_last)
+
+    def onnx():
+        run = ort_runner(deployed, size, threads)
+        return lambda x: run(x.numpy())
+
+    variants = {
+        "naive reference (train form, gather attention)": naive,
+        "train form, eager": lambda: eager(train_form),
+        "deployed, eager": lambda: eager(deployed),
+        "deployed, channels-last": lambda: eager(copy.deepcopy(deployed), channels_last=True),
+        "deployed, bf16 autocast": lambda: eager(deployed, bf16=True),
+        "deployed, channels-last + bf16": lambda: eager(copy.deepcopy(deployed), True, True),
+        "deployed, ONNX Runtime": onnx,
+    }
+    if use_compile:
+        variants["deployed, torch.compile"] = compiled
+        variants["deployed, channels-last + torch.compile"] = lambda: compiled(channels_last=True)
+    return variants
+
+
+def baseline_variants(name: str, size: int, threads: int) -> dict[str, Callable[[], Any]]:
+    model = lmnet.create_model(name).eval()
+
+    def eager(channels_last=False):
+        m = copy.deepcopy(model).to(memory_format=torch.channels_last) if channels_last else model
+
+        def run(x):
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode():
+                return m(x)
+        return run
+
+    def onnx():
+        run = ort_runner(model, size, threads)
+        return lambda x: run(x.numpy())
+
+    return {"eager": eager, "channels-last": lambda: eager(True), "ONNX Runtime": onnx}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--repeats", type=int, default=15, help="timed calls at batch 1 (fewer at larger)")
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to compile)")
+    ap.add_argument("--no-baselines", action="store_true")
+    ap.add_argument("--out", default="benchmarks/results/infer.json")
+    args = ap.parse_args()
+    threads = torch.get_num_threads()
+    rows: list[dict[str, Any]] = []
+    groups = [("lmnet", lmnet_variants(args.size, not args.no_compile, threads))]
+    if not args.no_baselines:
+        groups += [(b, baseline_variants(b, args.size, threads)) for b in BASELINES]
+    reference: dict[int, float] = {}
+    for model_name, variants in groups:
+        for variant, factory in variants.items():
+            try:
+                run = factory()
+            except Exception as err:  # noqa: BLE001 - a failing engine is a result too
+                rows.append({"model": model_name, "variant": variant, "error": str(err)[:200]})
+                print(f"{model_name} / {variant}: failed: {str(err)[:200]}", flush=True)
+                continue
+            for batch in args.batches:
+                x = torch.randn(batch, 3, args.size, args.size)
+                repeats = max(3, args.repeats // batch)
+                try:
+                    stats = summarize_times(time_call(lambda: run(x), repeats), batch)
+                except Exception as err:  # noqa: BLE001
+                    rows.append({"model": model_name, "variant": variant, "batch": batch,
+                                 "error": str(err)[:200]})
+                    continue
+                if model_name == "lmnet" and variant.startswith("naive"):
+                    reference[batch] = stats["ms_per_image_median"]
+                ref = reference.get(batch)
+                row = {"model": model_name, "variant": variant, "batch": batch, **stats,
+                       "speedup_vs_naive": round(ref / stats["ms_per_image_median"], 2) if ref else None}
+                rows.append(row)
+                print(f"{model_name:<15} {variant:<48} b{batch}: {stats['ms_per_image_median']:8.1f} ms/img"
+                      f"  (IQR {stats['ms_per_image_iqr']:.1f})  x{row['speedup_vs_naive']}", flush=True)
+    print()
+    print_table([r for r in rows if "error" not in r],
+                [("model", "model"), ("variant", "variant"), ("batch", "batch"),
+                 ("ms/img", "ms_per_image_median"), ("IQR", "ms_per_image_iqr"),
+                 ("img/s", "images_per_second"), ("vs naive", "speedup_vs_naive")])
+    cmd = "python benchmarks/bench_infer.py " + " ".join(sys.argv[1:])
+    write_json(args.out, {"command": cmd.strip(), "machine": machine(), "size": args.size,
+                          "rows": rows})
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
