@@ -6,7 +6,10 @@ registered baselines through the same harness (run by hand, not in CI).
 
 Every row: median and interquartile range of milliseconds per image, images per second, and the
 speed-up against the naive reference (training form, fp32 eager PyTorch, attention by gathering
-every window) measured in the same run at the same batch size.
+every window) measured in the same run at the same batch size. The rows named "default malloc" run
+first, with glibc's default allocator settings; then the script keeps freed memory in the process
+(lmnet.runtime.keep_freed_memory, as the lmnet command does) for every other row, the naive
+reference measured again included ("vs naive, memory kept").
 """
 from __future__ import annotations
 
@@ -33,21 +36,51 @@ from _common import (  # noqa: E402
 
 import lmnet  # noqa: E402
 from lmnet.inference.export import export_onnx  # noqa: E402
+from lmnet.runtime import keep_freed_memory  # noqa: E402
 
 BASELINES = ("unet", "basic_unet", "unet_plusplus", "attention_unet", "dynunet", "swin_unetr")
 
 
-def ort_runner(model: torch.nn.Module, size: int, threads: int) -> Callable[[np.ndarray], Any]:
+def ort_runner(model: torch.nn.Module, size: int, threads: int, int8: bool = False
+               ) -> Callable[[np.ndarray], Any]:
+    """ONNX Runtime session on the exported model; ``int8``: static QDQ quantisation first."""
     import onnxruntime as ort
 
     path = Path(tempfile.mkdtemp()) / "model.onnx"
     export_onnx(model, path, 3, size)
+    if int8:
+        path = quantize_int8(path, size)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     return lambda x: sess.run(None, {name: x})[0]
+
+
+def quantize_int8(path: Path, size: int) -> Path:
+    """Static int8 quantisation (QDQ, per-channel int8 weights, uint8 activations) of Conv, MatMul
+    and Gemm, calibrated on 8 random images: enough to time it, not to judge its accuracy."""
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    rng = np.random.default_rng(0)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter({"image": rng.standard_normal((1, 3, size, size), np.float32)}
+                              for _ in range(8))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.items, None)
+
+    pre, out = path.with_name("pre.onnx"), path.with_name("int8.onnx")
+    quant_pre_process(str(path), str(pre), skip_symbolic_shape=True)
+    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+                    op_types_to_quantize=["Conv", "MatMul", "Gemm"])
+    return out
 
 
 def lmnet_variants(size: int, use_compile: bool, threads: int) -> dict[str, Callable[[], Any]]:
@@ -81,18 +114,22 @@ def lmnet_variants(size: int, use_compile: bool, threads: int) -> dict[str, Call
             m = m.to(memory_format=torch.channels_last)
         return eager(torch.compile(m), channels_last=channels_last)
 
-    def onnx():
-        run = ort_runner(deployed, size, threads)
+    def onnx(int8=False):
+        run = ort_runner(deployed, size, threads, int8)
         return lambda x: run(x.numpy())
 
+    # Rows ending in "default malloc" run first, before keep_freed_memory() (see main()).
     variants = {
-        "naive reference (train form, gather attention)": naive,
+        "naive reference (train form, gather attention), default malloc": naive,
+        "deployed, channels-last, default malloc": lambda: eager(copy.deepcopy(deployed), channels_last=True),
+        "naive reference, freed memory kept": naive,
         "train form, eager": lambda: eager(train_form),
         "deployed, eager": lambda: eager(deployed),
         "deployed, channels-last": lambda: eager(copy.deepcopy(deployed), channels_last=True),
         "deployed, bf16 autocast": lambda: eager(deployed, bf16=True),
         "deployed, channels-last + bf16": lambda: eager(copy.deepcopy(deployed), True, True),
         "deployed, ONNX Runtime": onnx,
+        "deployed, ONNX Runtime int8 (static QDQ)": lambda: onnx(int8=True),
     }
     if use_compile:
         variants["deployed, torch.compile"] = compiled
@@ -135,8 +172,11 @@ def main() -> None:
     if not args.no_baselines:
         groups += [(b, baseline_variants(b, args.size, threads)) for b in BASELINES]
     reference: dict[int, float] = {}
+    reference_kept: dict[int, float] = {}
     for model_name, variants in groups:
         for variant, factory in variants.items():
+            if not variant.endswith("default malloc"):
+                keep_freed_memory()  # as the lmnet command does; from here on for every row
             try:
                 run = factory()
             except Exception as err:  # noqa: BLE001 - a failing engine is a result too
@@ -152,11 +192,13 @@ def main() -> None:
                     rows.append({"model": model_name, "variant": variant, "batch": batch,
                                  "error": str(err)[:200]})
                     continue
+                ms = stats["ms_per_image_median"]
                 if model_name == "lmnet" and variant.startswith("naive"):
-                    reference[batch] = stats["ms_per_image_median"]
-                ref = reference.get(batch)
+                    (reference if variant.endswith("default malloc") else reference_kept)[batch] = ms
+                ref, ref_kept = reference.get(batch), reference_kept.get(batch)
                 row = {"model": model_name, "variant": variant, "batch": batch, **stats,
-                       "speedup_vs_naive": round(ref / stats["ms_per_image_median"], 2) if ref else None}
+                       "speedup_vs_naive": round(ref / ms, 2) if ref else None,
+                       "speedup_vs_naive_memory_kept": round(ref_kept / ms, 2) if ref_kept else None}
                 rows.append(row)
                 print(f"{model_name:<15} {variant:<48} b{batch}: {stats['ms_per_image_median']:8.1f} ms/img"
                       f"  (IQR {stats['ms_per_image_iqr']:.1f})  x{row['speedup_vs_naive']}", flush=True)
@@ -164,7 +206,8 @@ def main() -> None:
     print_table([r for r in rows if "error" not in r],
                 [("model", "model"), ("variant", "variant"), ("batch", "batch"),
                  ("ms/img", "ms_per_image_median"), ("IQR", "ms_per_image_iqr"),
-                 ("img/s", "images_per_second"), ("vs naive", "speedup_vs_naive")])
+                 ("img/s", "images_per_second"), ("vs naive", "speedup_vs_naive"),
+                 ("vs naive, memory kept", "speedup_vs_naive_memory_kept")])
     cmd = "python benchmarks/bench_infer.py " + " ".join(sys.argv[1:])
     write_json(args.out, {"command": cmd.strip(), "machine": machine(), "size": args.size,
                           "rows": rows})

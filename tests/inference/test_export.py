@@ -54,7 +54,12 @@ def test_onnx_matches_pytorch_on_real_images(kvasir_run, tmp_path):
     np.testing.assert_allclose(out, ref, atol=LOGIT_ATOL, rtol=0)
     masks_torch = probabilities_to_mask(predict_probabilities(model, x, images[0].shape[:2]))
     masks_onnx = probabilities_to_mask(predict_probabilities(run, x, images[0].shape[:2]))
-    np.testing.assert_array_equal(masks_onnx, masks_torch)
+    # Identical masks, except at ties: a pixel whose lesion probability is within fp32 rounding
+    # (1e-6) of the 0.5 threshold may fall either way (one such pixel in ~2 million here).
+    probs = predict_probabilities(model, x, images[0].shape[:2])
+    differ = torch.from_numpy(masks_onnx != masks_torch)
+    assert int(differ.sum()) <= 10
+    assert bool(((probs - 0.5).abs()[differ] < 1e-6).all())
     # Dynamic spatial size: a batch at another size than the exported one.
     x2 = torch.randn(3, 3, 96, 128)
     with torch.no_grad():
@@ -78,10 +83,13 @@ def test_predict_with_both_engines_gives_identical_masks(kvasir_run, tmp_path, c
                  str(tmp_path / "o"), "--quiet"]) == 0
     from PIL import Image
 
+    differ = total = 0
     for p in KVASIR_IMAGES[:3]:
         a = np.asarray(Image.open(tmp_path / "t" / "masks" / f"{p.stem}.png"))
         b = np.asarray(Image.open(tmp_path / "o" / "masks" / f"{p.stem}.png"))
-        np.testing.assert_array_equal(a, b)
+        assert a.shape == b.shape
+        differ, total = differ + int((a != b).sum()), total + a.size
+    assert differ <= 10, f"{differ} of {total} mask pixels differ"  # ties at 0.5 only (see above)
     # A checkpoint with --engine onnx exports beside it once.
     assert main(["predict", str(kvasir_run), str(inputs), "--engine", "onnx", "--out",
                  str(tmp_path / "c"), "--quiet"]) == 0

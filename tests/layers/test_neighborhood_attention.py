@@ -142,3 +142,23 @@ def test_onnx_export_matches_pytorch(tmp_path):
             ref = m(xx).numpy()
         out = sess.run(None, {"x": xx.numpy()})[0]
         np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_border_indices_are_cached_per_size():
+    # The flat border indices are cached by (H, W, k): alternating sizes must not mix them up.
+    rpb = torch.randn(2, 5, 5)
+    for shape in [(1, 6, 7, 4), (1, 9, 5, 4), (1, 6, 7, 4)]:
+        q, k, v = (torch.randn(shape) for _ in range(3))
+        ours = neighborhood_attention_2d(cf(q), cf(k), cf(v), 2, 3, rpb)
+        torch.testing.assert_close(ours, cf(na_loop_reference(q, k, v, 2, 3, rpb)),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_torch_compile_matches_eager():
+    # Inductor once failed on the border gather ("vr must not be None"); the indices are now
+    # computed outside the compiled graph.
+    q, k, v = (torch.randn(1, 6, 7, 4) for _ in range(3))
+    rpb = torch.randn(2, 5, 5)
+    fn = torch.compile(neighborhood_attention_2d, dynamic=False)
+    torch.testing.assert_close(fn(cf(q), cf(k), cf(v), 2, 3, rpb),
+                               neighborhood_attention_2d(cf(q), cf(k), cf(v), 2, 3, rpb))

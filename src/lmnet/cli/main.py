@@ -6,6 +6,7 @@ import sys
 
 from lmnet import __version__
 from lmnet.cli import demo, models, scoring, training
+from lmnet.runtime import keep_freed_memory
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    keep_freed_memory()  # no page-fault storm on every forward pass (lmnet.runtime)
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, NotADirectoryError) as err:

@@ -6,24 +6,22 @@ the window is shifted inwards instead of zero-padded. The relative position bias
 ``(heads, 2k - 1, 2k - 1)``, is indexed by the true offset ``key - query + k - 1`` of each key.
 
 How it is computed (channels-first maps ``(B, C, H, W)``, ``C = heads * head_dim``): the queries are
-split into the interior, whose windows are centred, and four border strips ``k // 2`` pixels wide.
+split into the interior, whose windows are centred, and the border, a frame ``k // 2`` pixels wide.
 For the interior, window position ``(a, b)`` of every query is one strided *view* of the key map
-(no copy) and the bias is one number per head and position; the strips gather their keys and biases
-with ``index_select``. Each region runs its own softmax over its ``k * k`` logits, and the results are
-concatenated. Every step is a whole-map tensor op, so the memory use is a few copies of the map,
-autograd works, and the graph exports to ONNX with dynamic batch and spatial size.
+(no copy) and the bias is one number per head and position. The border queries (a small share of
+the map) are computed together: one gather of their keys, values and biases by precomputed flat
+indices, one softmax. Every step is a whole-map tensor op (about 30 of them, whatever the map size),
+so the memory use is a few copies of the map, autograd works, and the graph exports to ONNX with
+dynamic batch and spatial size.
 """
 from __future__ import annotations
 
-from typing import Callable
+import functools
 
 import torch
 from torch import nn
 
 __all__ = ["neighborhood_window_index", "neighborhood_attention_2d", "NeighborhoodAttention2d"]
-
-_Shift = Callable[[torch.Tensor, int, int], torch.Tensor]
-
 
 def neighborhood_window_index(length: int, kernel_size: int, device: torch.device | None = None
                               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,18 +37,31 @@ def neighborhood_window_index(length: int, kernel_size: int, device: torch.devic
     return key, key - pos[:, None] + (kernel_size - 1)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shift: _Shift, ks: int,
-            bias: torch.Tensor | None) -> torch.Tensor:
-    """Attention of the queries ``q (B, h, d, n, m)`` over their ``ks * ks`` window keys.
+def _window_softmax(logits: torch.Tensor, dim: int) -> torch.Tensor:
+    """Softmax over the window axis ``dim`` (not the last one).
 
-    ``shift(t, a, b)`` returns window position ``(a, b)`` of every query, taken from the key or
-    value map ``t``, shaped like ``q``; ``bias`` broadcasts to ``(h, ks * ks, n, m)``.
+    Exported to ONNX as ReduceMax, Sub, Exp, ReduceSum, Div: ONNX Runtime runs its Softmax on an
+    inner axis by transposing the tensor there and back, which made it 2x slower.
+    """
+    if torch.onnx.is_in_onnx_export():
+        e = (logits - logits.amax(dim, keepdim=True)).exp()
+        return e / e.sum(dim, keepdim=True)
+    return logits.softmax(dim)
+
+
+def _attend_interior(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ks: int,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+    """Attention of the interior queries ``q (B, h, d, H - 2r, W - 2r)`` over their centred windows.
+
+    Window position ``(a, b)`` of every interior query is the strided view
+    ``k[..., a:a + H - 2r, b:b + W - 2r]`` of the whole key map ``k (B, h, d, H, W)`` (no copy);
+    ``bias`` is ``(h, ks * ks, 1, 1)``.
     """
     B, h, d, n, m = q.shape
     logits = []
     for a in range(ks):
         for b in range(ks):
-            key = shift(k, a, b)
+            key = k[..., a:a + n, b:b + m]
             pos = a * ks + b
             if d == 1:  # one channel per head: the product is the logit
                 logit = q * key if bias is None else torch.addcmul(bias[:, pos:pos + 1], q, key)
@@ -60,14 +71,75 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shift: _Shift, ks
                     logit = logit + bias[:, pos:pos + 1]
             logits.append(logit)
     # Softmax over the window on a 3-D view: PyTorch's CPU kernel is ~2x faster than on 5-D.
-    attn = torch.cat(logits, dim=2).reshape(B * h, ks * ks, n * m).softmax(dim=1)
+    attn = _window_softmax(torch.cat(logits, dim=2).reshape(B * h, ks * ks, n * m), 1)
     attn = attn.reshape(B, h, ks * ks, n, m)
     out = None
     for pos in range(ks * ks):
         a, b = divmod(pos, ks)
-        weight = attn[:, :, pos:pos + 1]
-        out = weight * shift(v, a, b) if out is None else torch.addcmul(out, weight, shift(v, a, b))
+        weight, value = attn[:, :, pos:pos + 1], v[..., a:a + n, b:b + m]
+        out = weight * value if out is None else torch.addcmul(out, weight, value)
     return out
+
+
+def _border_index(H: int, W: int, ks: int, device: torch.device | None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flat indices for the ``N = 2r(H + W - 2r)`` border queries, ``r = ks // 2``.
+
+    Order: top rows ``(r, W)``, bottom rows ``(r, W)``, left columns ``(H - 2r, r)``, right
+    columns ``(H - 2r, r)``, each row-major. Returns ``query (N,)`` into ``H * W``,
+    ``key (ks * ks, N)`` into ``H * W`` and ``bias (ks * ks, N)`` into the flattened
+    ``(2ks - 1) ** 2`` bias table.
+    """
+    r = ks // 2
+    row_key, row_bias = neighborhood_window_index(H, ks, device)
+    col_key, col_bias = neighborhood_window_index(W, ks, device)
+    rows_all, cols_all = torch.arange(H, device=device), torch.arange(W, device=device)
+    parts = [(rows_all[:r], cols_all), (rows_all[H - r:], cols_all),
+             (rows_all[r:H - r], cols_all[:r]), (rows_all[r:H - r], cols_all[W - r:])]
+    rows = torch.cat([i[:, None].expand(-1, j.shape[0]).reshape(-1) for i, j in parts])
+    cols = torch.cat([j[None, :].expand(i.shape[0], -1).reshape(-1) for i, j in parts])
+    # (N, ks, 1) and (N, 1, ks) -> (N, ks, ks) -> (ks * ks, N)
+    key = row_key[rows][:, :, None] * W + col_key[cols][:, None, :]
+    bias = row_bias[rows][:, :, None] * (2 * ks - 1) + col_bias[cols][:, None, :]
+    return rows * W + cols, key.reshape(-1, ks * ks).T, bias.reshape(-1, ks * ks).T
+
+
+_border_index_cached = functools.lru_cache(maxsize=32)(_border_index)
+
+
+@torch.compiler.disable
+def _border_index_eager(H: int, W: int, ks: int, device: torch.device | None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_border_index`, cached per size, never traced by torch.compile."""
+    return _border_index_cached(H, W, ks, device)
+
+
+def _attend_border(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ks: int,
+                   rpb: torch.Tensor | None) -> torch.Tensor:
+    """Attention of the border queries of ``q, k, v (B, h, d, H, W)``: one gathered computation.
+
+    Returns ``(B, h, d, N)`` in the order of :func:`_border_index`.
+    """
+    B, h, d, H, W = q.shape
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        index = _border_index(H, W, ks, q.device)  # traced: follows the input's size
+    else:  # under torch.compile: computed outside the graph (Inductor fails on it inside)
+        index = _border_index_eager(H, W, ks, q.device)
+    q_idx, k_idx, b_idx = index
+    N, flat_k = q_idx.shape[0], k_idx.reshape(-1)
+
+    def windows(t: torch.Tensor) -> torch.Tensor:  # (B, h, d, H, W) -> (B, h, d, ks * ks, N)
+        return t.flatten(3).index_select(3, flat_k).reshape(B, h, d, ks * ks, N)
+
+    qb = q.flatten(3).index_select(3, q_idx)[:, :, :, None]  # (B, h, d, 1, N)
+    if d == 1:
+        logits = (qb * windows(k))[:, :, 0]
+    else:
+        logits = (qb * windows(k)).sum(2)  # (B, h, ks * ks, N)
+    if rpb is not None:
+        logits = logits + rpb.flatten(1).index_select(1, b_idx.reshape(-1)).reshape(h, ks * ks, N)
+    attn = _window_softmax(logits, 2)[:, :, None]  # (B, h, 1, ks * ks, N)
+    return (attn * windows(v)).sum(3)
 
 
 def neighborhood_attention_2d(
@@ -107,43 +179,20 @@ def neighborhood_attention_2d(
     q = (q * scale).reshape(B, h, d, H, W)
     k = k.reshape(B, h, d, H, W)
     v = v.reshape(B, h, d, H, W)
-    row_key, row_bias = neighborhood_window_index(H, ks, q.device)
-    col_key, col_bias = neighborhood_window_index(W, ks, q.device)
 
-    # Interior queries: rows [r, H - r), cols [r, W - r); key (i - r + a, j - r + b) is a view.
-    hi, wi = H - 2 * r, W - 2 * r
-
-    def centred(t: torch.Tensor, a: int, b: int) -> torch.Tensor:
-        return t[..., a:a + hi, b:b + wi]
-
+    # Interior queries: rows [r, H - r), cols [r, W - r); their windows are centred.
     centre_bias = None if rpb is None else rpb[:, r:r + ks, r:r + ks].reshape(h, ks * ks, 1, 1)
-    interior = _attend(q[..., r:H - r, r:W - r], k, v, centred, ks, centre_bias)
+    interior = _attend_interior(q[..., r:H - r, r:W - r], k, v, ks, centre_bias)
     if r == 0:
         return interior.reshape(B, C, H, W)
 
-    def strip(rows: slice, cols: slice) -> torch.Tensor:
-        rk, ck = row_key[rows], col_key[cols]
-
-        def gathered(t: torch.Tensor, a: int, b: int) -> torch.Tensor:
-            # Narrow the shorter side first: a strip is k // 2 pixels wide.
-            if rk.shape[0] <= ck.shape[0]:
-                return t.index_select(3, rk[:, a]).index_select(4, ck[:, b])
-            return t.index_select(4, ck[:, b]).index_select(3, rk[:, a])
-
-        bias = None
-        if rpb is not None:
-            rb, cb = row_bias[rows], col_bias[cols]
-            # bias[h, a, b, i, j] = rpb[h, rb[i, a], cb[j, b]]
-            bias = rpb[:, rb.T[:, None, :, None], cb.T[None, :, None, :]]
-            bias = bias.reshape(h, ks * ks, rb.shape[0], cb.shape[0])
-        return _attend(q[..., rows, cols], k, v, gathered, ks, bias)
-
-    top = strip(slice(0, r), slice(0, W))
-    bottom = strip(slice(H - r, H), slice(0, W))
-    left = strip(slice(r, H - r), slice(0, r))
-    right = strip(slice(r, H - r), slice(W - r, W))
-    middle = torch.cat([left, interior, right], dim=4)
-    return torch.cat([top, middle, bottom], dim=3).reshape(B, C, H, W)
+    border = _attend_border(q, k, v, ks, rpb)  # (B, h, d, N)
+    n_rows, n_cols = r * W, (H - 2 * r) * r
+    top, bottom, left, right = border.split([n_rows, n_rows, n_cols, n_cols], dim=3)
+    middle = torch.cat([left.reshape(B, h, d, H - 2 * r, r), interior,
+                        right.reshape(B, h, d, H - 2 * r, r)], dim=4)
+    return torch.cat([top.reshape(B, h, d, r, W), middle, bottom.reshape(B, h, d, r, W)],
+                     dim=3).reshape(B, C, H, W)
 
 
 class NeighborhoodAttention2d(nn.Module):

@@ -1,0 +1,57 @@
+"""Process-wide settings that make PyTorch faster on a CPU.
+
+glibc's ``malloc`` serves every block larger than its mmap threshold (128 KiB at start, raised
+dynamically up to 32 MiB) with a fresh ``mmap`` and gives it back on ``free``. PyTorch on a CPU
+allocates and frees its activations on every forward pass, so each pass touches fresh pages and
+the kernel zero-fills them: on the development machine, over 17,000 page faults per LM-Net
+forward pass at 256 x 256, and the full-resolution neighborhood attention ran 2.5x slower than
+with the memory kept (``docs/performance.md``). :func:`keep_freed_memory` raises the mmap and
+trim thresholds so that freed blocks stay in the process and are reused.
+
+The ``lmnet`` command calls it at start; a program that imports lmnet as a library can call it
+itself, or set ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` in the environment, or
+preload jemalloc / tcmalloc. ``LMNET_KEEP_FREED_MEMORY=0`` turns the CLI's call off.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+__all__ = ["keep_freed_memory"]
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_state: dict[str, bool] = {}
+
+
+def keep_freed_memory(threshold_bytes: int = 1 << 30) -> bool:
+    """Raise glibc's mmap and trim thresholds to ``threshold_bytes`` (1 GiB by default).
+
+    Blocks below the threshold come from the heap and are reused after ``free``. The cost is
+    memory: the process keeps its peak heap instead of handing it back to the system.
+
+    Returns:
+        True if the thresholds were set (Linux with glibc), False elsewhere or when
+        ``LMNET_KEEP_FREED_MEMORY=0``.
+    """
+    if os.environ.get("LMNET_KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    if "done" in _state:
+        return _state["done"]
+    ok = False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+        mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+        # mallopt returns 1 on success; old glibc caps the mmap threshold at 32 MiB, and musl or
+        # other libcs lack mallopt (AttributeError).
+        for value in (threshold_bytes, min(threshold_bytes, 32 << 20)):
+            if mallopt(_M_MMAP_THRESHOLD, value) and mallopt(_M_TRIM_THRESHOLD, value):
+                ok = True
+                break
+    except (OSError, AttributeError):
+        ok = False
+    _state["done"] = ok
+    return ok
