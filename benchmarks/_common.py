@@ -65,6 +65,27 @@ def time_call(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> list[floa
     return out
 
 
+def interleaved_times(fns: dict[Any, Callable[[], Any]], repeats: int, per_round: int = 3,
+                      warmup: int = 2) -> dict[Any, list[float]]:
+    """Wall-clock seconds of ``repeats`` calls of every function, taken in rounds.
+
+    Each round calls every function ``per_round`` times, one function after the other, so that a
+    noisy period of this shared machine slows all of them alike instead of one variant's block.
+    Run in turn, fp32 / bf16 and channels-first / -last variants (forward and backward) overflow
+    oneDNN's default cache of 1024 compiled kernels, and every step recompiles its kernels (7x
+    slower training steps seen here): the scripts set ``ONEDNN_PRIMITIVE_CACHE_CAPACITY=16384``
+    before torch loads.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    out: dict[Any, list[float]] = {key: [] for key in fns}
+    for _ in range(-(-repeats // per_round)):
+        for key, fn in fns.items():
+            out[key] += time_call(fn, per_round, warmup=0)
+    return out
+
+
 def summarize_times(times: list[float], batch: int) -> dict[str, float]:
     """Median and interquartile range in ms per image, and images per second."""
     per_img = np.asarray(times) * 1e3 / batch

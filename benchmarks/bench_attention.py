@@ -18,6 +18,7 @@ import torch
 
 import lmnet
 from lmnet.layers import NeighborhoodAttention2d
+from lmnet.runtime import keep_freed_memory
 
 
 def main() -> None:
@@ -26,7 +27,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--out", default="benchmarks/results/attention.json")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="do not keep freed memory in the process (lmnet.runtime)")
     args = ap.parse_args()
+    kept = False if args.default_malloc else keep_freed_memory()
 
     model = lmnet.deploy(lmnet.create_model("lmnet"))
     x = torch.randn(args.batch, 3, args.size, args.size)
@@ -67,7 +71,8 @@ def main() -> None:
         rows.append({"module": name, "ms": round(ms, 2), "share": round(ms / total_ms, 4)})
     na_ms = sum(r["ms"] for r in rows)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"input {args.batch}x3x{args.size}x{args.size}, deployed LM-Net, fp32 eager")
+          f"input {args.batch}x3x{args.size}x{args.size}, deployed LM-Net, fp32 eager, "
+          f"freed memory kept: {kept}")
     print(f"{'module':<22}{'ms (median)':>12}{'share':>8}")
     for r in rows:
         print(f"{r['module']:<22}{r['ms']:>12.2f}{r['share']:>8.1%}")
@@ -77,9 +82,10 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "command": "python benchmarks/bench_attention.py " + " ".join(
-            f"--{k} {v}" for k, v in vars(args).items() if k != "out"),
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+            if k not in ("out", "default_malloc")) + (" --default-malloc" if args.default_malloc else ""),
         "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "forward_ms_median": round(total_ms, 2),
+        "threads": torch.get_num_threads(), "freed_memory_kept": kept, "forward_ms_median": round(total_ms, 2),
         "attention_ms": round(na_ms, 2), "attention_share": round(na_ms / total_ms, 4),
         "per_module": rows}, indent=2))
     print(f"wrote {out}")

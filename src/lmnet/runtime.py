@@ -1,12 +1,13 @@
 """Process-wide settings that make PyTorch faster on a CPU.
 
-glibc's ``malloc`` serves every block larger than its mmap threshold (128 KiB at start, raised
-dynamically up to 32 MiB) with a fresh ``mmap`` and gives it back on ``free``. PyTorch on a CPU
-allocates and frees its activations on every forward pass, so each pass touches fresh pages and
-the kernel zero-fills them: on the development machine, over 17,000 page faults per LM-Net
-forward pass at 256 x 256, and the full-resolution neighborhood attention ran 2.5x slower than
-with the memory kept (``docs/performance.md``). :func:`keep_freed_memory` raises the mmap and
-trim thresholds so that freed blocks stay in the process and are reused.
+glibc's ``malloc`` serves a block larger than its mmap threshold with a fresh ``mmap`` and unmaps it
+on ``free``; the threshold starts at 128 KiB and rises after each such free, but never above
+32 MiB, and free memory at the top of the heap is handed back too. PyTorch on a CPU allocates and
+frees its activations on every forward pass, so large blocks keep coming back as fresh pages that
+the kernel must zero-fill: a training step at 256 x 256, batch 8, has many blocks over 32 MiB, and
+how often smaller ones are reused depends on the process's history. :func:`keep_freed_memory`
+raises the mmap and trim thresholds so that freed blocks stay in the process and are reused
+(measured effect in ``docs/performance.md``).
 
 The ``lmnet`` command calls it at start; a program that imports lmnet as a library can call it
 itself, or set ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` in the environment, or
@@ -26,8 +27,10 @@ _M_MMAP_THRESHOLD = -3
 _state: dict[str, bool] = {}
 
 
-def keep_freed_memory(threshold_bytes: int = 1 << 30) -> bool:
-    """Raise glibc's mmap and trim thresholds to ``threshold_bytes`` (1 GiB by default).
+def keep_freed_memory(threshold_bytes: int = 2**31 - 1) -> bool:
+    """Raise glibc's mmap and trim thresholds to ``threshold_bytes`` (2 GiB, the largest value
+    ``mallopt`` takes; with 1 GiB a training step at batch 8 still handed back and re-faulted about
+    0.9 GB of its heap every step).
 
     Blocks below the threshold come from the heap and are reused after ``free``. The cost is
     memory: the process keeps its peak heap instead of handing it back to the system.
@@ -47,7 +50,7 @@ def keep_freed_memory(threshold_bytes: int = 1 << 30) -> bool:
         mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
         # mallopt returns 1 on success; old glibc caps the mmap threshold at 32 MiB, and musl or
         # other libcs lack mallopt (AttributeError).
-        for value in (threshold_bytes, min(threshold_bytes, 32 << 20)):
+        for value in (min(threshold_bytes, 2**31 - 1), min(threshold_bytes, 32 << 20)):
             if mallopt(_M_MMAP_THRESHOLD, value) and mallopt(_M_TRIM_THRESHOLD, value):
                 ok = True
                 break

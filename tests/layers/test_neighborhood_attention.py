@@ -162,3 +162,13 @@ def test_torch_compile_matches_eager():
     fn = torch.compile(neighborhood_attention_2d, dynamic=False)
     torch.testing.assert_close(fn(cf(q), cf(k), cf(v), 2, 3, rpb),
                                neighborhood_attention_2d(cf(q), cf(k), cf(v), 2, 3, rpb))
+
+
+def test_training_after_inference_at_the_same_size():
+    # The cached indices must not be inference tensors: autograd saves them for backward.
+    m = NeighborhoodAttention2d(8, 4, 3)
+    x = torch.randn(1, 11, 13, 8)
+    with torch.inference_mode():
+        m(x)
+    m(x).sum().backward()
+    assert m.qkv.weight.grad is not None

@@ -7,6 +7,7 @@ import sys
 
 from lmnet.cli.models import parse_overrides
 from lmnet.data.layouts import FORMATS
+from lmnet.inference.engine import PRECISIONS
 from lmnet.train.config import load_config
 
 # CLI flag -> config key; every flag defaults to None so that the YAML file's value stays.
@@ -154,8 +155,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="score at the training size (paper) or at each image's own size")
     p.add_argument("--spacing", type=float, nargs=2, default=None, metavar=("SY", "SX"))
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
-                   help="inference precision (bf16: autocast)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="inference precision (bf16, fp16: autocast; fp16 on CUDA only)")
     p.add_argument("--out", default=None, help="report folder (default: RUN/eval_<split>_<grid>)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_evaluate)
@@ -166,8 +167,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--threshold", type=float, default=0.5, help="lesion probability threshold")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
-                   help="inference precision with --engine torch (bf16: autocast)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="inference precision with --engine torch (bf16, fp16: autocast; fp16 on "
+                        "CUDA only)")
     p.add_argument("--engine", default="torch", choices=("torch", "onnx"),
                    help="PyTorch, or ONNX Runtime (CHECKPOINT may then be an exported .onnx file)")
     p.add_argument("--quiet", action="store_true")

@@ -12,16 +12,20 @@ from torch import nn
 __all__ = ["PRECISIONS", "precision_context", "preprocess", "predict_probabilities",
            "probabilities_to_mask"]
 
-#: Inference precisions: fp32, or bf16 autocast (AVX-512 BF16 / AMX CPUs, recent GPUs).
-PRECISIONS = ("fp32", "bf16")
+#: Inference precisions: fp32, bf16 autocast (AVX-512 BF16 / AMX CPUs, recent GPUs), fp16
+#: autocast (GPUs only).
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def precision_context(precision: str, device_type: str = "cpu") -> contextlib.AbstractContextManager:
-    """Autocast for ``bf16``, nothing for ``fp32``."""
+    """Autocast for ``bf16`` and ``fp16``, nothing for ``fp32``."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "bf16":
-        return torch.autocast(device_type, dtype=torch.bfloat16)
+    if precision == "fp16" and device_type != "cuda":
+        raise ValueError("fp16 inference needs a CUDA GPU; on a CPU use bf16")
+    if precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(device_type, dtype=dtype)
     return contextlib.nullcontext()
 
 

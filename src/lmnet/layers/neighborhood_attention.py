@@ -104,7 +104,12 @@ def _border_index(H: int, W: int, ks: int, device: torch.device | None
     return rows * W + cols, key.reshape(-1, ks * ks).T, bias.reshape(-1, ks * ks).T
 
 
-_border_index_cached = functools.lru_cache(maxsize=32)(_border_index)
+@functools.lru_cache(maxsize=32)
+def _border_index_cached(H: int, W: int, ks: int, device: torch.device | None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # Normal tensors even when first asked for under inference_mode: autograd saves them later.
+    with torch.inference_mode(False):
+        return _border_index(H, W, ks, device)
 
 
 @torch.compiler.disable
