@@ -124,5 +124,17 @@ def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> N
         print("  ".join(str(r.get(k, "")).ljust(w) for (_, k), w in zip(columns, widths)))
 
 
+def report(rows: list[dict[str, Any]], columns: list[tuple[str, str]], out: str | Path,
+           machine_info: dict[str, Any], **extra: Any) -> None:
+    """Print the table of the rows without an error, write the JSON with the command that made it."""
+    import sys
+
+    print()
+    print_table([r for r in rows if "error" not in r], columns)
+    cmd = f"python benchmarks/{Path(sys.argv[0]).name} " + " ".join(sys.argv[1:])
+    write_json(out, {"command": cmd.strip(), "machine": machine_info, **extra, "rows": rows})
+    print(f"\nwrote {out}")
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import naive_attention, print_table, summarize_times, time_call, write_json  # noqa: E402
+from _common import naive_attention, report, summarize_times, time_call  # noqa: E402
 
 import lmnet  # noqa: E402
 from lmnet.train.losses import SegmentationLoss  # noqa: E402
@@ -186,16 +186,11 @@ def main() -> None:
                      "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)})
         print(f"{name:<54} b{args.train_batch:<3} {ms:8.3f} ms/img  x{rows[-1]['speedup_vs_naive']}",
               flush=True)
-    print()
-    print_table([r for r in rows if "error" not in r], [("part", "part"), ("variant", "variant"), ("batch", "batch"),
-                       ("ms/img", "ms_per_image_median"), ("IQR", "ms_per_image_iqr"),
-                       ("img/s", "images_per_second"), ("vs naive", "speedup_vs_naive"),
-                       ("max |logit diff|", "max_abs_logit_diff_vs_deployed_fp32")])
-    cmd = "python benchmarks/bench_gpu.py " + " ".join(sys.argv[1:])
-    write_json(args.out, {"command": cmd.strip(), "machine": gpu_machine(), "size": args.size,
-                          "rows": rows})
-    print(f"\nwrote {args.out}")
-
+    report(rows, [("part", "part"), ("variant", "variant"), ("batch", "batch"),
+                  ("ms/img", "ms_per_image_median"), ("IQR", "ms_per_image_iqr"),
+                  ("img/s", "images_per_second"), ("vs naive", "speedup_vs_naive"),
+                  ("max |logit diff|", "max_abs_logit_diff_vs_deployed_fp32")],
+           args.out, gpu_machine(), size=args.size)
 
 if __name__ == "__main__":
     main()

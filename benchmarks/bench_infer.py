@@ -37,9 +37,8 @@ from _common import (  # noqa: E402
     interleaved_times,
     machine,
     naive_attention,
-    print_table,
+    report,
     summarize_times,
-    write_json,
 )
 
 import lmnet  # noqa: E402
@@ -224,17 +223,11 @@ def main() -> None:
         ms = row["ms_per_image_median"]
         row["speedup_vs_naive"] = round(ref / ms, 2) if ref else None
         row["speedup_vs_naive_memory_kept"] = round(ref_kept / ms, 2) if ref_kept else None
-    print()
-    print_table([r for r in rows if "error" not in r],
-                [("model", "model"), ("variant", "variant"), ("batch", "batch"),
-                 ("ms/img", "ms_per_image_median"), ("IQR", "ms_per_image_iqr"),
-                 ("img/s", "images_per_second"), ("vs naive", "speedup_vs_naive"),
-                 ("vs naive, memory kept", "speedup_vs_naive_memory_kept")])
-    cmd = "python benchmarks/bench_infer.py " + " ".join(sys.argv[1:])
-    write_json(args.out, {"command": cmd.strip(), "machine": machine(), "size": args.size,
-                          "rows": rows})
-    print(f"\nwrote {args.out}")
-
+    report(rows, [("model", "model"), ("variant", "variant"), ("batch", "batch"),
+                  ("ms/img", "ms_per_image_median"), ("IQR", "ms_per_image_iqr"),
+                  ("img/s", "images_per_second"), ("vs naive", "speedup_vs_naive"),
+                  ("vs naive, memory kept", "speedup_vs_naive_memory_kept")],
+           args.out, machine(), size=args.size)
 
 if __name__ == "__main__":
     main()

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, print_table, write_json  # noqa: E402
+from _common import machine, report  # noqa: E402
 
 TASKS = {"inference b1": ("infer", 1, 12), "inference b8": ("infer", 8, 4),
          "training step b8": ("train", 8, 4)}
@@ -103,18 +103,12 @@ def main() -> None:
             row[f"faults_per_call_{label}"] = int(statistics.median(r["faults_per_call"] for r in runs))
         row["speedup"] = round(row["ms_per_image_default"] / row["ms_per_image_kept"], 2)
         rows.append(row)
-    print()
-    print_table(rows, [("task", "task"), ("ms/img default", "ms_per_image_default"),
-                       ("ms/img kept", "ms_per_image_kept"), ("default / kept", "speedup"),
-                       ("faults/call default", "faults_per_call_default"),
-                       ("faults/call kept", "faults_per_call_kept")])
-    cmd = "python benchmarks/bench_malloc.py " + " ".join(sys.argv[1:])
-    write_json(args.out, {"command": cmd.strip(), "machine": machine(), "rounds": args.rounds,
-                          "rows": rows,
-                          "runs": {f"{n} / {'kept' if k else 'default'}": v
-                                   for (n, k), v in results.items()}})
-    print(f"\nwrote {args.out}")
-
+    report(rows, [("task", "task"), ("ms/img default", "ms_per_image_default"),
+                  ("ms/img kept", "ms_per_image_kept"), ("default / kept", "speedup"),
+                  ("faults/call default", "faults_per_call_default"),
+                  ("faults/call kept", "faults_per_call_kept")],
+           args.out, machine(), rounds=args.rounds,
+           runs={f"{n} / {'kept' if k else 'default'}": v for (n, k), v in results.items()})
 
 if __name__ == "__main__":
     main()

@@ -43,9 +43,8 @@ from _common import (  # noqa: E402
     interleaved_times,
     machine,
     naive_attention,
-    print_table,
+    report,
     summarize_times,
-    write_json,
 )
 
 import lmnet  # noqa: E402
@@ -193,23 +192,17 @@ def main() -> None:
             r["curve_mean_rel_diff"] = round(float(rel.mean()), 4)
             r["curve_last10_mean_loss"] = round(float(c[-10:].mean()), 4)
             r["curve_within_tolerance"] = bool(rel[:10].max() < 0.02 and rel.mean() < 0.10)
-    print()
-    print_table([r for r in rows if "error" not in r],
-                [("variant", "variant"), ("ms/img", "ms_per_image_median"), ("IQR", "ms_per_image_iqr"),
-                 ("img/s", "images_per_second"), ("vs naive", "speedup_vs_naive"),
-                 ("vs naive, memory kept", "speedup_vs_naive_memory_kept"),
-                 ("curve: max rel. diff, steps 1-10", "curve_first10_max_rel_diff"),
-                 ("mean rel. diff", "curve_mean_rel_diff"), ("last-10 loss", "curve_last10_mean_loss"),
-                 ("within tolerance", "curve_within_tolerance")])
-    cmd = "python benchmarks/bench_train.py " + " ".join(sys.argv[1:])
-    write_json(args.out, {"command": cmd.strip(), "machine": machine(), "size": args.size,
-                          "batch": args.batch, "curve": {"steps": args.curve_steps,
-                                                          "size": args.curve_size,
-                                                          "data": "kvasir-seg" if KVASIR.is_dir() else "synthetic",
-                                                          "losses": curves},
-                          "rows": rows})
-    print(f"\nwrote {args.out}")
-
+    curve = {"steps": args.curve_steps, "size": args.curve_size,
+             "data": "kvasir-seg" if KVASIR.is_dir() else "synthetic", "losses": curves}
+    report(rows, [("variant", "variant"), ("ms/img", "ms_per_image_median"),
+                  ("IQR", "ms_per_image_iqr"), ("img/s", "images_per_second"),
+                  ("vs naive", "speedup_vs_naive"),
+                  ("vs naive, memory kept", "speedup_vs_naive_memory_kept"),
+                  ("curve: max rel. diff, steps 1-10", "curve_first10_max_rel_diff"),
+                  ("mean rel. diff", "curve_mean_rel_diff"),
+                  ("last-10 loss", "curve_last10_mean_loss"),
+                  ("within tolerance", "curve_within_tolerance")],
+           args.out, machine(), size=args.size, batch=args.batch, curve=curve)
 
 if __name__ == "__main__":
     main()
