@@ -1,19 +1,26 @@
-"""Shared pieces of the benchmarks: the naive reference attention, timing, machine description."""
+"""Shared pieces of the benchmarks: the naive reference attention, timing, machine description.
+
+Every script imports this module before torch: it first gives oneDNN room for every variant's
+compiled kernels (see :func:`interleaved_times`).
+"""
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import platform
 import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
-import torch
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16384")  # read when torch loads
 
-import lmnet.layers.neighborhood_attention as na_module
-from lmnet.layers.neighborhood_attention import neighborhood_window_index
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import lmnet.layers.neighborhood_attention as na_module  # noqa: E402
+from lmnet.layers.neighborhood_attention import neighborhood_window_index  # noqa: E402
 
 
 def naive_neighborhood_attention_2d(q, k, v, num_heads, kernel_size, rpb=None, scale=None):
@@ -73,7 +80,7 @@ def interleaved_times(fns: dict[Any, Callable[[], Any]], repeats: int, per_round
     noisy period of this shared machine slows all of them alike instead of one variant's block.
     Run in turn, fp32 / bf16 and channels-first / -last variants (forward and backward) overflow
     oneDNN's default cache of 1024 compiled kernels, and every step recompiles its kernels (7x
-    slower training steps seen here): the scripts set ``ONEDNN_PRIMITIVE_CACHE_CAPACITY=16384``
+    slower training steps seen here): this module sets ``ONEDNN_PRIMITIVE_CACHE_CAPACITY=16384``
     before torch loads.
     """
     for fn in fns.values():

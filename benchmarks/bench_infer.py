@@ -15,12 +15,7 @@ machine slows them alike; the ratios in the "memory kept" column are the robust 
 """
 from __future__ import annotations
 
-import os
-
-# Before torch loads: room for every variant's oneDNN kernels (see interleaved_times in _common.py).
-os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16384")
-
-import argparse  # noqa: E402
+import argparse
 import contextlib
 import copy
 import functools
@@ -29,17 +24,17 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
+from _common import (  # noqa: E402  (first: sets oneDNN's cache before torch loads)
     interleaved_times,
     machine,
     naive_attention,
     report,
     summarize_times,
 )
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 import lmnet  # noqa: E402
 from lmnet.inference.export import export_onnx  # noqa: E402

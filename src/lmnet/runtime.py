@@ -29,8 +29,7 @@ _state: dict[str, bool] = {}
 
 def keep_freed_memory(threshold_bytes: int = 2**31 - 1) -> bool:
     """Raise glibc's mmap and trim thresholds to ``threshold_bytes`` (2 GiB, the largest value
-    ``mallopt`` takes; with 1 GiB a training step at batch 8 still handed back and re-faulted about
-    0.9 GB of its heap every step).
+    ``mallopt`` takes).
 
     Blocks below the threshold come from the heap and are reused after ``free``. The cost is
     memory: the process keeps its peak heap instead of handing it back to the system.

@@ -10,7 +10,7 @@ split into the interior, whose windows are centred, and the border, a frame ``k 
 For the interior, window position ``(a, b)`` of every query is one strided *view* of the key map
 (no copy) and the bias is one number per head and position. The border queries (a small share of
 the map) are computed together: one gather of their keys, values and biases by precomputed flat
-indices, one softmax. Every step is a whole-map tensor op (about 30 of them, whatever the map size),
+indices, one softmax. Every step is a whole-map tensor op (about 33 of them, whatever the map size),
 so the memory use is a few copies of the map, autograd works, and the graph exports to ONNX with
 dynamic batch and spatial size.
 """
@@ -41,7 +41,7 @@ def _window_softmax(logits: torch.Tensor, dim: int) -> torch.Tensor:
     """Softmax over the window axis ``dim`` (not the last one).
 
     Exported to ONNX as ReduceMax, Sub, Exp, ReduceSum, Div: ONNX Runtime runs its Softmax on an
-    inner axis by transposing the tensor there and back, which made it 2x slower.
+    inner axis by transposing the tensor there and back (``docs/architecture.md``).
     """
     if torch.onnx.is_in_onnx_export():
         e = (logits - logits.amax(dim, keepdim=True)).exp()
@@ -104,19 +104,14 @@ def _border_index(H: int, W: int, ks: int, device: torch.device | None
     return rows * W + cols, key.reshape(-1, ks * ks).T, bias.reshape(-1, ks * ks).T
 
 
+@torch.compiler.disable  # computed outside any compiled graph: Inductor failed on it inside
 @functools.lru_cache(maxsize=32)
 def _border_index_cached(H: int, W: int, ks: int, device: torch.device | None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_border_index`, cached per size."""
     # Normal tensors even when first asked for under inference_mode: autograd saves them later.
     with torch.inference_mode(False):
         return _border_index(H, W, ks, device)
-
-
-@torch.compiler.disable
-def _border_index_eager(H: int, W: int, ks: int, device: torch.device | None
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`_border_index`, cached per size, never traced by torch.compile."""
-    return _border_index_cached(H, W, ks, device)
 
 
 def _attend_border(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ks: int,
@@ -128,8 +123,8 @@ def _attend_border(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ks: int,
     B, h, d, H, W = q.shape
     if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         index = _border_index(H, W, ks, q.device)  # traced: follows the input's size
-    else:  # under torch.compile: computed outside the graph (Inductor fails on it inside)
-        index = _border_index_eager(H, W, ks, q.device)
+    else:
+        index = _border_index_cached(H, W, ks, q.device)
     q_idx, k_idx, b_idx = index
     N, flat_k = q_idx.shape[0], k_idx.reshape(-1)
 
