@@ -65,20 +65,61 @@ def test_resume_after_interruption_is_exact(disc_data, tmp_path, monkeypatch):
     assert torch.load(tmp_path / "interrupted" / "checkpoint_last.pt",
                       weights_only=False)["epoch"] == 0
     resumed = train(cfg, resume=True, progress=False)
-    a, b = _params(straight), _params(resumed)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    _assert_same_weights(straight, resumed)
     rows = list(csv.DictReader((resumed / "log.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
 
 
-def test_time_budget_stops_early(disc_data, tmp_path):
-    cfg = TrainConfig(data=str(disc_data), out=str(tmp_path), name="budget",
-                      **{**SMALL, "epochs": 50, "batch_size": 2}, time_budget=0.001)
-    run = train(cfg, progress=False)
-    rows = list(csv.DictReader((run / "log.csv").open()))
-    assert len(rows) == 1 and int(rows[0]["steps"]) == 1
+def _assert_same_weights(run_a, run_b):
+    a, b = _params(run_a), _params(run_b)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_time_budget_stops_mid_epoch_and_resume_is_exact(disc_data, tmp_path):
+    small = {**SMALL, "batch_size": 2}  # 4 steps an epoch
+    straight = train(TrainConfig(data=str(disc_data), out=str(tmp_path), name="straight", **small),
+                     progress=False)
+    cfg = TrainConfig(data=str(disc_data), out=str(tmp_path), name="budget", **small, time_budget=1e-6)
+    run = train(cfg, progress=False)  # stops after its first step
+    assert list(csv.DictReader((run / "log.csv").open())) == []
+    ckpt = torch.load(run / "checkpoint_last.pt", weights_only=True)
+    assert ckpt["epoch"] == -1 and ckpt["partial"]["epoch"] == 0 and ckpt["partial"]["steps"] == 1
+    calls = 1
+    while len(list(csv.DictReader((run / "log.csv").open()))) < 2:
+        train(cfg, resume=True, progress=False)  # one step a call, the run's own budget
+        calls += 1
+        assert calls <= 8
+    assert calls == 8
+    _assert_same_weights(straight, run)
+
+
+def test_ctrl_c_saves_the_current_step_and_resume_is_exact(disc_data, tmp_path, monkeypatch):
+    import signal
+
+    from lmnet.train.losses import SegmentationLoss
+
+    small = {**SMALL, "batch_size": 2}
+    straight = train(TrainConfig(data=str(disc_data), out=str(tmp_path), name="straight", **small),
+                     progress=False)
+    cfg = TrainConfig(data=str(disc_data), out=str(tmp_path), name="ctrl_c", **small)
+    forward, calls = SegmentationLoss.forward, []
+
+    def press_ctrl_c_in_step_three(self, *args):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return forward(self, *args)
+
+    monkeypatch.setattr(SegmentationLoss, "forward", press_ctrl_c_in_step_three)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, progress=False)
+    monkeypatch.setattr(SegmentationLoss, "forward", forward)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler given back
+    partial = torch.load(tmp_path / "ctrl_c" / "checkpoint_last.pt", weights_only=True)["partial"]
+    assert partial["epoch"] == 0 and partial["steps"] == 3
+    _assert_same_weights(straight, train(cfg, resume=True, progress=False))
 
 
 @pytest.mark.parametrize("argv,match", [

@@ -58,6 +58,7 @@ class SegmentationDataset(Dataset):
         self.mean = np.asarray(mean, np.float32).reshape(channels, 1, 1) * 255.0
         self.std = np.asarray(std, np.float32).reshape(channels, 1, 1) * 255.0
         self.epoch = 0
+        self.output_size = size
         self.resize = eval_transform(size)
         self.augment = train_transform(size, seed, channels) if train else None
         self.cache: list[tuple[np.ndarray, np.ndarray]] | None = None
@@ -73,6 +74,14 @@ class SegmentationDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         """Select the augmentation stream of ``epoch``."""
         self.epoch = epoch
+
+    def set_output_size(self, size: int) -> None:
+        """Augment to ``size`` x ``size`` from now on (progressive resizing; the cache stays)."""
+        if not self.train:
+            raise ValueError("only a training dataset changes its output size")
+        if size != self.output_size:
+            self.output_size = size
+            self.augment = train_transform(size, self.seed, self.channels)
 
     def __len__(self) -> int:
         return len(self.samples)

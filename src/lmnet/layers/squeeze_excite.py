@@ -22,6 +22,12 @@ class SqueezeExcite(nn.Module):
         self.act = nn.ReLU(inplace=True)
         self.expand = nn.Conv2d(hidden, channels, 1)
         self.gate = nn.Hardsigmoid()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The authors' initialisation: Kaiming-normal weights (fan-in, ReLU gain); biases as PyTorch's."""
+        for conv in (self.reduce, self.expand):
+            nn.init.kaiming_normal_(conv.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = x.mean(dim=(2, 3), keepdim=True)

@@ -42,6 +42,13 @@ class MultiHeadSelfAttention(nn.Module):
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The authors' initialisation: truncated-normal weights (std 0.02), zero biases."""
+        for linear in (self.qkv, self.proj):
+            nn.init.trunc_normal_(linear.weight, std=0.02)
+            nn.init.zeros_(linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape

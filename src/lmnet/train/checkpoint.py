@@ -32,13 +32,33 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return p
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint dict on the CPU; clear error for files that are not lmnet checkpoints."""
+def _legacy_numpy_globals() -> list[Any]:
+    """What checkpoints of lmnet 0.1.0 hold besides tensors: one uint32 numpy array (an RNG state)."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint dict without executing anything from the file.
+
+    ``torch.load(weights_only=True)`` admits tensors, containers and numbers only (plus, for
+    checkpoints written by lmnet 0.1.0, numpy's array type); anything else is refused with a
+    ``ValueError`` that says so, and nothing from the file runs.
+    """
     p = resolve_checkpoint(path)
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise ValueError(f"{p} is not a readable checkpoint: {err}") from None
+        with torch.serialization.safe_globals(_legacy_numpy_globals()):
+            ckpt = torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad or unsafe file
+        first = str(err).strip().splitlines()
+        detail = next((ln.strip() for ln in first if "Unsupported global" in ln), first[0] if first else "")
+        raise ValueError(f"{p} is not a readable lmnet checkpoint ({detail}); lmnet loads only "
+                         "tensors and plain values from a file, never code") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ValueError(f"{p} is not an lmnet checkpoint (no 'model' and 'config' entries)")
     return ckpt

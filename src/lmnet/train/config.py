@@ -21,6 +21,8 @@ class TrainConfig:
     data: str = ""                      # dataset folder, as downloaded
     format: str | None = None           # kvasir | busi | lgg | cvc | generic; None = detect
     image_size: int = 256               # images are resized to image_size x image_size
+    progressive_size: int = 0           # > 0: train the first progressive_epochs epochs at this
+    progressive_epochs: int = 0         #   smaller size (validation stays at image_size); 0 = off
     split_ratios: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # train/val/test
     kfold: int = 0                      # 0 = hold-out split; k >= 2 = k-fold cross-validation
     fold: int = 0                       # which fold is the test set when kfold >= 2
@@ -69,6 +71,13 @@ class TrainConfig:
             positive(n, allow_zero=True)
         if self.image_size % 16:
             raise ValueError(f"image_size must be a multiple of 16, got {self.image_size}")
+        for n in ("progressive_size", "progressive_epochs"):
+            positive(n, allow_zero=True)
+        if self.progressive_size % 16 or self.progressive_size > self.image_size:
+            raise ValueError(f"progressive_size must be a multiple of 16 no larger than image_size "
+                             f"{self.image_size}, got {self.progressive_size}")
+        if bool(self.progressive_size) != bool(self.progressive_epochs):
+            raise ValueError("progressive_size and progressive_epochs go together: set both or neither")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
         if not 0 < self.cb_beta < 1:
@@ -83,6 +92,10 @@ class TrainConfig:
             raise ValueError(f"time_budget must be > 0 minutes, got {self.time_budget}")
         if not isinstance(self.model_args, dict):
             raise ValueError(f"model_args must be a mapping, got {self.model_args!r}")
+
+    def train_size(self, epoch: int) -> int:
+        """The side training images have in 0-based ``epoch`` (progressive resizing)."""
+        return self.progressive_size if epoch < self.progressive_epochs else self.image_size
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

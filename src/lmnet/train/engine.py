@@ -8,8 +8,10 @@ import logging
 import math
 import platform
 import random
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from tqdm import tqdm
 from lmnet.data.dataset import SegmentationDataset
 from lmnet.data.layouts import DatasetError, Sample, discover
 from lmnet.data.splits import load_split, make_kfold_split, make_split, save_split
-from lmnet.train.checkpoint import build_model
+from lmnet.train.checkpoint import build_model, load_checkpoint
 from lmnet.train.config import TrainConfig
 from lmnet.train.distributed import DistContext, resolve_device
 from lmnet.train.evaluation import evaluate_samples
@@ -34,7 +36,7 @@ __all__ = ["train", "run_folder", "LOG_FIELDS", "RESUME_OVERRIDABLE"]
 
 log = logging.getLogger(__name__)
 
-LOG_FIELDS = ("epoch", "train_loss", "val_paper_mdice", "val_fg_dice", "val_fg_iou", "lr",
+LOG_FIELDS = ("epoch", "train_size", "train_loss", "val_paper_mdice", "val_fg_dice", "val_fg_iou", "lr",
               "epoch_seconds", "images_per_second", "steps")
 #: Keys that ``--resume`` may change; every other key comes from the run's own config.
 RESUME_OVERRIDABLE = ("epochs", "time_budget", "num_workers", "device")
@@ -79,13 +81,22 @@ def _make_split(cfg: TrainConfig, samples: list[Sample], run_dir: Path, resume: 
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+    """Every generator's state in types that ``torch.load(weights_only=True)`` accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    npst = state["numpy"]
+    if isinstance(npst, dict):
+        npst = (npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"],
+                npst["cached_gaussian"])
+    np.random.set_state(npst)  # a tuple with an ndarray in checkpoints of lmnet 0.1.0
     random.setstate(state["python"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -107,6 +118,37 @@ def _replica_difference(model: torch.nn.Module) -> float:
     diff = (flat - ref).abs().max().reshape(1)
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     return float(diff)
+
+
+class _GracefulStop:
+    """The first Ctrl-C asks the loop to stop after the current step (which is then saved); a second
+    one interrupts at once."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.requested = False
+        self._previous = None
+        if enabled and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("\nstopping after this step to save it (Ctrl-C again to stop at once, losing the "
+              "current epoch's progress)", file=sys.stderr)
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every process when ``flag`` is true on any (all ranks call)."""
+    import torch.distributed as dist
+
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -202,8 +244,6 @@ def _train(cfg: TrainConfig, resume: bool | str | Path, progress: bool, ctx: Dis
     per_rank = cfg.batch_size // ctx.world
     sampler = DistributedSampler(train_ds, num_replicas=ctx.world, rank=ctx.rank, shuffle=True,
                                  seed=cfg.seed)
-    loader = DataLoader(train_ds, batch_size=per_rank, sampler=sampler, num_workers=cfg.num_workers,
-                        pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0)
 
     model = build_model(cfg).to(device)
     if cfg.channels_last:
@@ -213,14 +253,18 @@ def _train(cfg: TrainConfig, resume: bool | str | Path, progress: bool, ctx: Dis
     fp16 = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=fp16)
     start_epoch, best, best_epoch = 0, -math.inf, -1
+    partial: dict[str, Any] | None = None  # progress inside an epoch that a stop cut short
     if resume:
-        ckpt = torch.load(run_dir / "checkpoint_last.pt", map_location=device, weights_only=False)
+        ckpt = load_checkpoint(run_dir / "checkpoint_last.pt", map_location=device)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scheduler.T_max = cfg.epochs
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch, best, best_epoch = ckpt["epoch"] + 1, ckpt["best_score"], ckpt["best_epoch"]
+        partial = ckpt.get("partial")
+        if partial is not None:
+            start_epoch = partial["epoch"]
         _set_rng_state(ckpt["rng"])
         if start_epoch >= cfg.epochs:
             log.info("run already finished %d of %d epochs", start_epoch, cfg.epochs)
@@ -248,16 +292,39 @@ def _train(cfg: TrainConfig, resume: bool | str | Path, progress: bool, ctx: Dis
                 w.writeheader()
                 w.writerows(r for r in rows if int(r["epoch"]) < start_epoch + 1)
 
+    def save(epoch: int, val: dict[str, Any] | None, cut: dict[str, Any] | None = None) -> dict[str, Any]:
+        """``checkpoint_last.pt`` after 0-based ``epoch``; ``cut``: steps done inside the next one."""
+        state = {"config": cfg.to_dict(), "model": model.state_dict(),
+                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "scaler": scaler.state_dict(), "epoch": epoch, "best_score": best,
+                 "best_epoch": best_epoch, "rng": _rng_state(), "val": val, "format": fmt,
+                 "partial": cut}
+        _atomic_save(state, run_dir / "checkpoint_last.pt")
+        return state
+
     t_run = time.perf_counter()
     budget_s = cfg.time_budget * 60 if cfg.time_budget else None
+    stop = _GracefulStop(enabled=ctx.is_main and ctx.world == 1)
+    epoch, steps, stop_reason = start_epoch, 0, None
     try:
         for epoch in range(start_epoch, cfg.epochs):
             sampler.set_epoch(epoch)
             train_ds.set_epoch(epoch)
+            train_ds.set_output_size(cfg.train_size(epoch))
+            done = partial if partial is not None and partial["epoch"] == epoch else None
+            steps, seen, loss_sum, prior_s = ((done["steps"], done["seen"], done["loss_sum"], done["seconds"])
+                                              if done else (0, 0, 0.0, 0.0))
+            order = list(iter(sampler))[steps * per_rank:]  # a cut epoch goes on where it stopped
+            # its own generator: a loader draws a seed when iterated, which must not move the global
+            # RNG (dropout's), or a resumed epoch would differ from an uninterrupted one
+            loader = DataLoader(train_ds, batch_size=per_rank, sampler=order, num_workers=cfg.num_workers,
+                                pin_memory=device.type == "cuda",
+                                generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
             net.train()
-            t0, seen, loss_sum, steps, stopped = time.perf_counter(), 0, 0.0, 0, False
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not show,
-                       dynamic_ncols=True)
+            t0 = time.perf_counter()
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs} @{cfg.train_size(epoch)}px",
+                       unit="batch", disable=not show, dynamic_ncols=True, initial=steps,
+                       total=steps + len(loader))
             for x, y, _ in bar:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 if cfg.channels_last:
@@ -277,19 +344,31 @@ def _train(cfg: TrainConfig, resume: bool | str | Path, progress: bool, ctx: Dis
                 steps += 1
                 seen += len(x) * ctx.world
                 loss_sum += step_loss
-                rate = seen / (time.perf_counter() - t0)
+                rate = (seen - (done["seen"] if done else 0)) / (time.perf_counter() - t0)
                 bar.set_postfix(loss=f"{step_loss:.4f}", img_s=f"{rate:.1f}")
                 if budget_s is not None and time.perf_counter() - t_run > budget_s:
-                    stopped = True
+                    stop_reason = f"time budget of {cfg.time_budget} min reached"
+                elif stop.requested:
+                    stop_reason = "interrupted"
+                if ctx.world > 1 and budget_s is not None and _any_rank(stop_reason is not None, device):
+                    stop_reason = stop_reason or f"time budget of {cfg.time_budget} min reached"
+                if stop_reason:
                     break
             bar.close()
+            epoch_s = prior_s + time.perf_counter() - t0
+            total_steps = math.ceil(len(sampler) / per_rank)
+            if steps < total_steps:  # cut short: keep its progress, resume goes on from this step
+                if ctx.is_main:
+                    save(epoch - 1, None, {"epoch": epoch, "steps": steps, "seen": seen,
+                                           "loss_sum": loss_sum, "seconds": epoch_s})
+                break
             scheduler.step()
-            epoch_s = time.perf_counter() - t0
             if ctx.is_main:
                 ev = evaluate_samples(model, val_samples, cfg, "resized", boundary=False,
                                       dataset=val_ds, batch_size=max(1, per_rank))
                 val = ev.aggregate()["all"]
-                row = {"epoch": epoch + 1, "train_loss": loss_sum / max(steps, 1),
+                row = {"epoch": epoch + 1, "train_size": cfg.train_size(epoch),
+                       "train_loss": loss_sum / max(steps, 1),
                        "val_paper_mdice": val["paper_mdice"], "val_fg_dice": val["fg_dice_mean"],
                        "val_fg_iou": val["fg_iou_mean"], "lr": optimizer.param_groups[0]["lr"],
                        "epoch_seconds": round(epoch_s, 2), "images_per_second": round(seen / epoch_s, 3),
@@ -303,16 +382,11 @@ def _train(cfg: TrainConfig, resume: bool | str | Path, progress: bool, ctx: Dis
                 score = val.get(cfg.select_metric.removeprefix("val_"))
                 if score is None:
                     raise ValueError(f"select_metric {cfg.select_metric!r} is not a validation metric")
-                state = {"config": cfg.to_dict(), "model": model.state_dict(),
-                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "scaler": scaler.state_dict(), "epoch": epoch, "best_score": best,
-                         "best_epoch": best_epoch, "rng": _rng_state(), "val": val,
-                         "format": fmt}
                 if score > best:
                     best, best_epoch = score, epoch
-                    state.update(best_score=best, best_epoch=best_epoch)
-                    _atomic_save(state, run_dir / "checkpoint_best.pt")
-                _atomic_save(state, run_dir / "checkpoint_last.pt")
+                    _atomic_save(save(epoch, val), run_dir / "checkpoint_best.pt")
+                else:
+                    save(epoch, val)
                 remaining = (time.perf_counter() - t_run) / (epoch + 1 - start_epoch) * (cfg.epochs - epoch - 1)
                 if show:
                     tqdm.write(f"epoch {epoch + 1}: loss {row['train_loss']:.4f}  val mDice(paper) "
@@ -320,19 +394,21 @@ def _train(cfg: TrainConfig, resume: bool | str | Path, progress: bool, ctx: Dis
                                f"{epoch_s:.0f} s  ({row['images_per_second']:.2f} img/s)  "
                                f"run ETA {remaining / 60:.1f} min")
             ctx.barrier()
-            if stopped:
-                if show:
-                    tqdm.write(f"time budget of {cfg.time_budget} min reached after {steps} steps "
-                               f"of epoch {epoch + 1}; continue with --resume")
+            if stop_reason:
                 break
-    except KeyboardInterrupt:
-        if ctx.is_main:
-            print(f"\ninterrupted; {run_dir / 'checkpoint_last.pt'} holds the last finished epoch. "
-                  f"Continue with: lmnet train --resume {run_dir}", file=sys.stderr)
-        raise
     finally:
+        stop.restore()
         if writer is not None:
             writer.close()
+    if stop_reason and ctx.is_main:
+        where = (f"after step {steps} of epoch {epoch + 1}" if steps < math.ceil(len(sampler) / per_rank)
+                 else f"after epoch {epoch + 1}")
+        msg = (f"{stop_reason} {where}; checkpoint_last.pt holds everything up to there. "
+               f"Continue with: lmnet train --resume {run_dir}")
+        if show or stop_reason == "interrupted":
+            print(msg, file=sys.stderr)
+        if stop_reason == "interrupted":
+            raise KeyboardInterrupt
     if ctx.world > 1:
         diff = _replica_difference(model)
         if ctx.is_main:
