@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -145,3 +146,12 @@ def report(rows: list[dict[str, Any]], columns: list[tuple[str, str]], out: str 
 
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
+
+
+_SCRATCH: list[tempfile.TemporaryDirectory] = []
+
+
+def scratch_dir() -> str:
+    """A temporary folder, removed when the script ends (benchmarks leave no files behind)."""
+    _SCRATCH.append(tempfile.TemporaryDirectory(prefix="lmnet-bench-"))
+    return _SCRATCH[-1].name

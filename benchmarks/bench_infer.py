@@ -20,7 +20,6 @@ import contextlib
 import copy
 import functools
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,6 +29,7 @@ from _common import (  # noqa: E402  (first: sets oneDNN's cache before torch lo
     machine,
     naive_attention,
     report,
+    scratch_dir,
     summarize_times,
 )
 
@@ -43,12 +43,13 @@ from lmnet.runtime import keep_freed_memory  # noqa: E402
 BASELINES = ("unet", "basic_unet", "unet_plusplus", "attention_unet", "dynunet", "swin_unetr")
 
 
+
 def ort_runner(model: torch.nn.Module, size: int, threads: int, int8: bool = False
                ) -> Callable[[np.ndarray], Any]:
     """ONNX Runtime session on the exported model; ``int8``: static QDQ quantisation first."""
     import onnxruntime as ort
 
-    path = Path(tempfile.mkdtemp()) / "model.onnx"
+    path = Path(scratch_dir()) / "model.onnx"
     export_onnx(model, path, 3, size)
     if int8:
         path = quantize_int8(path, size)

@@ -21,12 +21,11 @@ import collections
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, time_call, write_json  # noqa: E402  (sets oneDNN's cache first)
+from _common import machine, scratch_dir, time_call, write_json  # noqa: E402  (oneDNN cache first)
 
 import torch  # noqa: E402
 
@@ -38,6 +37,7 @@ VIEW_OPS = {"aten::slice", "aten::select", "aten::reshape", "aten::view", "aten:
             "aten::unsqueeze", "aten::squeeze", "aten::permute", "aten::expand", "aten::numpy_T",
             "aten::t", "aten::transpose", "aten::split", "aten::chunk", "aten::unbind",
             "aten::as_strided", "aten::alias", "aten::contiguous", "aten::narrow"}
+
 
 
 def operator_profile(model, x, repeats):
@@ -112,7 +112,7 @@ def attention_op_count():
 def ort_profile(model, size, repeats):
     import onnxruntime as ort
 
-    path = Path(tempfile.mkdtemp()) / "model.onnx"
+    path = Path(scratch_dir()) / "model.onnx"
     export_onnx(model, path, 3, size)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()

@@ -28,3 +28,46 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
             m.weight.copy_(torch.rand(n, generator=g) + 0.5)
             m.bias.copy_(torch.rand(n, generator=g) - 0.5)
     return model
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """An untrained LM-Net checkpoint at 32 x 32 (``checkpoint_best.pt`` in a run folder)."""
+    from lmnet.models import create_model
+    from lmnet.train.config import TrainConfig
+
+    run = tmp_path_factory.mktemp("tiny_run")
+    cfg = TrainConfig(data="unused", image_size=32)
+    torch.manual_seed(0)
+    model = randomize_batchnorm(create_model("lmnet"))
+    torch.save({"config": cfg.to_dict(), "model": model.state_dict()}, run / "checkpoint_best.pt")
+    return run
+
+
+def real_dataset(name: str) -> Path:
+    """``../shared/datasets/<name>``, or skip the test with a reason that names the folder."""
+    path = SHARED_DATASETS / name
+    if not path.is_dir():
+        pytest.skip(f"needs the real data set in {path} (not part of a clone of the repository)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def kvasir_mini(tmp_path_factory) -> Path:
+    from tests.miniatures import make_kvasir
+
+    return make_kvasir(tmp_path_factory.mktemp("kvasir") / "kvasir-seg")
+
+
+@pytest.fixture(scope="session")
+def busi_mini(tmp_path_factory) -> Path:
+    from tests.miniatures import make_busi
+
+    return make_busi(tmp_path_factory.mktemp("busi") / "busi")
+
+
+@pytest.fixture(scope="session")
+def lgg_mini(tmp_path_factory) -> Path:
+    from tests.miniatures import make_lgg
+
+    return make_lgg(tmp_path_factory.mktemp("lgg") / "lgg")

@@ -28,3 +28,41 @@ def test_freed_blocks_are_reused_without_page_faults():
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     # With glibc's defaults a block over 32 MiB is always a fresh mmap: 12,288 faults per block.
     assert faults < 1000, faults
+
+
+def test_cgroup_quota_is_read_from_v2_and_v1_files(tmp_path):
+    from lmnet.runtime import cgroup_cpu_quota
+
+    assert cgroup_cpu_quota(str(tmp_path)) is None  # no files: unlimited
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert cgroup_cpu_quota(str(tmp_path)) == 1.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_quota(str(tmp_path)) is None
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("100000")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000")
+    assert cgroup_cpu_quota(str(v1)) == 1.0
+
+
+def test_threads_default_to_the_usable_cpus_and_follow_flag_and_env(monkeypatch):
+    import os
+
+    from lmnet.cli.main import main
+    from lmnet.runtime import available_cpus, set_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+        assert available_cpus() == 1 and set_threads() == 1 and torch.get_num_threads() == 1
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+        monkeypatch.setattr("lmnet.runtime.cgroup_cpu_quota", lambda: 2.0)
+        assert available_cpus() == 2
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two torchrun processes share them
+        assert set_threads() == 1
+        monkeypatch.setenv("LMNET_THREADS", "3")
+        assert set_threads() == 3 and torch.get_num_threads() == 3
+        assert main(["list-models", "--threads", "1"]) == 0 and torch.get_num_threads() == 1
+        assert main(["list-models", "--threads", "0"]) == 2
+    finally:
+        torch.set_num_threads(before)

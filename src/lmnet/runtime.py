@@ -20,7 +20,7 @@ import ctypes.util
 import os
 import sys
 
-__all__ = ["keep_freed_memory"]
+__all__ = ["keep_freed_memory", "available_cpus", "cgroup_cpu_quota", "set_threads"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -57,3 +57,56 @@ def keep_freed_memory(threshold_bytes: int = 2**31 - 1) -> bool:
         ok = False
     _state["done"] = ok
     return ok
+
+
+def cgroup_cpu_quota(root: str = "/sys/fs/cgroup") -> float | None:
+    """CPUs the cgroup quota allows (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``), or None if unlimited."""
+    try:
+        quota, period = open(os.path.join(root, "cpu.max")).read().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int(open(os.path.join(root, "cpu", "cpu.cfs_quota_us")).read())
+        period = int(open(os.path.join(root, "cpu", "cpu.cfs_period_us")).read())
+        return None if quota <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+
+
+def available_cpus() -> int:
+    """The CPUs this process may really use: its affinity mask, capped by a cgroup CPU quota."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    if quota is not None:
+        n = min(n, max(1, int(quota)))
+    return max(1, n)
+
+
+def set_threads(threads: int | None = None) -> int:
+    """Give PyTorch ``threads`` compute threads (default: ``LMNET_THREADS``, else
+    :func:`available_cpus` shared among the processes ``torchrun`` started on this machine);
+    returns the number set.
+
+    More threads than free cores is far worse than fewer: when another process holds a core, every
+    parallel region waits for its slowest thread (a 128 x 128 forward pass measured 3.8 s with 2
+    threads against 0.08 s with 1 on a busy 2-core machine). On a shared machine, pass fewer.
+    """
+    import torch
+
+    if threads is None:
+        env = os.environ.get("LMNET_THREADS", "").strip()
+        if env:
+            try:
+                threads = int(env)
+            except ValueError:
+                raise ValueError(f"LMNET_THREADS must be a whole number, got {env!r}") from None
+        else:
+            threads = max(1, available_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    torch.set_num_threads(threads)
+    return threads

@@ -6,15 +6,11 @@ import pytest
 from PIL import Image
 
 from lmnet.data import binarize_mask, list_images, read_array, read_mask
-from tests.conftest import SHARED_DATASETS
-
-KVASIR = SHARED_DATASETS / "kvasir-seg"
-BUSI = SHARED_DATASETS / "busi"
-LGG = SHARED_DATASETS / "lgg" / "kaggle_3m"
+from lmnet.data.io import mask_findings, read_image
 
 
-def test_kvasir_jpeg_mask_is_thresholded():
-    path = sorted((KVASIR / "masks").glob("*.jpg"))[0]
+def test_kvasir_jpeg_mask_is_thresholded(kvasir_mini):
+    path = sorted((kvasir_mini / "masks").glob("*.jpg"))[0]
     raw = read_array(path)
     assert raw.dtype == np.uint8 and len(np.unique(raw)) > 2  # JPEG: not exactly binary
     mask = read_mask(path)
@@ -24,23 +20,93 @@ def test_kvasir_jpeg_mask_is_thresholded():
     assert 0 < mask.mean() < 1
 
 
-def test_busi_masks_of_every_mode():
-    one_bit = read_mask(BUSI / "benign" / "benign (1)_mask.png")
-    assert Image.open(BUSI / "benign" / "benign (1)_mask.png").mode == "1"
+def test_busi_masks_of_every_mode(busi_mini):
+    one_bit_path = busi_mini / "benign" / "benign (1)_mask.png"
+    assert Image.open(one_bit_path).mode == "1"
+    one_bit = read_mask(one_bit_path)
     assert one_bit.any() and not one_bit.all()
-    rgba_path = BUSI / "benign" / "benign (4)_mask_1.png"
+    rgba_path = busi_mini / "benign" / "benign (2)_mask_1.png"
     assert Image.open(rgba_path).mode == "RGBA"
     rgba = read_mask(rgba_path)
-    assert 0 < rgba.mean() < 0.1  # the alpha channel (all 255) is ignored
-    normal_path = BUSI / "normal" / "normal (1)_mask.png"
+    assert 0 < rgba.mean() < 0.2  # the alpha channel (all 255) is ignored
+    normal_path = busi_mini / "normal" / "normal (2)_mask.png"
     assert Image.open(normal_path).mode == "RGB"
     assert not read_mask(normal_path).any()
 
 
-def test_lgg_tiff_mask():
-    path = sorted(LGG.glob("*/*_mask.tif"))[0]
+def test_lgg_tiff_mask(lgg_mini):
+    path = sorted((lgg_mini / "kaggle_3m").glob("*/*_1_mask.tif"))[0]
     mask = read_mask(path)
-    assert mask.shape == (256, 256) and mask.dtype == bool
+    assert mask.shape == (64, 64) and mask.dtype == bool and mask.any()
+
+
+def test_exif_orientation_is_applied_to_images_and_masks(tmp_path):
+    """A camera JPEG stored landscape with "rotate 90" in EXIF: read upright, as viewers show it."""
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:, :10] = 255  # a bright band on the stored image's left edge
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    Image.fromarray(stored).save(tmp_path / "img.jpg", exif=exif.tobytes(), quality=95)
+    Image.fromarray(stored).save(tmp_path / "mask.png", exif=exif.tobytes())
+    image, mask = read_image(tmp_path / "img.jpg"), read_mask(tmp_path / "mask.png")
+    assert image.shape == (40, 20, 3) and mask.shape == (40, 20)  # upright: taller than wide
+    assert mask[:10].all() and not mask[10:].any()  # the left band is now the top band
+    assert image[:10].mean() > 200 and image[12:].mean() < 50
+
+
+def test_sixteen_bit_mask_storing_0_255_is_read_as_drawn(tmp_path):
+    m = np.zeros((8, 8), np.uint16)
+    m[2:5, 3:6] = 255
+    Image.fromarray(m).save(tmp_path / "m16.png")
+    assert read_array(tmp_path / "m16.png").dtype.itemsize == 2
+    assert read_mask(tmp_path / "m16.png").sum() == 9
+    assert mask_findings(read_array(tmp_path / "m16.png")) == []
+
+
+def test_rgba_mask_drawn_in_alpha(tmp_path):
+    """White everywhere, the lesion only in the alpha channel: the alpha is the mask."""
+    rgba = np.full((10, 12, 4), 255, np.uint8)
+    rgba[..., 3] = 0
+    rgba[3:6, 4:9, 3] = 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
+    assert read_mask(tmp_path / "alpha.png").sum() == 15
+    opaque = rgba.copy()
+    opaque[..., 3] = 255
+    opaque[..., :3] = 0
+    opaque[1:3, 1:3, :3] = 255  # an ordinary RGBA mask: colour decides, opaque alpha ignored
+    assert read_mask_from(opaque, tmp_path).sum() == 4
+
+
+def read_mask_from(arr, tmp_path):
+    Image.fromarray(arr, "RGBA").save(tmp_path / "x.png")
+    return read_mask(tmp_path / "x.png")
+
+
+@pytest.mark.parametrize("arr,finding", [
+    (np.array([[0, 1], [2, 2]], np.uint8), "empty after thresholding"),  # a 0/1/2 label map
+    (np.full((4, 4), 255, np.uint8), "lesion everywhere"),
+    (np.tile(np.arange(0, 256, 16, dtype=np.uint8), (4, 1)), "neither background nor lesion"),
+])
+def test_mask_findings_flag_suspicious_masks(arr, finding):
+    assert any(finding in f for f in mask_findings(arr))
+
+
+def test_check_data_reports_suspicious_masks(tmp_path, capsys):
+    from lmnet.cli.main import main
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    labels = np.zeros((16, 16), np.uint8)
+    labels[2:6, 2:6], labels[9:12, 9:12] = 1, 2  # a label map: classes 1 and 2
+    for name, mask in (("ok", np.pad(np.full((4, 4), 255, np.uint8), 6)), ("labels", labels),
+                       ("full", np.full((16, 16), 255, np.uint8))):
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "images" / f"{name}.png")
+        Image.fromarray(mask).save(tmp_path / "masks" / f"{name}.png")
+    assert main(["check-data", str(tmp_path), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "suspicious masks: 2" in out and "full.png: lesion everywhere" in out
+    assert "labels.png: non-zero values (max 2) but empty after thresholding" in out
+    assert "ok.png" not in out
 
 
 def test_zero_one_and_sixteen_bit_masks(tmp_path):

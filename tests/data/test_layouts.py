@@ -10,24 +10,24 @@ from lmnet.cli.main import main
 from lmnet.data.dataset import load_sample
 from lmnet.data.io import read_image
 from lmnet.data.layouts import DatasetError, detect_format, discover
-from tests.conftest import SHARED_DATASETS
+from tests.miniatures import BUSI_COUNTS, LGG_PATIENTS, LGG_SLICES, make_cvc
 
 
-def test_kvasir():
-    fmt, samples, problems = discover(SHARED_DATASETS / "kvasir-seg")
-    assert fmt == "kvasir" and len(samples) == 1000 and problems == []
+def test_kvasir(kvasir_mini):
+    fmt, samples, problems = discover(kvasir_mini)
+    assert fmt == "kvasir" and len(samples) == 12 and problems == []
     image, mask = load_sample(samples[0])
     assert image.shape[2] == 3 and mask.shape == image.shape[:2]
     assert set(np.unique(mask)) == {0, 1}
 
 
-def test_busi_groups_and_mask_union():
-    fmt, samples, problems = discover(SHARED_DATASETS / "busi")
-    assert fmt == "busi" and len(samples) == 340 and problems == []
+def test_busi_groups_and_mask_union(busi_mini):
+    fmt, samples, problems = discover(busi_mini)
+    assert fmt == "busi" and len(samples) == sum(BUSI_COUNTS.values()) and problems == []
     counts = {g: sum(s.group == g for s in samples) for g in ("benign", "malignant", "normal")}
-    assert counts == {"benign": 190, "malignant": 90, "normal": 60}
+    assert counts == BUSI_COUNTS
     multi = [s for s in samples if len(s.masks) > 1]
-    assert len(multi) == 353 - 340
+    assert len(multi) == 1
     s = multi[0]
     _, union = load_sample(s)
     from lmnet.data.io import read_mask
@@ -39,29 +39,16 @@ def test_busi_groups_and_mask_union():
     assert not load_sample(normal)[1].any()
 
 
-def test_lgg_patients():
-    fmt, samples, problems = discover(SHARED_DATASETS / "lgg")
-    assert fmt == "lgg" and len(samples) == 192 and problems == []
-    assert len({s.patient for s in samples}) == 8
+def test_lgg_patients(lgg_mini):
+    fmt, samples, problems = discover(lgg_mini)
+    assert fmt == "lgg" and len(samples) == LGG_PATIENTS * LGG_SLICES and problems == []
+    assert len({s.patient for s in samples}) == LGG_PATIENTS
     assert all(s.name.startswith(s.patient) for s in samples)
 
 
 @pytest.fixture()
 def cvc_miniature(tmp_path):
-    """CVC-ClinicDB as distributed: 384 x 288 RGB TIFFs tagged BlackIsZero, soft-edged 8-bit masks."""
-    root = tmp_path / "CVC-ClinicDB"
-    (root / "Original").mkdir(parents=True)
-    (root / "Ground Truth").mkdir()
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:288, :384]
-    for i in range(1, 4):
-        rgb = rng.integers(0, 255, (288, 384, 3), dtype=np.uint8)
-        tifffile.imwrite(root / "Original" / f"{i}.tif", rgb, photometric="minisblack",
-                         planarconfig="contig")
-        dist = np.hypot(yy - 100 - 20 * i, xx - 150)
-        soft = np.clip((60 - dist) * 40 + 128, 0, 255).astype(np.uint8)  # soft edge around r = 60
-        tifffile.imwrite(root / "Ground Truth" / f"{i}.tif", soft)
-    return root
+    return make_cvc(tmp_path / "CVC-ClinicDB")
 
 
 def test_cvc_miniature(cvc_miniature):
@@ -70,11 +57,12 @@ def test_cvc_miniature(cvc_miniature):
     fmt, samples, problems = discover(cvc_miniature)
     assert fmt == "cvc" and len(samples) == 3 and problems == []
     image, mask = load_sample(samples[0])
-    assert image.shape == (288, 384, 3) and image.dtype == np.uint8
+    assert image.shape == (72, 96, 3) and image.dtype == np.uint8
     np.testing.assert_array_equal(image, tifffile.imread(samples[0].image))
-    assert mask.shape == (288, 384)
-    area = mask.sum()
-    assert abs(area - np.pi * 60**2) / (np.pi * 60**2) < 0.05  # soft edge thresholded at 128
+    assert mask.shape == (72, 96)
+    soft = tifffile.imread(samples[0].masks[0])
+    assert len(np.unique(soft)) == 3  # 0, 255 and in-between values on the edge
+    np.testing.assert_array_equal(mask.astype(bool), soft >= 128)  # soft edge thresholded at 128
 
 
 def test_generic_any_format(tmp_path):
@@ -108,10 +96,11 @@ def test_unmatched_and_unknown_layouts(tmp_path):
         detect_format(tmp_path / "nope")
 
 
-def test_check_data_cli(tmp_path, capsys):
-    assert main(["check-data", str(SHARED_DATASETS / "lgg"), "--quiet"]) == 0
+def test_check_data_cli(lgg_mini, tmp_path, capsys):
+    assert main(["check-data", str(lgg_mini), "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "format lgg, 192 images" in out and "patients: 8" in out and "problems: 0" in out
+    assert f"format lgg, {LGG_PATIENTS * LGG_SLICES} images" in out
+    assert f"patients: {LGG_PATIENTS}" in out and "problems: 0" in out
     (tmp_path / "images").mkdir()
     (tmp_path / "masks").mkdir()
     (tmp_path / "images" / "x.png").write_bytes(b"broken")

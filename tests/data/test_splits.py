@@ -7,17 +7,17 @@ import pytest
 
 from lmnet.data.layouts import discover
 from lmnet.data.splits import SPLITS, load_split, make_kfold_split, make_split, save_split
-from tests.conftest import SHARED_DATASETS
+from tests.miniatures import BUSI_COUNTS
 
 
 @pytest.fixture(scope="module")
-def busi():
-    return discover(SHARED_DATASETS / "busi")[1]
+def busi(busi_mini):
+    return discover(busi_mini)[1]
 
 
 @pytest.fixture(scope="module")
-def lgg():
-    return discover(SHARED_DATASETS / "lgg")[1]
+def lgg(lgg_mini):
+    return discover(lgg_mini)[1]
 
 
 def _check_partition(split, samples):
@@ -31,7 +31,8 @@ def test_holdout_is_reproducible_and_disjoint(busi):
     assert a == b
     assert make_split(busi, seed=4)["test"] != a["test"]
     _check_partition(a, busi)
-    assert [len(a[k]) for k in SPLITS] == [272, 34, 34]
+    # each class is split 0.8 / 0.1 / 0.1, rounded per class (real BUSI subset: 272 / 34 / 34)
+    assert len(a["train"]) == 16 and len(a["val"]) + len(a["test"]) == 4
 
 
 def test_busi_split_is_stratified(busi):
@@ -39,7 +40,7 @@ def test_busi_split_is_stratified(busi):
     group = {s.name: s.group for s in busi}
     for k, ratio in zip(SPLITS, (0.8, 0.1, 0.1)):
         counts = Counter(group[n] for n in split[k])
-        for g, total in (("benign", 190), ("malignant", 90), ("normal", 60)):
+        for g, total in BUSI_COUNTS.items():
             assert abs(counts[g] - ratio * total) <= 1, (k, g, counts)
 
 

@@ -12,9 +12,10 @@ from lmnet.inference.export import export_checkpoint, load_exported, onnx_config
 from lmnet.train.checkpoint import model_from_checkpoint
 from lmnet.train.config import TrainConfig
 from lmnet.train.engine import train
-from tests.conftest import SHARED_DATASETS
+from tests.conftest import ROOT
 
-KVASIR_IMAGES = sorted((SHARED_DATASETS / "kvasir-seg" / "images").glob("*.jpg"))[100:106]
+SAMPLE = ROOT / "src" / "lmnet" / "sample_data" / "kvasir_sample"
+KVASIR_IMAGES = sorted((SAMPLE / "images").glob("*.jpg"))[24:30]  # not among the training images
 
 #: Stated tolerance: ONNX Runtime and PyTorch logits agree to 1e-4 absolute (fp32, different
 #: kernels and summation orders).
@@ -23,14 +24,15 @@ LOGIT_ATOL = 1e-4
 
 @pytest.fixture(scope="module")
 def kvasir_run(tmp_path_factory):
-    """A short real run on 24 Kvasir-SEG images at 64 x 64 (a trained, non-trivial checkpoint)."""
+    """A short real run on 24 Kvasir-SEG images of the shipped sample at 64 x 64 (a trained,
+    non-trivial checkpoint)."""
     from lmnet.data.layouts import discover
     from lmnet.data.splits import save_split
 
     out = tmp_path_factory.mktemp("kv")
-    names = [s.name for s in discover(SHARED_DATASETS / "kvasir-seg")[1][:24]]
+    names = [s.name for s in discover(SAMPLE)[1][:24]]
     save_split({"train": names[:16], "val": names[16:20], "test": names[20:]}, out / "split.json")
-    cfg = TrainConfig(data=str(SHARED_DATASETS / "kvasir-seg"), image_size=64, batch_size=8,
+    cfg = TrainConfig(data=str(SAMPLE), image_size=64, batch_size=8,
                       epochs=2, split_file=str(out / "split.json"), out=str(out), name="run")
     return train(cfg, progress=False)
 
@@ -90,10 +92,12 @@ def test_predict_with_both_engines_gives_identical_masks(kvasir_run, tmp_path, c
         assert a.shape == b.shape
         differ, total = differ + int((a != b).sum()), total + a.size
     assert differ <= 10, f"{differ} of {total} mask pixels differ"  # ties at 0.5 only (see above)
-    # A checkpoint with --engine onnx exports beside it once.
+    # A checkpoint with --engine onnx is exported to a temporary file: nothing left behind.
+    before = sorted(kvasir_run.iterdir())
     assert main(["predict", str(kvasir_run), str(inputs), "--engine", "onnx", "--out",
                  str(tmp_path / "c"), "--quiet"]) == 0
-    assert (kvasir_run / "checkpoint_best.onnx").is_file()
+    assert sorted(kvasir_run.iterdir()) == before and not list(kvasir_run.glob("*.onnx"))
+    assert len(list((tmp_path / "c" / "masks").iterdir())) == len(list(inputs.iterdir()))
 
 
 def test_export_errors(tmp_path, capsys):

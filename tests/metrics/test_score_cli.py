@@ -1,4 +1,4 @@
-"""``lmnet score`` and ``lmnet aggregate`` on real Kvasir-SEG masks."""
+"""``lmnet score`` and ``lmnet aggregate`` on real Kvasir-SEG masks (the shipped sample)."""
 from __future__ import annotations
 
 import csv
@@ -13,9 +13,10 @@ from scipy import ndimage
 from lmnet.cli.main import main
 from lmnet.data import read_mask
 from lmnet.metrics import SegmentationEvaluator
-from tests.conftest import SHARED_DATASETS
+from tests.conftest import ROOT
 
-MASKS = sorted((SHARED_DATASETS / "kvasir-seg" / "masks").glob("*.jpg"))[:4]
+#: Four real Kvasir-SEG masks from the sample that ships with the package.
+MASKS = sorted((ROOT / "src" / "lmnet" / "sample_data" / "kvasir_sample" / "masks").glob("*.jpg"))[:4]
 
 
 @pytest.fixture()

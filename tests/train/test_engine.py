@@ -23,7 +23,7 @@ SMALL = {"image_size": 32, "batch_size": 8, "epochs": 2, "split_ratios": [0.5, 0
 
 
 def _params(run_dir, name="checkpoint_last.pt"):
-    return torch.load(run_dir / name, map_location="cpu", weights_only=False)["model"]
+    return torch.load(run_dir / name, map_location="cpu", weights_only=True)["model"]
 
 
 def test_train_writes_a_complete_run_folder(disc_data, tmp_path):
@@ -39,7 +39,7 @@ def test_train_writes_a_complete_run_folder(disc_data, tmp_path):
     env = json.loads((run / "env.json").read_text())
     assert env["torch"] == torch.__version__ and "git_commit" in env
     assert json.loads((run / "config.json").read_text())["image_size"] == 32
-    ckpt = torch.load(run / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run / "checkpoint_last.pt", map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 1 and TrainConfig.from_dict(ckpt["config"]) == cfg
     with pytest.raises(ValueError, match="already holds a run"):
         train(cfg, progress=False)
@@ -63,7 +63,7 @@ def test_resume_after_interruption_is_exact(disc_data, tmp_path, monkeypatch):
         train(cfg, progress=False)
     monkeypatch.setattr(DistributedSampler, "set_epoch", original)
     assert torch.load(tmp_path / "interrupted" / "checkpoint_last.pt",
-                      weights_only=False)["epoch"] == 0
+                      weights_only=True)["epoch"] == 0
     resumed = train(cfg, resume=True, progress=False)
     _assert_same_weights(straight, resumed)
     rows = list(csv.DictReader((resumed / "log.csv").open()))
@@ -173,7 +173,7 @@ def test_ddp_two_processes_match_single_process(disc_data, tmp_path):
     worst = max(float((a[k] - b[k]).abs().max()) for k in params)
     assert worst < 1e-5, worst
     moved = max(float((a[k] - torch.load(tmp_path / "ddp" / "checkpoint_last.pt",
-                                         weights_only=False)["model"][k]).abs().max()) for k in params)
+                                         weights_only=True)["model"][k]).abs().max()) for k in params)
     assert moved == 0.0  # rank 0 saved what it trained
     init = __import__("lmnet").create_model("lmnet", drop=0.0).state_dict()
     assert max(float((a[k] - init[k]).abs().max()) for k in params) > 1e-4  # it did train
@@ -233,6 +233,22 @@ def test_demo_runs_end_to_end(tmp_path):
     assert len(list((report / "predictions" / "overlays").glob("*.png"))) == 6
     # A second demo into the same folder replaces the earlier run.
     run_demo(tmp_path / "demo", minutes=0.02, image_size=32, epochs=1, progress=False)
+
+
+def test_demo_plans_its_epochs_from_measured_speed(tmp_path, monkeypatch):
+    """A machine too slow for the requested epochs trains fewer, with a complete schedule."""
+    import lmnet.demo as demo
+    from lmnet.demo import plan_epochs, run_demo
+
+    cfg = TrainConfig(data="x", image_size=32, batch_size=8)
+    assert plan_epochs(cfg, 28, minutes=1e-6, most=25) == 3
+    assert plan_epochs(cfg, 28, minutes=1e-6, most=2) == 2
+    assert plan_epochs(cfg, 28, minutes=60, most=25) == 25
+    monkeypatch.setattr(demo, "plan_epochs", lambda cfg, n, minutes, most: 4)  # a slow machine
+    report = run_demo(tmp_path / "demo", minutes=0.5, image_size=32, epochs=25, progress=False)
+    rows = list(csv.DictReader((tmp_path / "demo" / "run" / "log.csv").open()))
+    assert len(rows) == 4 and float(rows[-1]["lr"]) == 0.0  # the cosine schedule ended
+    assert "trained for 4 epochs" in (report / "README.md").read_text()
 
 
 def test_cpu_options_bf16_and_channels_last(disc_data, tmp_path):

@@ -6,7 +6,7 @@ import sys
 
 from lmnet import __version__
 from lmnet.cli import demo, models, scoring, training
-from lmnet.runtime import keep_freed_memory
+from lmnet.runtime import keep_freed_memory, set_threads
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +18,10 @@ def build_parser() -> argparse.ArgumentParser:
     scoring.register(sub)
     training.register(sub)
     demo.register(sub)
+    for command in sub.choices.values():  # every command takes --threads
+        command.add_argument("--threads", type=int, default=None,
+                             help="compute threads (default: $LMNET_THREADS, else the CPUs this "
+                                  "process may use: affinity and cgroup quota)")
     return parser
 
 
@@ -30,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     keep_freed_memory()  # no page-fault storm on every forward pass (lmnet.runtime)
     try:
+        set_threads(args.threads)
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, NotADirectoryError) as err:
         print(f"lmnet {args.command}: error: {err}", file=sys.stderr)

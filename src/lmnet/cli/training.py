@@ -64,6 +64,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     summary = predict_files(args.checkpoint, args.inputs, args.out, args.threshold,
                             progress=not args.quiet, engine=args.engine, precision=args.precision)
+    for why, paths in summary.skipped.items():
+        print(f"skipped {len(paths)} file(s) in the {why} (e.g. {paths[0]})", file=sys.stderr)
     print(f"wrote {len(summary.written)} masks to {args.out}/masks, overlays to {args.out}/overlays, "
           f"areas to {summary.csv_path}")
     if summary.failed:
@@ -106,6 +108,12 @@ def cmd_check_data(args: argparse.Namespace) -> int:
             print(f"  sizes: height {s['min_height']}-{s['max_height']}, width "
                   f"{s['min_width']}-{s['max_width']}, {s['distinct']} distinct")
             print(f"  empty masks: {report['empty_masks']}")
+            sus = report["suspicious_masks"]
+            print(f"  suspicious masks: {len(sus)}")
+            for line in sus[:20]:
+                print(f"    {line}")
+            if len(sus) > 20:
+                print(f"    ... and {len(sus) - 20} more")
         print(f"  problems: {len(report['problems'])}")
         for p in report["problems"][:20]:
             print(f"    {p}")

@@ -8,6 +8,7 @@ from typing import Any
 from tqdm import tqdm
 
 from lmnet.data.dataset import load_sample
+from lmnet.data.io import mask_findings, read_array
 from lmnet.data.layouts import discover
 
 __all__ = ["check_dataset"]
@@ -18,7 +19,8 @@ def check_dataset(root: str | Path, fmt: str | None = None, read: bool = True,
     """Inspect a dataset; with ``read``, decode every image and mask (finds corrupt files).
 
     Returns a dict with ``format``, ``images``, ``groups``, ``patients``, ``empty_masks``,
-    ``sizes`` (min / max height and width, distinct sizes) and ``problems`` (one line each).
+    ``sizes`` (min / max height and width, distinct sizes), ``suspicious_masks`` (see
+    :func:`~lmnet.data.io.mask_findings`) and ``problems`` (one line each).
     """
     fmt, samples, problems = discover(root, fmt)
     report: dict[str, Any] = {"path": str(root), "format": fmt, "images": len(samples),
@@ -30,14 +32,20 @@ def check_dataset(root: str | Path, fmt: str | None = None, read: bool = True,
     if read:
         sizes: Counter = Counter()
         empty = 0
+        suspicious: list[str] = []
         for s in tqdm(samples, desc="reading", unit="img", disable=not progress):
             try:
                 image, mask = load_sample(s)
+                for path in s.masks:
+                    findings = mask_findings(read_array(path))
+                    if findings:
+                        suspicious.append(f"{path}: {'; '.join(findings)}")
             except (ValueError, OSError) as err:
                 report["problems"].append(str(err))
                 continue
             sizes[image.shape[:2]] += 1
             empty += not mask.any()
+        report["suspicious_masks"] = suspicious
         if sizes:
             hs, ws = [h for h, _ in sizes], [w for _, w in sizes]
             report["sizes"] = {"min_height": min(hs), "max_height": max(hs), "min_width": min(ws),

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["IMAGE_SUFFIXES", "read_array", "read_mask", "binarize_mask", "list_images", "read_image",
-           "to_uint8_channels"]
+__all__ = ["IMAGE_SUFFIXES", "read_array", "read_mask", "binarize_mask",
+           "mask_findings", "list_images", "read_image", "to_uint8_channels"]
 
 #: File suffixes treated as images (lower case).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".ppm", ".pgm")
@@ -16,15 +16,18 @@ def read_array(path: str | Path) -> np.ndarray:
     """Pixel array ``(H, W)`` or ``(H, W, C)`` of an image file, in its own dtype.
 
     Pillow reads most files; TIFFs Pillow refuses (e.g. RGB tagged BlackIsZero, as in CVC-ClinicDB)
-    go through ``tifffile``. Raises ``ValueError`` naming the file when nothing can read it.
+    go through ``tifffile``. The EXIF orientation tag is applied, so the array is upright as an
+    image viewer shows it (phone and camera JPEGs store it rotated). Raises ``ValueError``
+    naming the file when nothing can read it.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
             if im.mode == "1":
                 return np.asarray(im.convert("L"))
             if im.mode == "P":
@@ -41,30 +44,78 @@ def read_array(path: str | Path) -> np.ndarray:
         raise ValueError(f"cannot read {path}: {pil_error}") from None
 
 
-def binarize_mask(arr: np.ndarray) -> np.ndarray:
-    """Any mask array as ``bool`` ``(H, W)``, lesion = True.
-
-    Colour masks are reduced to their brightest channel (alpha ignored). Masks whose values are
-    only 0 and 1 are used as they are; anything else (JPEG masks with values near 0 and 255,
-    16-bit masks, soft edges) is thresholded at half of its dtype's range (128 for 8-bit).
-    """
+def _mask_plane(arr: np.ndarray) -> np.ndarray:
+    """The one plane of a mask array that carries the lesion (see :func:`binarize_mask`)."""
     a = np.asarray(arr)
     if a.ndim == 3:
         channels = a.shape[2]
-        if channels in (2, 4):  # drop alpha
-            a = a[..., : channels - 1]
-        a = a.max(axis=2)
+        colour, alpha = (a[..., : channels - 1], a[..., -1]) if channels in (2, 4) else (a, None)
+        colour = colour.max(axis=2)
+        if alpha is not None and colour.min() == colour.max() and alpha.min() != alpha.max():
+            return alpha  # a uniform colour drawn through a shaped alpha: the alpha is the mask
+        a = colour
     if a.ndim != 2:
         raise ValueError(f"a mask must be a 2-D image, got shape {arr.shape}")
+    return a
+
+
+def _threshold(a: np.ndarray) -> np.ndarray:
+    values = np.unique(a)
     if a.dtype == bool:
         return a
-    if np.isin(np.unique(a), (0, 1)).all():
+    if np.isin(values, (0, 1)).all():  # 0/1 masks, including all-1 (lesion everywhere)
         return a.astype(bool)
+    if len(values) <= 2 and values[0] == 0:  # {0}, {0, v}: v is lesion, whatever its value
+        return a > 0
+    if len(values) == 1:  # one non-zero value everywhere: all lesion only if it is bright
+        values = np.array([0, values[0]])
     if np.issubdtype(a.dtype, np.integer):
-        half = (np.iinfo(a.dtype).max + 1) / 2
-    else:
-        half = 0.5 if float(a.max()) <= 1.0 else 127.5
-    return a >= half
+        top = 255 if values[-1] <= 255 else np.iinfo(a.dtype).max
+        return a >= (top + 1) / 2
+    return a >= (0.5 if float(values[-1]) <= 1.0 else 127.5)
+
+
+def binarize_mask(arr: np.ndarray) -> np.ndarray:
+    """Any mask array as ``bool`` ``(H, W)``, lesion = True. The rules, in order:
+
+    - colour masks are reduced to their brightest channel; an alpha channel is ignored unless
+      the colour is the same everywhere and only the alpha varies (a shape drawn in alpha), in which
+      case the alpha is the mask;
+    - a mask with two values, 0 and any ``v`` (0/1, 0/255, 0/65535, or 0/255 stored in 16 bits),
+      is lesion where it is ``v``;
+    - anything else (JPEG masks with values near 0 and 255, soft edges) is thresholded at half of
+      the 8-bit range when its values fit in 8 bits (128), else at half of its dtype's range;
+      floats at 0.5 (values within 0..1) or 127.5.
+    """
+    a = _mask_plane(arr)
+    if a.ndim == 2 and a.dtype != bool and a.size and a.min() < 0:
+        raise ValueError(f"a mask has negative values (min {a.min()})")
+    return _threshold(a)
+
+
+def mask_findings(arr: np.ndarray) -> list[str]:
+    """What looks wrong about a mask array (empty list: nothing); used by ``lmnet check-data``.
+
+    Flags: non-zero values that the rules of :func:`binarize_mask` turn into an empty mask (a
+    label map 0/1/2, 0/255 misread), a mask that is lesion everywhere, and more than 5 % of
+    pixels far from both background and lesion values (a photo or probability map saved as a mask;
+    JPEG noise and soft edges stay well below that).
+    """
+    plane = _mask_plane(arr)
+    binary = _threshold(plane)
+    found = []
+    if not binary.any() and plane.any():
+        found.append(f"non-zero values (max {plane.max()}) but empty after thresholding")
+    if binary.all():
+        found.append("lesion everywhere (all foreground)")
+    top = float(plane.max()) if plane.dtype != bool else 1.0
+    if top > 0:
+        rel = plane.astype(np.float64) / top
+        middle = float(((rel > 0.25) & (rel < 0.75)).mean())
+        if middle > 0.05:
+            found.append(f"{middle:.0%} of pixels are neither background nor lesion "
+                         f"(values {', '.join(map(str, np.unique(plane)[:5]))}...)")
+    return found
 
 
 def read_mask(path: str | Path) -> np.ndarray:

@@ -16,10 +16,18 @@ from pathlib import Path
 
 from lmnet.data.io import list_images
 
-__all__ = ["Sample", "FORMATS", "detect_format", "discover", "DatasetError"]
+__all__ = ["Sample", "FORMATS", "MASK_STEM", "mask_owner", "detect_format", "discover", "DatasetError"]
 
 FORMATS = ("kvasir", "busi", "lgg", "cvc", "generic")
 BUSI_CLASSES = ("benign", "malignant", "normal")
+#: The end of a mask file's stem beside its image: BUSI ``NAME_mask``, ``NAME_mask_1``; LGG ``NAME_mask``.
+MASK_STEM = re.compile(r"_mask(?:_\d+)?$")
+
+
+def mask_owner(stem: str) -> str | None:
+    """``NAME`` for the stem of a mask file beside its image (``NAME_mask``, ``NAME_mask_1``), else None."""
+    m = MASK_STEM.search(stem)
+    return stem[: m.start()] if m and m.start() > 0 else None
 
 
 class DatasetError(ValueError):
@@ -118,7 +126,6 @@ def detect_format(root: str | Path) -> str:
 def _discover_busi(root: Path) -> tuple[list[Sample], list[str]]:
     root = _busi_root(root)
     samples, problems = [], []
-    mask_re = re.compile(r"^(?P<stem>.+)_mask(?:_\d+)?$")
     classes = [c for c in BUSI_CLASSES if (root / c).is_dir()]
     if not classes:
         raise DatasetError(f"{root}: no benign/, malignant/ or normal/ folder")
@@ -127,9 +134,9 @@ def _discover_busi(root: Path) -> tuple[list[Sample], list[str]]:
         masks: dict[str, list[Path]] = {}
         images = []
         for f in files:
-            m = mask_re.match(f.stem)
-            if m:
-                masks.setdefault(m.group("stem"), []).append(f)
+            owner = mask_owner(f.stem)
+            if owner:
+                masks.setdefault(owner, []).append(f)
             else:
                 images.append(f)
         for img in images:

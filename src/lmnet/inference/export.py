@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lmnet._optional import require
 from lmnet.train.checkpoint import model_from_checkpoint
 from lmnet.train.config import TrainConfig
 
@@ -29,6 +30,8 @@ def export_onnx(model: nn.Module, path: str | Path, in_channels: int, size: int 
     Batch and spatial size are dynamic; H and W must stay multiples of 16 (as for the model).
     ``metadata`` is stored in the file's ``metadata_props``.
     """
+    for module in ("onnx", "onnxscript"):
+        require(module, "export")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model.eval()
@@ -107,7 +110,7 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, check: 
 
 def onnx_config(path: str | Path) -> TrainConfig:
     """The training config stored in an ONNX file written by :func:`export_checkpoint`."""
-    import onnx
+    onnx = require("onnx", "export")
 
     try:
         proto = onnx.load(str(path), load_external_data=False)
@@ -123,7 +126,7 @@ def onnx_config(path: str | Path) -> TrainConfig:
 def load_exported(path: str | Path, fmt: str) -> Callable[[np.ndarray], np.ndarray]:
     """A function ``numpy (N, C, H, W) float32 -> numpy logits`` running an exported model."""
     if fmt == "onnx":
-        import onnxruntime as ort
+        ort = require("onnxruntime", "export")
 
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         name = sess.get_inputs()[0].name

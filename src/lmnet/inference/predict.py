@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -12,6 +13,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from lmnet.data.io import IMAGE_SUFFIXES, list_images, read_image
+from lmnet.data.layouts import mask_owner
 from lmnet.inference.engine import (
     precision_context,
     predict_probabilities,
@@ -21,7 +23,7 @@ from lmnet.inference.engine import (
 from lmnet.train.checkpoint import model_from_checkpoint, resolve_checkpoint
 from lmnet.train.config import TrainConfig
 
-__all__ = ["ENGINES", "collect_inputs", "overlay", "predict_files", "PredictionSummary",
+__all__ = ["ENGINES", "collect_inputs", "output_names", "overlay", "predict_files", "PredictionSummary",
            "load_predictor"]
 
 ENGINES = ("torch", "onnx")
@@ -37,12 +39,15 @@ def load_predictor(checkpoint: str | Path, engine: str = "torch") -> tuple[Any, 
     from lmnet.inference.export import export_checkpoint, load_exported, onnx_config
 
     if path.suffix != ".onnx":
-        ckpt = resolve_checkpoint(path)
-        onnx_path = ckpt.with_suffix(".onnx")
-        if not onnx_path.is_file() or onnx_path.stat().st_mtime < ckpt.stat().st_mtime:
-            export_checkpoint(ckpt, "onnx", onnx_path, check=False)
-        path = onnx_path
-    elif not path.is_file():
+        # export into a temporary folder: ONNX Runtime reads the whole file when the session
+        # starts, so nothing is left behind (lmnet export writes a file to keep)
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="lmnet-onnx-") as tmp:
+            onnx_path = Path(tmp) / "model.onnx"
+            export_checkpoint(resolve_checkpoint(path), "onnx", onnx_path, check=False)
+            return load_exported(onnx_path, "onnx"), onnx_config(onnx_path)
+    if not path.is_file():
         raise FileNotFoundError(f"no such ONNX file: {path}")
     cfg = onnx_config(path)  # checks the file first: a clear error for files that are not ours
     return load_exported(path, "onnx"), cfg
@@ -57,22 +62,64 @@ class PredictionSummary:
     written: list[Path] = field(default_factory=list)
     failed: list[tuple[Path, str]] = field(default_factory=list)
     csv_path: Path | None = None
+    skipped: dict[str, list[Path]] = field(default_factory=dict)  # why -> files left out
 
 
-def collect_inputs(inputs: Sequence[str | Path]) -> list[Path]:
-    """Image files from a mix of files and folders (folders searched recursively)."""
+def collect_inputs(inputs: Sequence[str | Path], exclude: str | Path | None = None,
+                   skipped: dict[str, list[Path]] | None = None) -> list[Path]:
+    """Image files from a mix of files and folders (folders searched recursively), without repeats.
+
+    In folders, files under ``exclude`` (the output folder) and ground-truth mask files
+    (:func:`~lmnet.data.layouts.mask_owner`, or inside a folder named ``masks``) are left out and listed in
+    ``skipped`` under ``"output folder"`` and ``"mask files"``; files named one by one are kept.
+    """
     files: list[Path] = []
+    skipped = skipped if skipped is not None else {}
+    excluded = Path(exclude).resolve() if exclude is not None else None
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            files.extend(list_images(p, recursive=True))
+            for f in list_images(p, recursive=True):
+                if excluded is not None and f.resolve().is_relative_to(excluded):
+                    skipped.setdefault("output folder", []).append(f)
+                elif mask_owner(f.stem) or "masks" in f.relative_to(p).parts[:-1]:
+                    skipped.setdefault("mask files", []).append(f)
+                else:
+                    files.append(f)
         elif p.is_file():
             files.append(p)
         else:
             raise FileNotFoundError(f"no such file or folder: {p}")
+    seen: set[Path] = set()
+    files = [f for f in files if not (f.resolve() in seen or seen.add(f.resolve()))]  # no repeats
     if not files:
-        raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(map(str, inputs))}")
+        left = "; ".join(f"{len(v)} {k} skipped" for k, v in skipped.items())
+        raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(map(str, inputs))}"
+                         + (f" ({left})" if left else ""))
     return files
+
+
+def output_names(files: Sequence[Path]) -> list[str]:
+    """A unique, stable output name (no suffix) for each input file.
+
+    The stem when no other input shares it; stems shared by files of different types get the
+    type (``dup_jpg``, ``dup_png``); names that still collide (same name in different folders) get
+    their parent folders' names in front, one more level at a time, until they differ. The names
+    depend on the set of inputs only, not on their order.
+    """
+    by_stem: dict[str, set[str]] = {}
+    for f in files:
+        by_stem.setdefault(f.stem, set()).add(f.suffix.lower())
+    bases = [f"{f.stem}_{f.suffix[1:].lower()}" if len(by_stem[f.stem]) > 1 else f.stem for f in files]
+    names = list(bases)
+    for level in range(1, 256):
+        counts = Counter(names)
+        if all(counts[n] == 1 for n in names):
+            return names
+        names = [n if counts[n] == 1 else
+                 "_".join([*f.resolve().parent.parts[-level:], base])
+                 for f, n, base in zip(files, names, bases)]
+    raise ValueError("cannot give the inputs distinct output names")  # pragma: no cover
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndarray:
@@ -94,23 +141,24 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[str | Path], out_dir:
     """Predict every image; write ``masks/NAME.png`` (0/255), ``overlays/NAME.png``, ``areas.csv``.
 
     ``checkpoint`` is a checkpoint, a run folder, or (with ``engine="onnx"``) an ONNX file from
-    ``lmnet export``; with ``engine="onnx"`` and a checkpoint, the model is exported next to it
-    first (``<checkpoint>.onnx``). A file that cannot be read or predicted is reported and skipped;
-    see ``summary.failed``.
+    ``lmnet export``; with ``engine="onnx"`` and a checkpoint, the model is exported to a temporary
+    file first (nothing is left behind). Output files are named by :func:`output_names`; folders
+    skip ground-truth masks and the output folder (``summary.skipped``). A file that cannot be
+    read or predicted is reported and skipped; see ``summary.failed``.
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; available: {', '.join(ENGINES)}")
     if precision != "fp32" and engine != "torch":
         raise ValueError(f"precision {precision!r} is available with --engine torch only")
-    files = collect_inputs(inputs)
-    model, cfg = load_predictor(checkpoint, engine)
     out = Path(out_dir)
+    summary = PredictionSummary(csv_path=out / "areas.csv")
+    files = collect_inputs(inputs, exclude=out, skipped=summary.skipped)
+    names = output_names(files)
+    model, cfg = load_predictor(checkpoint, engine)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
-    summary = PredictionSummary(csv_path=out / "areas.csv")
     rows = []
-    used: set[str] = set()
-    for path in tqdm(files, desc="predicting", unit="img", disable=not progress):
+    for path, stem in zip(tqdm(files, desc="predicting", unit="img", disable=not progress), names):
         try:
             image = read_image(path, cfg.in_channels)
             x = preprocess([image], cfg.image_size, cfg.mean, cfg.std)
@@ -122,8 +170,6 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[str | Path], out_dir:
             summary.failed.append((path, msg))
             tqdm.write(f"skipped: {msg}")
             continue
-        stem = path.stem if path.stem not in used else f"{path.parent.name}_{path.stem}"
-        used.add(stem)
         mask_path = out / "masks" / f"{stem}.png"
         Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
         Image.fromarray(overlay(image, mask)).save(out / "overlays" / f"{stem}.png")

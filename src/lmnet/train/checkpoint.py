@@ -10,7 +10,8 @@ from torch import nn
 from lmnet.models import create_model
 from lmnet.train.config import TrainConfig
 
-__all__ = ["build_model", "resolve_checkpoint", "load_checkpoint", "model_from_checkpoint"]
+__all__ = ["build_model", "resolve_checkpoint", "load_checkpoint", "load_weights",
+           "model_from_checkpoint"]
 
 
 def build_model(cfg: TrainConfig) -> nn.Module:
@@ -64,6 +65,23 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return ckpt
 
 
+def load_weights(model: nn.Module, state: Any, source: str | Path) -> None:
+    """``model.load_state_dict(state)``, with a short ``ValueError`` when the weights do not fit."""
+    own = model.state_dict()
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{source} holds no weights (its 'model' entry is not a tensor mapping)")
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or reshaped:
+        first = (missing or unexpected or reshaped)[0]
+        raise ValueError(f"the weights in {source} do not fit the model its config describes: "
+                         f"{len(missing)} tensors missing, {len(unexpected)} unexpected, "
+                         f"{len(reshaped)} of another shape (first: {first}); a checkpoint of "
+                         "another architecture, width or number of classes?")
+    model.load_state_dict(state)
+
+
 def model_from_checkpoint(path: str | Path, deploy: bool = True, channels_last: bool = True
                           ) -> tuple[nn.Module, TrainConfig]:
     """Rebuild the model of a checkpoint, load its weights, and prepare it for inference.
@@ -76,7 +94,7 @@ def model_from_checkpoint(path: str | Path, deploy: bool = True, channels_last: 
     ckpt = load_checkpoint(path)
     cfg = TrainConfig.from_dict(ckpt["config"])
     model = build_model(cfg)
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt["model"], path)
     model.eval()
     if deploy:
         deploy_model(model)

@@ -23,10 +23,10 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from lmnet.data.dataset import SegmentationDataset
+from lmnet.data.dataset import SegmentationDataset, load_sample
 from lmnet.data.layouts import DatasetError, Sample, discover
 from lmnet.data.splits import load_split, make_kfold_split, make_split, save_split
-from lmnet.train.checkpoint import build_model, load_checkpoint
+from lmnet.train.checkpoint import build_model, load_checkpoint, load_weights
 from lmnet.train.config import TrainConfig
 from lmnet.train.distributed import DistContext, resolve_device
 from lmnet.train.evaluation import evaluate_samples
@@ -100,6 +100,19 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _check_readable(samples: list[Sample], channels: int) -> None:
+    """Decode every file of ``samples`` now, so that a broken test image stops the run before
+    training instead of ``lmnet evaluate`` after it."""
+    bad = []
+    for s in samples:
+        try:
+            load_sample(s, channels)
+        except Exception as err:  # noqa: BLE001 - every unreadable file is reported
+            bad.append(str(err) if str(s.image) in str(err) else f"{s.image}: {err}")
+    if bad:
+        raise DatasetError(f"{len(bad)} file(s) of the test split cannot be read:\n  " + "\n  ".join(bad[:10]))
 
 
 def _seed_everything(seed: int) -> None:
@@ -182,6 +195,12 @@ def _prepare_run(cfg: TrainConfig, resume: bool | str | Path, overrides: dict[st
             raise FileNotFoundError(f"nothing to resume: {last} does not exist")
         saved = json.loads((run_dir / "config.json").read_text())
         saved.update(out=cfg.out, name=run_dir.name)
+        ignored = {k: v for k, v in overrides.items() if v is not None and k not in RESUME_OVERRIDABLE
+                   and k not in ("out", "name") and saved.get(k) != v}
+        if ignored:
+            log.warning("--resume continues %s with its own config; ignored: %s (only %s may change)",
+                        run_dir, ", ".join(f"{k}={v!r}" for k, v in ignored.items()),
+                        ", ".join(RESUME_OVERRIDABLE))
         saved.update({k: v for k, v in overrides.items() if k in RESUME_OVERRIDABLE and v is not None})
         cfg = TrainConfig.from_dict(saved)
     elif last.exists():
@@ -215,6 +234,8 @@ def _train(cfg: TrainConfig, resume: bool | str | Path, progress: bool, ctx: Dis
     cfg, fmt, samples, run_dir = _prepare_run(cfg, resume, overrides)
     resume = bool(resume)
     device = resolve_device(cfg.device, ctx.local_rank)
+    # a resumed run reads its checkpoint before anything is written: a failed command changes nothing
+    ckpt = load_checkpoint(run_dir / "checkpoint_last.pt", map_location=device) if resume else None
     if cfg.batch_size % (ctx.world * cfg.grad_accum):
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by processes x grad_accum "
                          f"= {ctx.world} x {cfg.grad_accum}")
@@ -226,6 +247,7 @@ def _train(cfg: TrainConfig, resume: bool | str | Path, progress: bool, ctx: Dis
     if not train_samples or not val_samples:
         raise ValueError(f"the split has {len(train_samples)} training and {len(val_samples)} "
                          "validation images; both need at least one (check split_ratios)")
+    _check_readable([by_name[n] for n in split.get("test", [])], cfg.in_channels)  # train/val: below
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
@@ -254,9 +276,8 @@ def _train(cfg: TrainConfig, resume: bool | str | Path, progress: bool, ctx: Dis
     scaler = torch.amp.GradScaler("cuda", enabled=fp16)
     start_epoch, best, best_epoch = 0, -math.inf, -1
     partial: dict[str, Any] | None = None  # progress inside an epoch that a stop cut short
-    if resume:
-        ckpt = load_checkpoint(run_dir / "checkpoint_last.pt", map_location=device)
-        model.load_state_dict(ckpt["model"])
+    if ckpt is not None:
+        load_weights(model, ckpt["model"], run_dir / "checkpoint_last.pt")
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scheduler.T_max = cfg.epochs
