@@ -52,6 +52,9 @@ def test_threads_default_to_the_usable_cpus_and_follow_flag_and_env(monkeypatch)
     from lmnet.runtime import available_cpus, set_threads
 
     before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LMNET_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     try:
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
         assert available_cpus() == 1 and set_threads() == 1 and torch.get_num_threads() == 1
@@ -59,6 +62,9 @@ def test_threads_default_to_the_usable_cpus_and_follow_flag_and_env(monkeypatch)
         monkeypatch.setattr("lmnet.runtime.cgroup_cpu_quota", lambda: 2.0)
         assert available_cpus() == 2
         monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two torchrun processes share them
+        assert set_threads() == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's limit stands
+        torch.set_num_threads(1)
         assert set_threads() == 1
         monkeypatch.setenv("LMNET_THREADS", "3")
         assert set_threads() == 3 and torch.get_num_threads() == 3
