@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import naive_attention, report, summarize_times, time_call  # noqa: E402
 
 import lmnet  # noqa: E402
-from lmnet.train.losses import SegmentationLoss  # noqa: E402
+from lmnet.losses import SegmentationLoss  # noqa: E402
 
 
 def synced(fn: Callable[[], Any]) -> Callable[[], Any]:

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from _common import (  # noqa: E402  (first: sets oneDNN's cache before torch loads)
     interleaved_times,
     machine,
@@ -33,11 +35,8 @@ from _common import (  # noqa: E402  (first: sets oneDNN's cache before torch lo
     summarize_times,
 )
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
 import lmnet  # noqa: E402
-from lmnet.inference.export import export_onnx  # noqa: E402
+from lmnet.deploy.export import export_onnx  # noqa: E402
 from lmnet.runtime import keep_freed_memory  # noqa: E402
 
 BASELINES = ("unet", "basic_unet", "unet_plusplus", "attention_unet", "dynunet", "swin_unetr")
@@ -64,8 +63,12 @@ def ort_runner(model: torch.nn.Module, size: int, threads: int, int8: bool = Fal
 def quantize_int8(path: Path, size: int) -> Path:
     """Static int8 quantisation (QDQ, per-channel int8 weights, uint8 activations) of Conv, MatMul
     and Gemm, calibrated on 8 random images: enough to time it, not to judge its accuracy."""
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     rng = np.random.default_rng(0)

@@ -45,7 +45,7 @@ def worker(task: str, batch: int, calls: int, keep: bool) -> None:
             with torch.inference_mode():
                 model(x)
     else:
-        from lmnet.train.losses import SegmentationLoss
+        from lmnet.losses import SegmentationLoss
 
         model = lmnet.create_model("lmnet").train().to(memory_format=torch.channels_last)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)

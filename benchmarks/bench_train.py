@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from _common import (  # noqa: E402  (first: sets oneDNN's cache before torch loads)
     interleaved_times,
     machine,
@@ -39,12 +41,9 @@ from _common import (  # noqa: E402  (first: sets oneDNN's cache before torch lo
     summarize_times,
 )
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
 import lmnet  # noqa: E402
+from lmnet.losses import SegmentationLoss  # noqa: E402
 from lmnet.runtime import keep_freed_memory  # noqa: E402
-from lmnet.train.losses import SegmentationLoss  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 KVASIR = ROOT.parent / "shared" / "datasets" / "kvasir-seg"

@@ -25,12 +25,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch  # noqa: E402
 from _common import machine, scratch_dir, time_call, write_json  # noqa: E402  (oneDNN cache first)
 
-import torch  # noqa: E402
-
 import lmnet  # noqa: E402
-from lmnet.inference.export import export_onnx  # noqa: E402
+from lmnet.deploy.export import export_onnx  # noqa: E402
 from lmnet.layers import neighborhood_attention_2d  # noqa: E402
 
 VIEW_OPS = {"aten::slice", "aten::select", "aten::reshape", "aten::view", "aten::flatten",

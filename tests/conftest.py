@@ -33,8 +33,8 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """An untrained LM-Net checkpoint at 32 x 32 (``checkpoint_best.pt`` in a run folder)."""
+    from lmnet.config import TrainConfig
     from lmnet.models import create_model
-    from lmnet.train.config import TrainConfig
 
     run = tmp_path_factory.mktemp("tiny_run")
     cfg = TrainConfig(data="unused", image_size=32)

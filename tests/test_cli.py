@@ -58,6 +58,7 @@ def test_list_models_json(capsys):
     assert all(r["params"] > 0 for r in rows)
 
 
+@pytest.mark.slow
 def test_console_entry_point_runs():
     # The installed script and ``python -m lmnet`` are the same program.
     proc = subprocess.run([sys.executable, "-m", "lmnet", "list-models", "--filter", "unet"],

@@ -63,3 +63,15 @@ def test_progressive_resizing_changes_the_training_size_only(samples):
     torch.testing.assert_close(ds[0][0], _dataset(samples, train=True)[0][0])  # same stream again
     with pytest.raises(ValueError, match="training dataset"):
         _dataset(samples, train=False).set_output_size(32)
+
+
+def test_one_preprocessing_path_for_training_and_serving(samples):
+    """An evaluation item is exactly what lmnet.deploy.preprocess makes of the same image."""
+    from lmnet.data.dataset import load_sample
+    from lmnet.deploy import preprocess
+
+    ds = _dataset(samples, train=False)
+    for i in range(len(samples)):
+        image, _ = load_sample(samples[i])
+        served = preprocess([image], 64, ds.mean, ds.std)[0]
+        assert torch.equal(ds[i][0], served)

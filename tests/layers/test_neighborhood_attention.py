@@ -7,7 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from lmnet.layers import NeighborhoodAttention2d, neighborhood_attention_2d, neighborhood_window_index
+from lmnet.layers import (
+    NeighborhoodAttention2d,
+    neighborhood_attention_2d,
+    neighborhood_window_index,
+)
 
 
 def cf(t):
@@ -120,6 +124,7 @@ def test_even_kernel_and_bad_heads_are_rejected():
         NeighborhoodAttention2d(10, 4, 3)
 
 
+@pytest.mark.slow
 def test_onnx_export_matches_pytorch(tmp_path):
     import onnxruntime as ort
     m = NeighborhoodAttention2d(24, 12, 3).eval()
@@ -154,6 +159,7 @@ def test_border_indices_are_cached_per_size():
                                    rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_torch_compile_matches_eager():
     # Inductor once failed on the border gather ("vr must not be None"); the indices are now
     # computed outside the compiled graph.

@@ -149,3 +149,27 @@ def test_macs_are_about_the_spec_figure():
     # The spec: about 5.2 G multiply-accumulates per 256 x 256 image in training form.
     assert 5.0e9 < macs["total"] < 5.4e9
     assert macs["neighborhood_attention"] > 0
+
+
+def test_authors_initialisation():
+    """GFT attention Linear: trunc-normal std 0.02, zero bias; SE convs: Kaiming normal (fan-in)."""
+    from lmnet.layers.squeeze_excite import SqueezeExcite
+    from lmnet.layers.transformer import MultiHeadSelfAttention
+
+    torch.manual_seed(0)
+    model = lmnet.create_model("lmnet")
+    attn = [m for m in model.modules() if isinstance(m, MultiHeadSelfAttention)]
+    assert len(attn) == 1
+    for linear in (attn[0].qkv, attn[0].proj):
+        w = linear.weight.detach()
+        assert abs(float(w.std()) - 0.02) < 0.002 and float(w.abs().max()) <= 2.0
+        assert float(linear.bias.abs().max()) == 0.0
+    se = max((m for m in model.modules() if isinstance(m, SqueezeExcite)),
+             key=lambda m: m.reduce.weight.numel())  # the largest: enough weights for a std
+    for conv in (se.reduce, se.expand):
+        fan_in = conv.weight[0].numel()
+        expected = (2.0 / fan_in) ** 0.5  # Kaiming normal, ReLU gain
+        assert abs(float(conv.weight.std()) - expected) / expected < 0.1
+    # PyTorch's default (uniform, bound 1/sqrt(fan_in)) would give std 1/sqrt(3 fan_in): far off
+    default = (3 * se.expand.weight[0].numel()) ** -0.5
+    assert abs(float(se.expand.weight.std()) - default) / default > 0.5

@@ -5,7 +5,7 @@ import argparse
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from lmnet.demo import run_demo
+    from lmnet.engine.demo import run_demo
 
     report = run_demo(args.out, args.minutes, args.image_size, args.epochs, progress=not args.quiet)
     print((report / "README.md").read_text())

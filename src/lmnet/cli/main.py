@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lmnet import __version__
+from lmnet._version import __version__
 from lmnet.cli import demo, models, scoring, training
 from lmnet.runtime import keep_freed_memory, set_threads
 

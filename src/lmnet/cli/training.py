@@ -6,29 +6,51 @@ import json
 import sys
 
 from lmnet.cli.models import parse_overrides
+from lmnet.config import TrainConfig, field_help, load_config
 from lmnet.data.layouts import FORMATS
-from lmnet.inference.engine import PRECISIONS
-from lmnet.train.config import load_config
+from lmnet.deploy.engines import PRECISIONS
 
-# CLI flag -> config key; every flag defaults to None so that the YAML file's value stays.
-_FLAGS = {
-    "data": str, "format": str, "model": str, "epochs": int, "batch_size": int, "grad_accum": int,
-    "lr": float, "weight_decay": float, "image_size": int, "seed": int, "kfold": int, "fold": int,
-    "device": str, "num_workers": int, "time_budget": float, "out": str,
-    "name": str, "dice_weight": float, "cb_beta": float,
-}
+#: Config keys whose flag has another name, and keys set only through ``--set`` (mappings).
+_FLAG_NAMES = {"split_file": "split"}
+_NO_FLAG = ("model_args",)
+
+
+def _config_flags(p: argparse.ArgumentParser) -> list[str]:
+    """One flag per :class:`~lmnet.config.TrainConfig` field, built from the dataclass: its type,
+    its comment as help and its default, shown once. Every flag defaults to None, so that a
+    value from ``--config`` stays unless the flag is given. Returns the config keys."""
+    import dataclasses
+    import typing
+
+    keys = []
+    helps = field_help(TrainConfig)
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in _NO_FLAG:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        flag = "--" + _FLAG_NAMES.get(f.name, f.name).replace("_", "-")
+        kwargs: dict = {"dest": f.name, "default": None,
+                        "help": f"{helps.get(f.name, '')} (default: {default})"}
+        hint = hints[f.name]
+        base = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
+        if hint is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(hint) is list:
+            kwargs.update(nargs="+", type=typing.get_args(hint)[0], metavar="X")
+        else:
+            kwargs["type"] = base[0]
+        if f.name == "format":
+            kwargs["choices"] = FORMATS
+        p.add_argument(flag, **kwargs)
+        keys.append(f.name)
+    return keys
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from lmnet.train.engine import train
+    from lmnet.engine.train import train
 
-    overrides = {k: getattr(args, k) for k in _FLAGS}
-    overrides["split_file"] = args.split
-    for flag in ("bf16", "channels_last"):
-        if getattr(args, flag):
-            overrides[flag] = True
-    if args.no_amp:
-        overrides["amp"] = False
+    overrides = {k: getattr(args, k) for k in args.config_keys}
     extra = parse_overrides(args.set)
     model_args = {k[len("model."):]: v for k, v in extra.items() if k.startswith("model.")}
     overrides.update({k: v for k, v in extra.items() if not k.startswith("model.")})
@@ -47,8 +69,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from lmnet.engine.evaluate import evaluate_run
     from lmnet.metrics import markdown_table
-    from lmnet.train.evaluate import evaluate_run
 
     spacing = tuple(args.spacing) if args.spacing else None
     result, out = evaluate_run(args.run, args.data, args.split, args.split_file, args.grid, args.out,
@@ -60,7 +82,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from lmnet.inference.predict import predict_files
+    from lmnet.engine.predict import predict_files
 
     summary = predict_files(args.checkpoint, args.inputs, args.out, args.threshold,
                             progress=not args.quiet, engine=args.engine, precision=args.precision)
@@ -77,7 +99,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from lmnet.inference.export import export_checkpoint
+    from lmnet.deploy.export import export_checkpoint
 
     result = export_checkpoint(args.checkpoint, args.format, args.out, check=not args.no_check)
     print(f"wrote {result['path']} ({args.format}, re-parameterised, dynamic batch and size)")
@@ -122,31 +144,9 @@ def cmd_check_data(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    p = sub.add_parser("train", help="train a model (paper recipe by default)", formatter_class=fmt)
+    p = sub.add_parser("train", help="train a model (paper recipe by default)")
     p.add_argument("--config", default=None, help="YAML config (e.g. configs/kvasir.yaml)")
-    p.add_argument("--data", default=None, help="dataset folder")
-    p.add_argument("--format", default=None, choices=FORMATS, help="dataset layout (default: detect)")
-    p.add_argument("--model", default=None, help="registered model name (default lmnet)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs (default 200)")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch (default 32)")
-    p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per step (default 1)")
-    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 1e-3)")
-    p.add_argument("--weight-decay", type=float, default=None, help="default 1e-4")
-    p.add_argument("--image-size", type=int, default=None, help="training side in pixels (default 256)")
-    p.add_argument("--seed", type=int, default=None, help="default 0")
-    p.add_argument("--kfold", type=int, default=None, help="k for k-fold cross-validation (0 = hold-out)")
-    p.add_argument("--fold", type=int, default=None, help="test fold when --kfold is set")
-    p.add_argument("--split", default=None, help="reuse a split.json")
-    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default 0)")
-    p.add_argument("--time-budget", type=float, default=None, help="stop after this many minutes")
-    p.add_argument("--dice-weight", type=float, default=None, help="soft Dice term weight (default 1)")
-    p.add_argument("--cb-beta", type=float, default=None, help="class-balanced beta (default 0.9999)")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU)")
-    p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
-    p.add_argument("--no-amp", action="store_true", help="no fp16 mixed precision on CUDA")
-    p.add_argument("--out", default=None, help="parent folder of runs (default runs)")
-    p.add_argument("--name", default=None, help="run folder name")
+    p.set_defaults(config_keys=_config_flags(p))
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
                    help="continue a run exactly (its own config; --epochs/--time-budget may change)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",

@@ -11,14 +11,19 @@ from tqdm import tqdm
 
 from lmnet.data.io import read_image, read_mask
 from lmnet.data.layouts import Sample
-from lmnet.data.transforms import eval_transform, train_transform
+from lmnet.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    normalize,
+    resize_image,
+    resize_mask,
+    train_transform,
+)
 
-__all__ = ["load_sample", "SegmentationDataset", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["load_sample", "SegmentationDataset"]
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def load_sample(sample: Sample, channels: int = 3) -> tuple[np.ndarray, np.ndarray]:
@@ -55,11 +60,9 @@ class SegmentationDataset(Dataset):
         self.size, self.train, self.channels, self.seed = size, train, channels, seed
         if len(mean) != channels or len(std) != channels:
             raise ValueError(f"mean and std need {channels} values each, got {len(mean)} and {len(std)}")
-        self.mean = np.asarray(mean, np.float32).reshape(channels, 1, 1) * 255.0
-        self.std = np.asarray(std, np.float32).reshape(channels, 1, 1) * 255.0
+        self.mean, self.std = tuple(mean), tuple(std)
         self.epoch = 0
         self.output_size = size
-        self.resize = eval_transform(size)
         self.augment = train_transform(size, seed, channels) if train else None
         self.cache: list[tuple[np.ndarray, np.ndarray]] | None = None
         if cache:
@@ -68,8 +71,7 @@ class SegmentationDataset(Dataset):
 
     def _load_resized(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
         image, mask = load_sample(sample, self.channels)
-        out = self.resize(image=image, mask=mask)
-        return out["image"], out["mask"]
+        return resize_image(image, self.size), resize_mask(mask, self.size)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the augmentation stream of ``epoch``."""
@@ -94,5 +96,5 @@ class SegmentationDataset(Dataset):
                 [self.seed, self.epoch, index]).generate_state(1)[0]))
             out = self.augment(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
-        x = (np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32) - self.mean) / self.std
+        x = normalize(image, self.mean, self.std)
         return torch.from_numpy(x), torch.from_numpy(mask.astype(np.int64)), index

@@ -16,7 +16,16 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from lmnet.metrics.boundary import BOUNDARY_CASES, boundary_case, boundary_metrics
-from lmnet.metrics.confusion import FN, FP, TN, TP, as_binary_masks, class_scores, confusion_counts, lesion_scores
+from lmnet.metrics.confusion import (
+    FN,
+    FP,
+    TN,
+    TP,
+    as_binary_masks,
+    class_scores,
+    confusion_counts,
+    lesion_scores,
+)
 
 __all__ = ["SegmentationEvaluator", "summarize", "mean_std"]
 

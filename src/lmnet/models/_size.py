@@ -87,7 +87,7 @@ class SizeReport:
 def size_report(model: nn.Module, name: str = "", size: int = 256, in_channels: int = 3
                 ) -> SizeReport:
     """Count ``model`` as it is and after ``lmnet.deploy`` on a copy (``model`` is not changed)."""
-    from lmnet import deploy
+    from lmnet.models import deploy
 
     train_macs = count_macs(model, size, in_channels)
     deployed = deploy(copy.deepcopy(model))

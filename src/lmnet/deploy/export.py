@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from lmnet._optional import require
-from lmnet.train.checkpoint import model_from_checkpoint
-from lmnet.train.config import TrainConfig
+from lmnet.config import TrainConfig
+from lmnet.deploy.checkpoint import model_from_checkpoint
 
 __all__ = ["EXPORT_FORMATS", "export_onnx", "export_torchscript", "export_checkpoint", "load_exported",
            "onnx_config"]

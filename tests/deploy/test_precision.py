@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmnet.inference.engine import PRECISIONS, precision_context
+from lmnet.deploy.engines import PRECISIONS, precision_context
 
 
 def test_bf16_autocast_runs_convolutions_in_bf16_on_cpu():

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from lmnet.cli.main import main
-from lmnet.train.config import TrainConfig, load_config
-from lmnet.train.engine import train
+from lmnet.config import TrainConfig, load_config
+from lmnet.engine.train import train
 from tests.conftest import ROOT
 
 SMALL = {"image_size": 32, "batch_size": 8, "epochs": 2, "split_ratios": [0.5, 0.25, 0.25],
@@ -45,6 +45,7 @@ def test_train_writes_a_complete_run_folder(disc_data, tmp_path):
         train(cfg, progress=False)
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_is_exact(disc_data, tmp_path, monkeypatch):
     straight = train(TrainConfig(data=str(disc_data), out=str(tmp_path), name="straight", **SMALL),
                      progress=False)
@@ -77,6 +78,7 @@ def _assert_same_weights(run_a, run_b):
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.slow
 def test_time_budget_stops_mid_epoch_and_resume_is_exact(disc_data, tmp_path):
     small = {**SMALL, "batch_size": 2}  # 4 steps an epoch
     straight = train(TrainConfig(data=str(disc_data), out=str(tmp_path), name="straight", **small),
@@ -95,10 +97,11 @@ def test_time_budget_stops_mid_epoch_and_resume_is_exact(disc_data, tmp_path):
     _assert_same_weights(straight, run)
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_the_current_step_and_resume_is_exact(disc_data, tmp_path, monkeypatch):
     import signal
 
-    from lmnet.train.losses import SegmentationLoss
+    from lmnet.losses import SegmentationLoss
 
     small = {**SMALL, "batch_size": 2}
     straight = train(TrainConfig(data=str(disc_data), out=str(tmp_path), name="straight", **small),
@@ -153,6 +156,7 @@ def test_config_files_load_with_the_paper_recipe():
     assert load_config(ROOT / "configs" / "kvasir.yaml").epochs == 200
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_single_process(disc_data, tmp_path):
     common = ["--data", str(disc_data), "--image-size", "32", "--batch-size", "8", "--epochs", "1",
               "--set", "model.drop=0.0", "--set", "split_ratios=[0.5,0.25,0.25]", "--out",
@@ -223,8 +227,9 @@ def test_predict_writes_masks_at_original_size(trained_run, disc_data, tmp_path,
     assert len(list((tmp_path / "pred2" / "masks").iterdir())) == 4
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
-    from lmnet.demo import run_demo, sample_data_path
+    from lmnet.engine.demo import run_demo, sample_data_path
 
     assert len(list((sample_data_path() / "images").glob("*.jpg"))) == 40
     report = run_demo(tmp_path / "demo", minutes=0.02, image_size=32, epochs=1, progress=False)
@@ -235,10 +240,11 @@ def test_demo_runs_end_to_end(tmp_path):
     run_demo(tmp_path / "demo", minutes=0.02, image_size=32, epochs=1, progress=False)
 
 
+@pytest.mark.slow
 def test_demo_plans_its_epochs_from_measured_speed(tmp_path, monkeypatch):
     """A machine too slow for the requested epochs trains fewer, with a complete schedule."""
-    import lmnet.demo as demo
-    from lmnet.demo import plan_epochs, run_demo
+    import lmnet.engine.demo as demo
+    from lmnet.engine.demo import plan_epochs, run_demo
 
     cfg = TrainConfig(data="x", image_size=32, batch_size=8)
     assert plan_epochs(cfg, 28, minutes=1e-6, most=25) == 3

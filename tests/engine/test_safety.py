@@ -1,16 +1,14 @@
 """No code runs from a file a user hands lmnet: crafted checkpoints for every command that reads one."""
 from __future__ import annotations
 
-import json
-import pickle
 from pathlib import Path
 
 import pytest
 import torch
 
 from lmnet.cli.main import main
-from lmnet.train.config import TrainConfig
-from lmnet.train.engine import train
+from lmnet.config import TrainConfig
+from lmnet.engine.train import train
 
 
 class _Payload:
@@ -71,7 +69,7 @@ def test_no_command_runs_code_from_a_checkpoint(command, real_run, disc_data, tm
 
 
 def test_checkpoints_load_without_pickle_and_old_ones_still_load(real_run, tmp_path):
-    from lmnet.train.checkpoint import load_checkpoint, model_from_checkpoint
+    from lmnet.deploy.checkpoint import load_checkpoint, model_from_checkpoint
 
     ckpt = torch.load(real_run / "checkpoint_last.pt", weights_only=True)  # plain types only
     assert isinstance(ckpt["rng"]["numpy"]["keys"], torch.Tensor)

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from lmnet.cli.main import main
-from lmnet.train.config import TrainConfig
-from lmnet.train.engine import train
+from lmnet.config import TrainConfig
+from lmnet.engine.train import train
 
 SMALL = {"image_size": 32, "batch_size": 8, "epochs": 1, "split_ratios": [0.5, 0.25, 0.25]}
 

@@ -6,7 +6,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -14,43 +14,16 @@ from tqdm import tqdm
 
 from lmnet.data.io import IMAGE_SUFFIXES, list_images, read_image
 from lmnet.data.layouts import mask_owner
-from lmnet.inference.engine import (
+from lmnet.deploy.engines import (
+    ENGINES,
+    load_predictor,
     precision_context,
     predict_probabilities,
-    preprocess,
     probabilities_to_mask,
 )
-from lmnet.train.checkpoint import model_from_checkpoint, resolve_checkpoint
-from lmnet.train.config import TrainConfig
+from lmnet.deploy.preprocess import preprocess
 
-__all__ = ["ENGINES", "collect_inputs", "output_names", "overlay", "predict_files", "PredictionSummary",
-           "load_predictor"]
-
-ENGINES = ("torch", "onnx")
-
-
-def load_predictor(checkpoint: str | Path, engine: str = "torch") -> tuple[Any, TrainConfig]:
-    """A deployed PyTorch model, or an ONNX Runtime function, and the training config."""
-    path = Path(checkpoint)
-    if engine == "torch":
-        if path.suffix == ".onnx":
-            raise ValueError(f"{path} is an ONNX file: use --engine onnx")
-        return model_from_checkpoint(path)
-    from lmnet.inference.export import export_checkpoint, load_exported, onnx_config
-
-    if path.suffix != ".onnx":
-        # export into a temporary folder: ONNX Runtime reads the whole file when the session
-        # starts, so nothing is left behind (lmnet export writes a file to keep)
-        import tempfile
-
-        with tempfile.TemporaryDirectory(prefix="lmnet-onnx-") as tmp:
-            onnx_path = Path(tmp) / "model.onnx"
-            export_checkpoint(resolve_checkpoint(path), "onnx", onnx_path, check=False)
-            return load_exported(onnx_path, "onnx"), onnx_config(onnx_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such ONNX file: {path}")
-    cfg = onnx_config(path)  # checks the file first: a clear error for files that are not ours
-    return load_exported(path, "onnx"), cfg
+__all__ = ["collect_inputs", "output_names", "overlay", "predict_files", "PredictionSummary"]
 
 log = logging.getLogger(__name__)
 

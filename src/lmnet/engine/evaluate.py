@@ -1,20 +1,58 @@
-"""``lmnet evaluate``: score a trained run or checkpoint on a split of its dataset."""
+"""``lmnet evaluate``: score a model on a list of samples (validation during training) or a trained
+run on a split of its dataset, at the training size or at each image's own size."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
-from lmnet.data.layouts import discover
+from lmnet.config import TrainConfig
+from lmnet.data.dataset import SegmentationDataset, load_sample
+from lmnet.data.layouts import Sample, discover
 from lmnet.data.splits import SPLITS, load_split
-from lmnet.inference.engine import precision_context
-from lmnet.metrics import write_report
-from lmnet.train.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
-from lmnet.train.evaluation import evaluate_samples
+from lmnet.deploy.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
+from lmnet.deploy.engines import precision_context, predict_probabilities, probabilities_to_mask
+from lmnet.deploy.preprocess import preprocess
+from lmnet.metrics import SegmentationEvaluator, write_report
 
-__all__ = ["evaluate_run"]
+__all__ = ["evaluate_samples", "evaluate_run", "GRIDS"]
+
+#: ``resized``: score at image_size x image_size, as the paper; ``original``: at each image's size.
+GRIDS = ("resized", "original")
+
+
+@torch.inference_mode()
+def evaluate_samples(model: nn.Module, samples: Sequence[Sample], cfg: TrainConfig,
+                     grid: str = "resized", boundary: bool = True, batch_size: int = 8,
+                     dataset: SegmentationDataset | None = None, progress: bool = False,
+                     spacing: tuple[float, float] | None = None) -> SegmentationEvaluator:
+    """Predict every sample and score it; returns the filled evaluator (rows carry names, groups)."""
+    if grid not in GRIDS:
+        raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
+    model.eval()
+    ev = SegmentationEvaluator(spacing=spacing, boundary=boundary)
+    if grid == "resized":
+        ds = dataset or SegmentationDataset(samples, cfg.image_size, False, cfg.in_channels,
+                                            cfg.mean, cfg.std, cache=False)
+        loader = DataLoader(ds, batch_size=batch_size, shuffle=False)
+        for x, y, idx in tqdm(loader, desc="evaluating", unit="batch", disable=not progress):
+            mask = probabilities_to_mask(predict_probabilities(model, x))
+            names = [ds.samples[i].name for i in idx.tolist()]
+            groups = [ds.samples[i].group for i in idx.tolist()]
+            ev.update(mask, y.numpy().astype(bool), names, groups)
+        return ev
+    for s in tqdm(samples, desc="evaluating", unit="img", disable=not progress):
+        image, true = load_sample(s, cfg.in_channels)
+        x = preprocess([image], cfg.image_size, cfg.mean, cfg.std)
+        mask = probabilities_to_mask(predict_probabilities(model, x, true.shape))[0]
+        ev.update(mask, true.astype(bool), [s.name], [s.group])
+    return ev
+
 
 
 def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, split: str = "test",

@@ -1,16 +1,24 @@
-"""Inference on images of any size: resize to the model's size, predict, resize back."""
+"""Inference engines: PyTorch (deployed, channels-last) or ONNX Runtime, at a chosen precision;
+probabilities at any output size, and masks."""
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PRECISIONS", "precision_context", "preprocess", "predict_probabilities",
+from lmnet.config import TrainConfig
+from lmnet.deploy.checkpoint import model_from_checkpoint, resolve_checkpoint
+
+__all__ = ["ENGINES", "PRECISIONS", "load_predictor", "precision_context", "predict_probabilities",
            "probabilities_to_mask"]
+
+#: Inference engines: PyTorch, or ONNX Runtime on the project's ONNX export.
+ENGINES = ("torch", "onnx")
 
 #: Inference precisions: fp32, bf16 autocast (AVX-512 BF16 / AMX CPUs, recent GPUs), fp16
 #: autocast (GPUs only).
@@ -27,23 +35,6 @@ def precision_context(precision: str, device_type: str = "cpu") -> contextlib.Ab
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         return torch.autocast(device_type, dtype=dtype)
     return contextlib.nullcontext()
-
-
-def preprocess(images: Sequence[np.ndarray], size: int, mean: Sequence[float], std: Sequence[float]
-               ) -> torch.Tensor:
-    """``uint8 (H, W, C)`` images -> normalised ``float (N, C, size, size)`` (bilinear resize)."""
-    import cv2
-
-    batch = []
-    for img in images:
-        resized = cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR)
-        if resized.ndim == 2:
-            resized = resized[..., None]
-        batch.append(resized.transpose(2, 0, 1))
-    x = torch.from_numpy(np.stack(batch).astype(np.float32) / 255.0)
-    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    return (x - m) / s
 
 
 @torch.inference_mode()
@@ -72,3 +63,27 @@ def predict_probabilities(model: nn.Module | Callable[[np.ndarray], np.ndarray],
 def probabilities_to_mask(prob: torch.Tensor, threshold: float = 0.5) -> np.ndarray:
     """Binary lesion mask ``bool``; for softmax over two classes 0.5 equals the argmax."""
     return (prob > threshold).numpy()
+
+
+def load_predictor(checkpoint: str | Path, engine: str = "torch") -> tuple[Any, TrainConfig]:
+    """A deployed PyTorch model, or an ONNX Runtime function, and the training config."""
+    path = Path(checkpoint)
+    if engine == "torch":
+        if path.suffix == ".onnx":
+            raise ValueError(f"{path} is an ONNX file: use --engine onnx")
+        return model_from_checkpoint(path)
+    from lmnet.deploy.export import export_checkpoint, load_exported, onnx_config  # needs onnx
+
+    if path.suffix != ".onnx":
+        # export into a temporary folder: ONNX Runtime reads the whole file when the session
+        # starts, so nothing is left behind (lmnet export writes a file to keep)
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="lmnet-onnx-") as tmp:
+            onnx_path = Path(tmp) / "model.onnx"
+            export_checkpoint(resolve_checkpoint(path), "onnx", onnx_path, check=False)
+            return load_exported(onnx_path, "onnx"), onnx_config(onnx_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such ONNX file: {path}")
+    cfg = onnx_config(path)  # checks the file first: a clear error for files that are not ours
+    return load_exported(path, "onnx"), cfg

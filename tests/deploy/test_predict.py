@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from lmnet.cli.main import main
-from lmnet.inference.predict import collect_inputs, output_names
+from lmnet.engine.predict import collect_inputs, output_names
 
 
 def _image(path: Path, value: int) -> Path:

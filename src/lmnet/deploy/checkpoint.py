@@ -7,8 +7,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmnet.config import TrainConfig
 from lmnet.models import create_model
-from lmnet.train.config import TrainConfig
+from lmnet.models import deploy as deploy_model
 
 __all__ = ["build_model", "resolve_checkpoint", "load_checkpoint", "load_weights",
            "model_from_checkpoint"]
@@ -89,7 +90,6 @@ def model_from_checkpoint(path: str | Path, deploy: bool = True, channels_last: 
     ``deploy`` re-parameterises it; ``channels_last`` stores its weights channels-last, which
     oneDNN runs about 1.4x faster on a CPU (``docs/performance.md``); results are unchanged.
     """
-    from lmnet import deploy as deploy_model
 
     ckpt = load_checkpoint(path)
     cfg = TrainConfig.from_dict(ckpt["config"])

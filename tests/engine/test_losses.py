@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmnet.train.losses import SegmentationLoss, class_balanced_weights
+from lmnet.losses import SegmentationLoss, class_balanced_weights
 
 
 def test_class_balanced_weights_by_hand():

@@ -9,8 +9,9 @@ from typing import Any
 import yaml
 
 from lmnet._dataclass import dataclass_from_dict
+from lmnet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["TrainConfig", "load_config"]
+__all__ = ["TrainConfig", "field_help", "load_config"]
 
 
 @dataclass
@@ -21,36 +22,36 @@ class TrainConfig:
     data: str = ""                      # dataset folder, as downloaded
     format: str | None = None           # kvasir | busi | lgg | cvc | generic; None = detect
     image_size: int = 256               # images are resized to image_size x image_size
-    progressive_size: int = 0           # > 0: train the first progressive_epochs epochs at this
-    progressive_epochs: int = 0         #   smaller size (validation stays at image_size); 0 = off
+    progressive_size: int = 0           # side of the first progressive_epochs epochs (0 = off)
+    progressive_epochs: int = 0         # epochs at progressive_size; validation stays at image_size
     split_ratios: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # train/val/test
     kfold: int = 0                      # 0 = hold-out split; k >= 2 = k-fold cross-validation
     fold: int = 0                       # which fold is the test set when kfold >= 2
     split_file: str | None = None       # reuse a saved split.json
-    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # of image / 255
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))  # per channel, of image/255
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))  # per channel, of image/255
     num_workers: int = 0                # DataLoader worker processes
     # model
     model: str = "lmnet"                # registered name (lmnet list-models)
     model_args: dict[str, Any] = field(default_factory=dict)  # extra create_model arguments
-    in_channels: int = 3
+    in_channels: int = 3                # image channels (1 = grey, 3 = RGB)
     n_classes: int = 2                  # 2 = softmax background/lesion, 1 = one sigmoid map
     # optimisation
-    epochs: int = 200
+    epochs: int = 200                   # length of the cosine schedule
     batch_size: int = 32                # global batch (all processes together)
     grad_accum: int = 1                 # micro-batches per optimiser step (batch_size / grad_accum each)
-    lr: float = 1e-3                    # AdamW
-    weight_decay: float = 1e-4
+    lr: float = 1e-3                    # AdamW learning rate
+    weight_decay: float = 1e-4          # AdamW's decoupled weight decay
     min_lr: float = 0.0                 # end of the cosine annealing
     cb_beta: float = 0.9999             # class-balanced CE weights (Cui et al. 2019)
     dice_weight: float = 1.0            # weight of the soft Dice term (0 = cross-entropy only)
     # run
-    seed: int = 0
+    seed: int = 0                       # split, initialisation and augmentation
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     amp: bool = True                    # mixed precision (fp16) on CUDA
     bf16: bool = False                  # bf16 autocast on CPU
-    channels_last: bool = False
-    time_budget: float | None = None    # minutes; stop after the step that exceeds it
+    channels_last: bool = False         # channels-last memory format (faster on CPUs)
+    time_budget: float | None = None    # minutes; stop (and save) after the step that exceeds it
     select_metric: str = "paper_mdice"  # validation metric that picks checkpoint_best.pt
     out: str = "runs"                   # parent folder of run folders
     name: str | None = None             # run folder name; default: <format>_<model>_s<seed>
@@ -107,6 +108,21 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+
+def field_help(cls: type = TrainConfig) -> dict[str, str]:
+    """Each field's comment in the class source: the text of the CLI's ``--help``, written once,
+    beside the field."""
+    import inspect
+    import re
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    helps: dict[str, str] = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+): [^#]*?(?:#\s*(.*))?$", line)
+        if m and m.group(1) in names:
+            helps[m.group(1)] = (m.group(2) or "").strip()
+    return helps
 
 
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> TrainConfig:

@@ -23,14 +23,15 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
+from lmnet._version import __version__
+from lmnet.config import TrainConfig
 from lmnet.data.dataset import SegmentationDataset, load_sample
 from lmnet.data.layouts import DatasetError, Sample, discover
 from lmnet.data.splits import load_split, make_kfold_split, make_split, save_split
-from lmnet.train.checkpoint import build_model, load_checkpoint, load_weights
-from lmnet.train.config import TrainConfig
-from lmnet.train.distributed import DistContext, resolve_device
-from lmnet.train.evaluation import evaluate_samples
-from lmnet.train.losses import SegmentationLoss, class_balanced_weights
+from lmnet.deploy.checkpoint import build_model, load_checkpoint, load_weights
+from lmnet.engine.distributed import DistContext, resolve_device
+from lmnet.engine.evaluate import evaluate_samples
+from lmnet.losses import SegmentationLoss, class_balanced_weights
 
 __all__ = ["train", "run_folder", "LOG_FIELDS", "RESUME_OVERRIDABLE"]
 
@@ -49,9 +50,7 @@ def run_folder(cfg: TrainConfig, fmt: str) -> Path:
 
 
 def _versions() -> dict[str, Any]:
-    import lmnet
-
-    info: dict[str, Any] = {"lmnet": lmnet.__version__, "python": sys.version.split()[0],
+    info: dict[str, Any] = {"lmnet": __version__, "python": sys.version.split()[0],
                             "torch": torch.__version__, "numpy": np.__version__,
                             "platform": platform.platform(), "processor": platform.processor(),
                             "threads": torch.get_num_threads(),
@@ -62,7 +61,7 @@ def _versions() -> dict[str, Any]:
         except Exception:  # noqa: BLE001 - a missing optional module is not an error here
             info[mod] = None
     try:
-        src = Path(lmnet.__file__).resolve().parent
+        src = Path(__file__).resolve().parent
         info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True,
                                             text=True, timeout=5).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):

@@ -8,12 +8,12 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from lmnet.config import TrainConfig
 from lmnet.data.layouts import discover
-from lmnet.inference.predict import predict_files
+from lmnet.engine.evaluate import evaluate_run
+from lmnet.engine.predict import predict_files
+from lmnet.engine.train import train
 from lmnet.metrics import markdown_table
-from lmnet.train.config import TrainConfig
-from lmnet.train.engine import train
-from lmnet.train.evaluate import evaluate_run
 
 __all__ = ["sample_data_path", "run_demo"]
 
@@ -32,8 +32,8 @@ def plan_epochs(cfg: TrainConfig, train_images: int, minutes: float, most: int) 
     """
     import torch
 
-    from lmnet.train.checkpoint import build_model
-    from lmnet.train.losses import SegmentationLoss
+    from lmnet.deploy.checkpoint import build_model
+    from lmnet.losses import SegmentationLoss
 
     model = build_model(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)

@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from lmnet.cli.main import main
+from lmnet.config import TrainConfig
 from lmnet.data.io import read_image
-from lmnet.inference.engine import predict_probabilities, preprocess, probabilities_to_mask
-from lmnet.inference.export import export_checkpoint, load_exported, onnx_config
-from lmnet.train.checkpoint import model_from_checkpoint
-from lmnet.train.config import TrainConfig
-from lmnet.train.engine import train
+from lmnet.deploy import preprocess
+from lmnet.deploy.checkpoint import model_from_checkpoint
+from lmnet.deploy.engines import predict_probabilities, probabilities_to_mask
+from lmnet.deploy.export import export_checkpoint, load_exported, onnx_config
+from lmnet.engine.train import train
 from tests.conftest import ROOT
 
 SAMPLE = ROOT / "src" / "lmnet" / "sample_data" / "kvasir_sample"
@@ -37,6 +38,7 @@ def kvasir_run(tmp_path_factory):
     return train(cfg, progress=False)
 
 
+@pytest.mark.slow
 def test_onnx_matches_pytorch_on_real_images(kvasir_run, tmp_path):
     path = tmp_path / "model.onnx"
     result = export_checkpoint(kvasir_run, "onnx", path)
@@ -68,11 +70,13 @@ def test_onnx_matches_pytorch_on_real_images(kvasir_run, tmp_path):
         np.testing.assert_allclose(run(x2.numpy()), model(x2).numpy(), atol=LOGIT_ATOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_torchscript_export(kvasir_run, tmp_path):
     result = export_checkpoint(kvasir_run, "torchscript", tmp_path / "model.pt")
     assert result["max_abs_diff"] < LOGIT_ATOL
 
 
+@pytest.mark.slow
 def test_predict_with_both_engines_gives_identical_masks(kvasir_run, tmp_path, capsys):
     inputs = tmp_path / "in"
     inputs.mkdir()

@@ -1,0 +1,1 @@
+"""What the commands do: train, evaluate, predict, the demo (and, later, experiment matrices)."""
