@@ -71,3 +71,17 @@ def lgg_mini(tmp_path_factory) -> Path:
     from tests.miniatures import make_lgg
 
     return make_lgg(tmp_path_factory.mktemp("lgg") / "lgg")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
+    """A real one-epoch run at 32 x 32 on a Kvasir-SEG miniature: ``(run folder, data folder)``."""
+    from lmnet.config import TrainConfig
+    from lmnet.engine.train import train
+    from tests.miniatures import make_kvasir
+
+    data = make_kvasir(tmp_path_factory.mktemp("tiny_kv") / "kvasir-seg", n=12)
+    cfg = TrainConfig(data=str(data), image_size=32, batch_size=4, epochs=1,
+                      split_ratios=[0.5, 0.25, 0.25], out=str(tmp_path_factory.mktemp("runs")),
+                      name="tiny")
+    return train(cfg, progress=False), data

@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 
 from lmnet._dataclass import dataclass_from_dict
-from lmnet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from lmnet._defaults import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["TrainConfig", "field_help", "load_config"]
 

@@ -8,7 +8,8 @@ import sys
 from lmnet.cli.models import parse_overrides
 from lmnet.config import TrainConfig, field_help, load_config
 from lmnet.data.layouts import FORMATS
-from lmnet.deploy.engines import PRECISIONS
+from lmnet.deploy.engines import ENGINES, PRECISIONS
+from lmnet.deploy.export import EXPORT_FORMATS
 
 #: Config keys whose flag has another name, and keys set only through ``--set`` (mappings).
 _FLAG_NAMES = {"split_file": "split"}
@@ -73,9 +74,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from lmnet.metrics import markdown_table
 
     spacing = tuple(args.spacing) if args.spacing else None
+    if (args.run is None) == (args.weights is None):
+        raise ValueError("give a run folder (or checkpoint) or --weights NAME, not both or neither")
     result, out = evaluate_run(args.run, args.data, args.split, args.split_file, args.grid, args.out,
                                spacing, args.device, progress=not args.quiet,
-                               precision=args.precision)
+                               precision=args.precision, weights=args.weights)
     print(markdown_table(result))
     print(f"wrote {out / 'metrics.json'}, {out / 'per_image.csv'} and {out / 'metrics.md'}")
     return 0
@@ -84,8 +87,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from lmnet.engine.predict import predict_files
 
-    summary = predict_files(args.checkpoint, args.inputs, args.out, args.threshold,
-                            progress=not args.quiet, engine=args.engine, precision=args.precision)
+    if args.weights is not None:  # every positional is an input
+        checkpoint, inputs = None, args.items
+    elif len(args.items) < 2:
+        raise ValueError("give a checkpoint (or run folder) and at least one image or folder, or "
+                         "--weights NAME and the images")
+    else:
+        checkpoint, inputs = args.items[0], args.items[1:]
+    summary = predict_files(checkpoint, inputs, args.out, args.threshold, progress=not args.quiet,
+                            engine=args.engine, precision=args.precision, weights=args.weights)
     for why, paths in summary.skipped.items():
         print(f"skipped {len(paths)} file(s) in the {why} (e.g. {paths[0]})", file=sys.stderr)
     print(f"wrote {len(summary.written)} masks to {args.out}/masks, overlays to {args.out}/overlays, "
@@ -102,6 +112,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from lmnet.deploy.export import export_checkpoint
 
     result = export_checkpoint(args.checkpoint, args.format, args.out, check=not args.no_check)
+    if args.format == "pretrained":
+        print(f"wrote {result['path']}/ (config.json, model.safetensors, README.md): load it with "
+              f"lmnet.from_pretrained({result['path']!r}) or --weights {result['path']}")
+        return 0
     print(f"wrote {result['path']} ({args.format}, re-parameterised, dynamic batch and size)")
     if "max_abs_diff" in result:
         print(f"largest logit difference to PyTorch on shapes {result['check_shapes']}: "
@@ -155,7 +169,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="score a run's checkpoint on its test split", formatter_class=fmt)
-    p.add_argument("run", help="run folder or checkpoint file")
+    p.add_argument("run", nargs="?", default=None, help="run folder or checkpoint file")
+    p.add_argument("--weights", default=None, metavar="NAME",
+                   help="a pretrained model instead of a run: a shipped name (kvasir), a folder "
+                        "or a Hugging Face Hub id org/name")
     p.add_argument("--data", default=None, help="dataset folder (default: the run's)")
     p.add_argument("--split", default="test", choices=("train", "val", "test", "all"))
     p.add_argument("--split-file", default=None, help="split JSON (default: the run's split.json)")
@@ -171,14 +188,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("predict", help="masks, overlays and lesion areas for new images",
                        formatter_class=fmt)
-    p.add_argument("checkpoint", help="checkpoint file or run folder")
-    p.add_argument("inputs", nargs="+", help="image files or folders")
+    p.add_argument("items", nargs="+", metavar="CHECKPOINT_AND_INPUTS",
+                   help="a checkpoint file or run folder, then image files or folders (with "
+                        "--weights: only the images)")
+    p.add_argument("--weights", default=None, metavar="NAME",
+                   help="a pretrained model: a shipped name (kvasir), a folder or a Hugging Face "
+                        "Hub id org/name")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--threshold", type=float, default=0.5, help="lesion probability threshold")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="inference precision with --engine torch (bf16, fp16: autocast; fp16 on "
                         "CUDA only)")
-    p.add_argument("--engine", default="torch", choices=("torch", "onnx"),
+    p.add_argument("--engine", default="torch", choices=ENGINES,
                    help="PyTorch, or ONNX Runtime (CHECKPOINT may then be an exported .onnx file)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_predict)
@@ -186,8 +207,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a trained model (re-parameterised) to ONNX or TorchScript",
                        formatter_class=fmt)
     p.add_argument("checkpoint", help="checkpoint file or run folder")
-    p.add_argument("--format", default="onnx", choices=("onnx", "torchscript"))
-    p.add_argument("--out", required=True, help="output file (.onnx or .pt)")
+    p.add_argument("--format", default="onnx", choices=EXPORT_FORMATS,
+                   help="onnx, torchscript, or pretrained (a folder for lmnet.from_pretrained: "
+                        "config.json, fp16 model.safetensors, README.md)")
+    p.add_argument("--out", required=True, help="output file (.onnx or .pt), or folder (pretrained)")
     p.add_argument("--no-check", action="store_true", help="skip the comparison with PyTorch")
     p.set_defaults(func=cmd_export)
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from lmnet.data.layouts import Sample
 
-__all__ = ["make_split", "make_kfold_split", "save_split", "load_split", "SPLITS"]
+__all__ = ["make_split", "make_kfold_split", "save_split", "load_split", "check_split", "SPLITS"]
 
 SPLITS = ("train", "val", "test")
 
@@ -112,15 +112,23 @@ def load_split(path: str | Path, samples: Sequence[Sample] | None = None) -> dic
         split = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from None
+    return check_split(split, samples, str(path))
+
+
+def check_split(split: Any, samples: Sequence[Sample] | None = None, source: str = "the split"
+                ) -> dict[str, Any]:
+    """``split`` if it has the three lists, no name twice and (with ``samples``) only known names."""
+    if not isinstance(split, dict):
+        raise ValueError(f"{source}: a split is a mapping of {SPLITS} to lists of names")
     missing_keys = [k for k in SPLITS if k not in split]
     if missing_keys:
-        raise ValueError(f"{path}: a split needs the lists {SPLITS}; missing {missing_keys}")
+        raise ValueError(f"{source}: a split needs the lists {SPLITS}; missing {missing_keys}")
     names = [n for k in SPLITS for n in split[k]]
     if len(names) != len(set(names)):
-        raise ValueError(f"{path}: some images are in two splits")
+        raise ValueError(f"{source}: some images are in two splits")
     if samples is not None:
         known = {s.name for s in samples}
         unknown = [n for n in names if n not in known]
         if unknown:
-            raise ValueError(f"{path}: {len(unknown)} names are not in the dataset, e.g. {unknown[:3]}")
+            raise ValueError(f"{source}: {len(unknown)} names are not in the dataset, e.g. {unknown[:3]}")
     return split

@@ -2,7 +2,7 @@
 
 Training, validation, evaluation and prediction all resize with :func:`resize_image` /
 :func:`resize_mask` and normalise with :func:`normalize`; :func:`lmnet.deploy.preprocess` is the
-same path for batches of images. The mean and std are stated once, here.
+same path for batches of images. The default mean and std are stated once, in ``lmnet._defaults``.
 """
 from __future__ import annotations
 
@@ -10,15 +10,14 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from lmnet._defaults import IMAGENET_MEAN, IMAGENET_STD
+
 if TYPE_CHECKING:  # albumentations is imported only by the functions that need it
     import albumentations as A
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "resize_image", "resize_mask", "normalize",
            "train_transform"]
 
-#: Per-channel mean and std of ``image / 255`` (ImageNet's), the default of every config.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:

@@ -10,6 +10,7 @@ from torch import nn
 from lmnet.config import TrainConfig
 from lmnet.models import create_model
 from lmnet.models import deploy as deploy_model
+from lmnet.models._hub import load_weights
 
 __all__ = ["build_model", "resolve_checkpoint", "load_checkpoint", "load_weights",
            "model_from_checkpoint"]
@@ -64,23 +65,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ValueError(f"{p} is not an lmnet checkpoint (no 'model' and 'config' entries)")
     return ckpt
-
-
-def load_weights(model: nn.Module, state: Any, source: str | Path) -> None:
-    """``model.load_state_dict(state)``, with a short ``ValueError`` when the weights do not fit."""
-    own = model.state_dict()
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{source} holds no weights (its 'model' entry is not a tensor mapping)")
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    reshaped = [k for k in own if k in state and own[k].shape != state[k].shape]
-    if missing or unexpected or reshaped:
-        first = (missing or unexpected or reshaped)[0]
-        raise ValueError(f"the weights in {source} do not fit the model its config describes: "
-                         f"{len(missing)} tensors missing, {len(unexpected)} unexpected, "
-                         f"{len(reshaped)} of another shape (first: {first}); a checkpoint of "
-                         "another architecture, width or number of classes?")
-    model.load_state_dict(state)
 
 
 def model_from_checkpoint(path: str | Path, deploy: bool = True, channels_last: bool = True

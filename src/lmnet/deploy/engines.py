@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmnet.config import TrainConfig
-from lmnet.deploy.checkpoint import model_from_checkpoint, resolve_checkpoint
+from lmnet.deploy.checkpoint import model_from_checkpoint
 
-__all__ = ["ENGINES", "PRECISIONS", "load_predictor", "precision_context", "predict_probabilities",
+__all__ = ["ENGINES", "PRECISIONS", "load_model", "load_predictor", "precision_context", "predict_probabilities",
            "probabilities_to_mask"]
 
 #: Inference engines: PyTorch, or ONNX Runtime on the project's ONNX export.
@@ -65,25 +65,50 @@ def probabilities_to_mask(prob: torch.Tensor, threshold: float = 0.5) -> np.ndar
     return (prob > threshold).numpy()
 
 
-def load_predictor(checkpoint: str | Path, engine: str = "torch") -> tuple[Any, TrainConfig]:
-    """A deployed PyTorch model, or an ONNX Runtime function, and the training config."""
-    path = Path(checkpoint)
-    if engine == "torch":
-        if path.suffix == ".onnx":
+def load_model(checkpoint: str | Path | None = None, weights: str | Path | None = None
+               ) -> tuple[nn.Module, TrainConfig]:
+    """The deployed PyTorch model and its training config, from a checkpoint (or run folder) or
+    from pretrained ``weights`` (a shipped name, a folder or a Hub id; see
+    :func:`lmnet.from_pretrained`). Exactly one of the two."""
+    if (checkpoint is None) == (weights is None):
+        raise ValueError("give a checkpoint (or run folder) or --weights, not both or neither")
+    if weights is not None:
+        from lmnet.deploy.pretrained import from_pretrained, pretrained_train_config
+
+        model = from_pretrained(weights)
+        return model, pretrained_train_config(model)
+    return model_from_checkpoint(checkpoint)
+
+
+def load_predictor(checkpoint: str | Path | None = None, engine: str = "torch",
+                   weights: str | Path | None = None) -> tuple[Any, TrainConfig]:
+    """A deployed PyTorch model, or an ONNX Runtime function, and the training config.
+
+    ``checkpoint``: a checkpoint, a run folder or (ONNX Runtime) an exported ``.onnx`` file;
+    or ``weights``: a pretrained model (:func:`load_model`).
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; available: {', '.join(ENGINES)}")
+    path = Path(checkpoint) if checkpoint is not None else None
+    if path is not None and path.suffix == ".onnx":
+        if engine != "onnx":
             raise ValueError(f"{path} is an ONNX file: use --engine onnx")
-        return model_from_checkpoint(path)
-    from lmnet.deploy.export import export_checkpoint, load_exported, onnx_config  # needs onnx
+        if not path.is_file():
+            raise FileNotFoundError(f"no such ONNX file: {path}")
+        from lmnet.deploy.export import load_exported, onnx_config  # needs the export extra
 
-    if path.suffix != ".onnx":
-        # export into a temporary folder: ONNX Runtime reads the whole file when the session
-        # starts, so nothing is left behind (lmnet export writes a file to keep)
-        import tempfile
+        cfg = onnx_config(path)  # checks the file first: a clear error for files that are not ours
+        return load_exported(path, "onnx"), cfg
+    model, cfg = load_model(checkpoint, weights)
+    if engine == "torch":
+        return model, cfg
+    # ONNX Runtime: export into a temporary folder; the session reads the whole file when it
+    # starts, so nothing is left behind (lmnet export writes a file to keep)
+    import tempfile
 
-        with tempfile.TemporaryDirectory(prefix="lmnet-onnx-") as tmp:
-            onnx_path = Path(tmp) / "model.onnx"
-            export_checkpoint(resolve_checkpoint(path), "onnx", onnx_path, check=False)
-            return load_exported(onnx_path, "onnx"), onnx_config(onnx_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such ONNX file: {path}")
-    cfg = onnx_config(path)  # checks the file first: a clear error for files that are not ours
-    return load_exported(path, "onnx"), cfg
+    from lmnet.deploy.export import export_model, load_exported
+
+    with tempfile.TemporaryDirectory(prefix="lmnet-onnx-") as tmp:
+        onnx_path = Path(tmp) / "model.onnx"
+        export_model(model, cfg, "onnx", onnx_path, check=False)
+        return load_exported(onnx_path, "onnx"), cfg

@@ -15,12 +15,12 @@ from lmnet._optional import require
 from lmnet.config import TrainConfig
 from lmnet.deploy.checkpoint import model_from_checkpoint
 
-__all__ = ["EXPORT_FORMATS", "export_onnx", "export_torchscript", "export_checkpoint", "load_exported",
-           "onnx_config"]
+__all__ = ["EXPORT_FORMATS", "export_onnx", "export_torchscript", "export_model",
+           "export_checkpoint", "load_exported", "onnx_config"]
 
 log = logging.getLogger(__name__)
 
-EXPORT_FORMATS = ("onnx", "torchscript")
+EXPORT_FORMATS = ("onnx", "torchscript", "pretrained")
 
 
 def export_onnx(model: nn.Module, path: str | Path, in_channels: int, size: int = 256,
@@ -76,17 +76,17 @@ def export_torchscript(model: nn.Module, path: str | Path, in_channels: int, siz
     return path
 
 
-def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, check: bool = True
-                      ) -> dict[str, Any]:
-    """Export a checkpoint's model in deployed form; with ``check``, compare against PyTorch.
+def export_model(model: nn.Module, cfg: TrainConfig, fmt: str, out: str | Path, check: bool = True
+                 ) -> dict[str, Any]:
+    """Export a deployed model to ONNX (with ``cfg`` in its metadata) or TorchScript; with
+    ``check``, compare against PyTorch.
 
     Returns ``{"path", "format", "max_abs_diff", "check_shapes"}``: the largest absolute logit
     difference between the exported model and PyTorch over a few input shapes, other than the
     traced one included.
     """
-    if fmt not in EXPORT_FORMATS:
-        raise ValueError(f"format must be one of {EXPORT_FORMATS}, got {fmt!r}")
-    model, cfg = model_from_checkpoint(checkpoint)
+    if fmt not in ("onnx", "torchscript"):
+        raise ValueError(f"format must be onnx or torchscript here, got {fmt!r}")
     out = Path(out)
     if fmt == "onnx":
         export_onnx(model, out, cfg.in_channels, cfg.image_size,
@@ -106,6 +106,21 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, check: 
             diffs.append(float(np.abs(run(x.numpy()) - ref).max()))
         result.update(max_abs_diff=max(diffs), check_shapes=[list(s) for s in shapes])
     return result
+
+
+def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, check: bool = True
+                      ) -> dict[str, Any]:
+    """Export a checkpoint's (or run folder's) model in deployed form: ``onnx``, ``torchscript``
+    (see :func:`export_model`) or ``pretrained`` (a folder for ``lmnet.from_pretrained``; see
+    :func:`lmnet.deploy.pretrained.export_pretrained`)."""
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"format must be one of {EXPORT_FORMATS}, got {fmt!r}")
+    if fmt == "pretrained":
+        from lmnet.deploy.pretrained import export_pretrained
+
+        return {"path": str(export_pretrained(checkpoint, out)), "format": fmt}
+    model, cfg = model_from_checkpoint(checkpoint)
+    return export_model(model, cfg, fmt, out, check)
 
 
 def onnx_config(path: str | Path) -> TrainConfig:

@@ -14,9 +14,14 @@ from tqdm import tqdm
 from lmnet.config import TrainConfig
 from lmnet.data.dataset import SegmentationDataset, load_sample
 from lmnet.data.layouts import Sample, discover
-from lmnet.data.splits import SPLITS, load_split
-from lmnet.deploy.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
-from lmnet.deploy.engines import precision_context, predict_probabilities, probabilities_to_mask
+from lmnet.data.splits import SPLITS, check_split, load_split
+from lmnet.deploy.checkpoint import resolve_checkpoint
+from lmnet.deploy.engines import (
+    load_model,
+    precision_context,
+    predict_probabilities,
+    probabilities_to_mask,
+)
 from lmnet.deploy.preprocess import preprocess
 from lmnet.metrics import SegmentationEvaluator, write_report
 
@@ -55,30 +60,33 @@ def evaluate_samples(model: nn.Module, samples: Sequence[Sample], cfg: TrainConf
 
 
 
-def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, split: str = "test",
-                 split_file: str | Path | None = None, grid: str = "resized",
+def evaluate_run(run_or_checkpoint: str | Path | None, data: str | Path | None = None,
+                 split: str = "test", split_file: str | Path | None = None, grid: str = "resized",
                  out: str | Path | None = None, spacing: tuple[float, float] | None = None,
-                 device: str = "cpu", progress: bool = True, precision: str = "fp32"
-                 ) -> tuple[dict[str, Any], Path]:
+                 device: str = "cpu", progress: bool = True, precision: str = "fp32",
+                 weights: str | Path | None = None) -> tuple[dict[str, Any], Path]:
     """Score the ``split`` images of the checkpoint's dataset; write the reports.
 
     Args:
-        run_or_checkpoint: run folder (uses ``checkpoint_best.pt``) or checkpoint file.
+        run_or_checkpoint: run folder (uses ``checkpoint_best.pt``) or checkpoint file; or None
+            with ``weights``.
         data: dataset folder; default: the one the run was trained on.
         split: ``train``, ``val``, ``test`` or ``all``.
         split_file: split JSON; default: the run's ``split.json`` (beside the checkpoint).
         grid: ``resized`` (score at the training size, as the paper) or ``original``.
         out: report folder; default ``<run>/eval_<split>_<grid>`` (``_bf16`` appended for bf16).
         precision: ``fp32`` or ``bf16`` (autocast) inference.
+        weights: a pretrained model (shipped name, folder or Hub id) instead of a run; its
+            ``config.json`` carries the split it was trained with, used unless ``split_file``.
 
     Returns:
         The aggregated metrics and the report folder.
     """
-    ckpt_path = resolve_checkpoint(run_or_checkpoint)
-    model, cfg = model_from_checkpoint(ckpt_path)
+    model, cfg = load_model(run_or_checkpoint, weights)
     model.to(torch.device(device))
-    fmt = load_checkpoint(ckpt_path).get("format")
     data = data or cfg.data
+    if not data or not Path(data).exists():
+        raise FileNotFoundError(f"no dataset at {data!r}: pass --data PATH")
     fmt, samples, problems = discover(data, cfg.format if cfg.format else None)
     if problems:
         raise ValueError(f"{len(problems)} problems in {data}, e.g. {problems[0]} (see lmnet check-data)")
@@ -87,8 +95,16 @@ def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, 
     else:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS + ('all',)}, got {split!r}")
-        split_path = Path(split_file) if split_file else ckpt_path.parent / "split.json"
-        names = set(load_split(split_path, samples)[split])
+        if split_file is None and weights is not None:
+            stored = model.pretrained_config.get("split")
+            if not stored:
+                raise ValueError(f"{weights} stores no split: pass --split-file or --split all")
+            split_path = f"the split stored with {weights}"
+            names = set(check_split(stored, samples)[split])
+        else:
+            split_path = Path(split_file) if split_file else resolve_checkpoint(
+                run_or_checkpoint).parent / "split.json"
+            names = set(load_split(split_path, samples)[split])
         chosen = [s for s in samples if s.name in names]
         if not chosen:
             raise ValueError(f"the {split} split of {split_path} is empty")
@@ -97,8 +113,14 @@ def evaluate_run(run_or_checkpoint: str | Path, data: str | Path | None = None, 
                               spacing=spacing)
     result = ev.aggregate()
     suffix = "" if precision == "fp32" else f"_{precision}"
-    out_dir = Path(out) if out else ckpt_path.parent / f"eval_{split}_{grid}{suffix}"
-    extra = {"checkpoint": str(ckpt_path), "data": str(data), "format": fmt, "split": split,
+    if out:
+        out_dir = Path(out)
+    elif weights is not None:
+        out_dir = Path(f"eval_{Path(str(weights)).name}_{split}_{grid}{suffix}")
+    else:
+        out_dir = resolve_checkpoint(run_or_checkpoint).parent / f"eval_{split}_{grid}{suffix}"
+    source = str(resolve_checkpoint(run_or_checkpoint)) if weights is None else f"weights {weights}"
+    extra = {"checkpoint": source, "data": str(data), "format": fmt, "split": split,
              "grid": grid, "image_size": cfg.image_size, "model": cfg.model, "precision": precision}
     write_report(result, ev.rows, out_dir, extra)
     (out_dir / "evaluated_on.json").write_text(json.dumps(extra, indent=2) + "\n")

@@ -108,13 +108,14 @@ def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndar
     return out.clip(0, 255).astype(np.uint8)
 
 
-def predict_files(checkpoint: str | Path, inputs: Sequence[str | Path], out_dir: str | Path,
+def predict_files(checkpoint: str | Path | None, inputs: Sequence[str | Path], out_dir: str | Path,
                   threshold: float = 0.5, progress: bool = True, engine: str = "torch",
-                  precision: str = "fp32") -> PredictionSummary:
+                  precision: str = "fp32", weights: str | Path | None = None) -> PredictionSummary:
     """Predict every image; write ``masks/NAME.png`` (0/255), ``overlays/NAME.png``, ``areas.csv``.
 
     ``checkpoint`` is a checkpoint, a run folder, or (with ``engine="onnx"``) an ONNX file from
-    ``lmnet export``; with ``engine="onnx"`` and a checkpoint, the model is exported to a temporary
+    ``lmnet export``; or None with pretrained ``weights`` (see :func:`lmnet.from_pretrained`).
+    With ``engine="onnx"`` and a checkpoint or weights, the model is exported to a temporary
     file first (nothing is left behind). Output files are named by :func:`output_names`; folders
     skip ground-truth masks and the output folder (``summary.skipped``). A file that cannot be
     read or predicted is reported and skipped; see ``summary.failed``.
@@ -127,7 +128,7 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[str | Path], out_dir:
     summary = PredictionSummary(csv_path=out / "areas.csv")
     files = collect_inputs(inputs, exclude=out, skipped=summary.skipped)
     names = output_names(files)
-    model, cfg = load_predictor(checkpoint, engine)
+    model, cfg = load_predictor(checkpoint, engine, weights)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     rows = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -204,6 +205,18 @@ class LMNet(nn.Module):
 
     # -- deployment ------------------------------------------------------------------------------
     @torch.no_grad()
+    def save_pretrained(self, folder: str | Path, pretrained_cfg: dict[str, Any] | None = None,
+                        card: str | None = None, dtype: torch.dtype = torch.float16) -> Path:
+        """Write this model as a pretrained folder (``config.json``, ``model.safetensors``,
+        ``README.md`` if ``card``), re-parameterised, for ``lmnet.from_pretrained(folder)``.
+        ``pretrained_cfg`` defaults to 256 x 256 input, ImageNet normalisation, threshold 0.5."""
+        from lmnet.models._hub import default_pretrained_cfg, save_pretrained
+
+        c = self.config
+        return save_pretrained(self, folder, "lmnet", c.to_dict(),
+                               pretrained_cfg or default_pretrained_cfg(c.in_channels, c.n_classes),
+                               card=card, dtype=dtype)
+
     def reparameterize(self) -> "LMNet":
         """Fold every multi-branch module (and foldable BatchNorm) in place; idempotent.
 
