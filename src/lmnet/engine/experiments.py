@@ -1,0 +1,393 @@
+"""``lmnet experiment``: a matrix of models x seeds (or folds) trained and evaluated with one recipe
+and budget, and the tables of whatever has finished.
+
+A config (YAML) names one dataset, one recipe (any :class:`~lmnet.config.TrainConfig` key), a
+budget per run, the models (registered names, or labelled variants with options) and the seeds;
+``settings`` holds named alternatives of the recipe (``--setting gpu``: the paper's full recipe).
+Each run is an ordinary run folder of ``lmnet train`` under ``<out>/<name>/runs/``, evaluated with
+``lmnet evaluate``'s code. A run that is complete and evaluated is skipped, a run cut short is
+resumed, and the tables are rewritten after every run from the runs that have finished.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmnet._dataclass import dataclass_from_dict
+from lmnet.config import TrainConfig
+from lmnet.metrics.evaluator import mean_std
+
+__all__ = ["ExperimentConfig", "Run", "load_experiment", "plan_runs", "run_status", "used_seconds",
+           "run_experiment", "write_tables", "TABLE_COLUMNS"]
+
+#: Columns of the tables, in the paper's order, per metric convention:
+#: (header, key in an evaluation summary, scale to display).
+TABLE_COLUMNS: dict[str, tuple[tuple[str, str, float], ...]] = {
+    "paper": (("Accuracy", "accuracy_pooled", 100.0), ("Precision", "precision_pooled", 100.0),
+              ("Recall", "recall_pooled", 100.0), ("mDice", "paper_mdice", 100.0),
+              ("mIoU", "paper_miou", 100.0), ("Hd", "hd_mean", 1.0),
+              ("RAD", "rad_pooled_percent", 1.0)),
+    "foreground": (("Accuracy", "accuracy_pooled", 100.0), ("Precision", "precision_pooled", 100.0),
+                   ("Recall", "recall_pooled", 100.0), ("Dice (fg)", "fg_dice_mean", 100.0),
+                   ("IoU (fg)", "fg_iou_mean", 100.0), ("HD95", "hd95_mean", 1.0),
+                   ("RAD", "rad_pooled_percent", 1.0)),
+}
+_NOTES = {
+    "paper": "mDice / mIoU: mean over background and lesion of Dice / IoU pooled over the test set "
+             "(the paper's convention). Accuracy, Precision, Recall: lesion, pooled. Hd: Hausdorff "
+             "distance, mean over images, pixels at the evaluation size. RAD: relative area "
+             "difference, pooled, signed, percent.",
+    "foreground": "Dice / IoU (fg): lesion only, mean over images (the polyp literature's "
+                  "convention). HD95: 95th-percentile Hausdorff distance, mean over images, "
+                  "pixels at the evaluation size. Other columns as in the paper-convention table.",
+}
+
+
+@dataclass
+class ExperimentConfig:
+    """A matrix of runs; YAML keys are these fields."""
+
+    name: str                                  # results go to <out>/<name>/
+    data: str = ""                             # dataset folder, as downloaded
+    models: list[Any] = field(default_factory=lambda: ["lmnet"])  # names or {label, model, model_args}
+    seeds: list[int] = field(default_factory=lambda: [0])  # one run per model and seed (or fold)
+    folds: int = 0                             # >= 2: k-fold cross-validation, every fold a run
+    recipe: dict[str, Any] = field(default_factory=dict)  # TrainConfig keys shared by every run
+    budget_minutes: float | None = None        # wall-clock cap per run (the recipe fixes epochs)
+    split: str = "test"                        # the split the tables report
+    grid: str = "resized"                      # resized (the paper's) or original image size
+    settings: dict[str, Any] = field(default_factory=dict)  # named alternatives of the recipe
+    out: str = "results/experiments"           # parent folder of <name>/
+    caption: str = ""                          # what the table is (the paper's table number ...)
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ValueError(f"name must be a plain folder name, got {self.name!r}")
+        if not self.models or not self.seeds:
+            raise ValueError("an experiment needs at least one model and one seed")
+        if self.folds == 1 or self.folds < 0:
+            raise ValueError(f"folds must be 0 (hold-out) or >= 2, got {self.folds}")
+        if self.budget_minutes is not None and self.budget_minutes <= 0:
+            raise ValueError(f"budget_minutes must be > 0, got {self.budget_minutes}")
+        bad = [k for k in self.recipe if k not in {f.name for f in dataclasses.fields(TrainConfig)}]
+        if bad:
+            raise ValueError(f"recipe: unknown TrainConfig key(s) {bad}")
+        for m in self.models:
+            if not isinstance(m, (str, dict)) or (isinstance(m, dict) and "model" not in m):
+                raise ValueError(f"a model is a registered name or a mapping with 'model' "
+                                 f"(and 'label', 'model_args'), got {m!r}")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One cell of the matrix."""
+
+    label: str                                 # the model's row in the tables
+    seed: int
+    fold: int | None
+    config: TrainConfig
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.out) / str(self.config.name)
+
+
+def load_experiment(path: str | Path, setting: str | None = None) -> ExperimentConfig:
+    """Read an experiment YAML; ``setting`` applies ``settings[setting]`` (recipe keys, and
+    ``budget_minutes``, ``seeds``, ``out`` ...) on top."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no experiment config at {p}")
+    try:
+        values = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{p} is not valid YAML: {err}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{p} must hold a mapping")
+    cfg = dataclass_from_dict(ExperimentConfig, values, "experiment key(s)")
+    if setting is not None:
+        if setting not in cfg.settings:
+            raise ValueError(f"{p} has no setting {setting!r}; it has {sorted(cfg.settings) or 'none'}")
+        top = {f.name for f in dataclasses.fields(ExperimentConfig)}
+        change = dict(cfg.settings[setting])
+        recipe = {**cfg.recipe, **{k: v for k, v in change.items() if k not in top}}
+        own = {k: v for k, v in change.items() if k in top}
+        cfg = dataclass_from_dict(ExperimentConfig, {**dataclasses.asdict(cfg), **own,
+                                                     "recipe": recipe, "name": own.get(
+                                                         "name", f"{cfg.name}_{setting}")},
+                                  "experiment key(s)")
+    return cfg
+
+
+def _model_entries(cfg: ExperimentConfig) -> list[tuple[str, str, dict[str, Any]]]:
+    out = []
+    for m in cfg.models:
+        if isinstance(m, str):
+            out.append((m, m, {}))
+        else:
+            out.append((str(m.get("label", m["model"])), m["model"], dict(m.get("model_args", {}))))
+    labels = [label for label, _, _ in out]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"model labels must differ, got {labels}")
+    return out
+
+
+def plan_runs(cfg: ExperimentConfig, data: str | None = None) -> list[Run]:
+    """Every run of the matrix, in order: models, then seeds, then folds."""
+    runs = []
+    root = Path(cfg.out) / cfg.name / "runs"
+    for label, model, model_args in _model_entries(cfg):
+        for seed in cfg.seeds:
+            for fold in (range(cfg.folds) if cfg.folds else [None]):
+                name = f"{label}_s{seed}" + (f"_fold{fold}" if fold is not None else "")
+                values = {**cfg.recipe, "data": data or cfg.data or cfg.recipe.get("data", ""),
+                          "model": model, "model_args": {**cfg.recipe.get("model_args", {}),
+                                                         **model_args},
+                          "seed": seed, "out": str(root), "name": name,
+                          "time_budget": cfg.budget_minutes}
+                if fold is not None:
+                    values.update(kfold=cfg.folds, fold=fold)
+                runs.append(Run(label, seed, fold, TrainConfig.from_dict(values)))
+    return runs
+
+
+def _eval_dir(run: Run, cfg: ExperimentConfig) -> Path:
+    return run.run_dir / f"eval_{cfg.split}_{cfg.grid}"
+
+
+def _log_rows(run: Run) -> list[dict[str, str]]:
+    path = run.run_dir / "log.csv"
+    return list(csv.DictReader(path.open())) if path.is_file() else []
+
+
+def used_seconds(run: Run) -> float:
+    """Training seconds the run has spent: its logged epochs and the steps of a cut epoch."""
+    spent = sum(float(r["epoch_seconds"]) for r in _log_rows(run))
+    last = run.run_dir / "checkpoint_last.pt"
+    if last.is_file():
+        from lmnet.deploy.checkpoint import load_checkpoint
+
+        partial = load_checkpoint(last).get("partial")
+        spent += float(partial["seconds"]) if partial else 0.0
+    return spent
+
+
+def _finished(run: Run, cfg: ExperimentConfig) -> bool:
+    """All epochs trained, or the run's wall-clock budget spent (its schedule then unfinished)."""
+    if len(_log_rows(run)) >= run.config.epochs:
+        return True
+    return cfg.budget_minutes is not None and used_seconds(run) >= cfg.budget_minutes * 60
+
+
+def run_status(run: Run, cfg: ExperimentConfig) -> str:
+    """``done`` (trained and evaluated), ``trained``, ``partial`` (cut short) or ``new``."""
+    trained = _finished(run, cfg)
+    if trained and (_eval_dir(run, cfg) / "metrics.json").is_file():
+        return "done"
+    if trained:
+        return "trained"
+    return "partial" if (run.run_dir / "checkpoint_last.pt").is_file() else "new"
+
+
+def _estimate_seconds(run: Run, n_train: int, step_seconds: dict[str, float]) -> float:
+    """Training time of the epochs left, from a measured step time of this model and size."""
+    cfg = run.config
+    done = len(_log_rows(run))
+    per_epoch = 0.0
+    for epoch in range(done, cfg.epochs):
+        size = cfg.train_size(epoch)
+        per_epoch += math.ceil(n_train / cfg.batch_size) * step_seconds[f"{run.label}@{size}"]
+    estimate = 1.15 * per_epoch  # data loading and validation
+    if cfg.time_budget:
+        estimate = min(estimate, max(0.0, cfg.time_budget * 60 - used_seconds(run)))
+    return estimate
+
+
+def _measure_step(run: Run) -> dict[int, float]:
+    """Seconds of one training step (forward, backward, AdamW) of the run's model, per size."""
+    import torch
+
+    from lmnet.deploy.checkpoint import build_model
+    from lmnet.losses import SegmentationLoss
+
+    cfg = run.config
+    out = {}
+    for size in sorted({cfg.train_size(e) for e in range(cfg.epochs)}):
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+        loss_fn = SegmentationLoss(torch.ones(2), cfg.dice_weight, cfg.n_classes)
+        micro = cfg.batch_size // cfg.grad_accum
+        x = torch.randn(micro, cfg.in_channels, size, size)
+        y = torch.randint(0, 2, (micro, size, size))
+        times = []
+        for _ in range(2):
+            t = time.perf_counter()
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+            times.append(time.perf_counter() - t)
+        out[size] = times[-1] * cfg.grad_accum
+    return out
+
+
+def run_experiment(cfg: ExperimentConfig, data: str | None = None, dry_run: bool = False,
+                   progress: bool = True, echo: Any = print) -> list[dict[str, Any]]:
+    """Train and evaluate every run not done yet, rewriting the tables after each; returns the
+    plan (one dict per run: label, seed, fold, run folder, status, estimated seconds).
+
+    ``dry_run``: only report the plan and the estimated time (a training step of each model is
+    timed at each training size, so the estimate is for this machine, now).
+    """
+    from lmnet.data.layouts import discover
+    from lmnet.data.splits import make_kfold_split, make_split
+
+    runs = plan_runs(cfg, data)
+    first = runs[0].config
+    _, samples, _ = discover(first.data, first.format)
+    split = (make_kfold_split(samples, cfg.folds, 0, first.seed, val_ratio=first.split_ratios[1])
+             if cfg.folds else make_split(samples, first.split_ratios, first.seed))
+    n_train = len(split["train"])
+    statuses = [run_status(r, cfg) for r in runs]
+    steps: dict[str, float] = {}
+    for run, status in zip(runs, statuses):
+        if status in ("new", "partial") and not any(k.startswith(f"{run.label}@") for k in steps):
+            steps.update({f"{run.label}@{s}": t for s, t in _measure_step(run).items()})
+    plan = [{"label": r.label, "seed": r.seed, "fold": r.fold, "run": str(r.run_dir), "status": s,
+             "estimated_seconds": 0.0 if s in ("done", "trained") else _estimate_seconds(r, n_train, steps)}
+            for r, s in zip(runs, statuses)]
+    total = sum(p["estimated_seconds"] for p in plan)
+    echo(f"experiment {cfg.name}: {len(runs)} runs ({sum(s == 'done' for s in statuses)} done, "
+         f"{sum(s == 'partial' for s in statuses)} cut short, {sum(s == 'new' for s in statuses)} "
+         f"new); estimated {total / 3600:.1f} h of training on this machine")
+    for p in plan:
+        echo(f"  {p['label']:<24} seed {p['seed']}" + (f" fold {p['fold']}" if p["fold"] is not None else "")
+             + f"  {p['status']:<8} ~{p['estimated_seconds'] / 60:.0f} min  {p['run']}")
+    if dry_run:
+        return plan
+
+    from lmnet.engine.evaluate import evaluate_run
+    from lmnet.engine.train import train
+
+    out = Path(cfg.out) / cfg.name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "experiment.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    started, left = time.perf_counter(), total
+    for i, (run, p) in enumerate(zip(runs, plan), 1):
+        if p["status"] == "done":
+            continue
+        elapsed = time.perf_counter() - started
+        echo(f"[run {i}/{len(runs)}] {run.label} seed {run.seed}: {p['status']}; matrix ETA "
+             f"{max(left, 0) / 60:.0f} min (elapsed {elapsed / 60:.0f} min)")
+        t0 = time.perf_counter()
+        if p["status"] in ("new", "partial"):
+            budget = None
+            if cfg.budget_minutes is not None:  # what is left of the run's own budget
+                budget = max(cfg.budget_minutes - used_seconds(run) / 60, 1e-3)
+            train(run.config.replace(time_budget=budget), resume=p["status"] == "partial",
+                  progress=progress, overrides={"time_budget": budget})
+        if _finished(run, cfg):  # its best checkpoint, or its last if no epoch finished in time
+            if len(_log_rows(run)) < run.config.epochs:
+                echo(f"  {run.label} seed {run.seed}: its {cfg.budget_minutes:g}-minute budget "
+                     f"ended after {len(_log_rows(run))} of {run.config.epochs} epochs")
+            evaluate_run(run.run_dir, split=cfg.split, grid=cfg.grid, out=_eval_dir(run, cfg),
+                         progress=False)
+        left -= max(p["estimated_seconds"], time.perf_counter() - t0)
+        p["status"] = run_status(run, cfg)
+        write_tables(cfg, data)
+    write_tables(cfg, data)
+    return plan
+
+
+def _cell(values: list[float | None], scale: float) -> str:
+    mean, std = mean_std(v for v in values if v is not None)
+    if mean is None:
+        return "n/a"
+    return f"{mean * scale:.2f}" + ("" if std is None else f" ± {std * scale:.2f}")
+
+
+def _model_size(run: Run) -> tuple[float, float]:
+    """Deployed parameters (M) and MACs (G) at the run's image size."""
+    from lmnet.deploy.checkpoint import build_model
+    from lmnet.models._size import size_report
+
+    rep = size_report(build_model(run.config), run.label, run.config.image_size,
+                      run.config.in_channels)
+    return rep.params_deployed / 1e6, rep.macs_deployed / 1e9
+
+
+def write_tables(cfg: ExperimentConfig, data: str | None = None) -> dict[str, Path]:
+    """Markdown and CSV tables (mean ± std over seeds / folds, both conventions, subgroups) from
+    the evaluated runs; rows for models with no finished run say so. Returns the files written."""
+    runs = plan_runs(cfg, data)
+    out = Path(cfg.out) / cfg.name
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        path = _eval_dir(run, cfg) / "metrics.json"
+        results.setdefault(run.label, [])
+        if path.is_file() and run_status(run, cfg) == "done":
+            results[run.label].append(json.loads(path.read_text()))
+    sizes = {}
+    for run in runs:
+        if run.label not in sizes:
+            sizes[run.label] = _model_size(run)
+    first = runs[0].config
+    caption = (f"{cfg.caption + ' ' if cfg.caption else ''}Test split of {Path(first.data).name}, "
+               f"{first.image_size} x {first.image_size}, {first.epochs} epochs"
+               + (f" (first {first.progressive_epochs} at {first.progressive_size})"
+                  if first.progressive_epochs else "")
+               + (f", at most {cfg.budget_minutes:g} min per run" if cfg.budget_minutes else "")
+               + f", batch {first.batch_size}, lr {first.lr}; mean ± std over "
+               + (f"{cfg.folds} folds x " if cfg.folds else "") + f"seeds {cfg.seeds}. "
+               f"MACs at {first.image_size} x {first.image_size}, deployed model.")
+    written = {}
+    groups = sorted({g for rs in results.values() for r in rs for g in r.get("groups", {})})
+    for conv, columns in TABLE_COLUMNS.items():
+        header = ["Model", "Runs", *(h for h, _, _ in columns), "MACs (G)", "Params (M)"]
+        rows = []
+        for label, rs in results.items():
+            cells = [_cell([r["all"].get(k) for r in rs], s) for _, k, s in columns]
+            params, macs = sizes[label]
+            rows.append([label, str(len(rs)), *cells, f"{macs:.2f}", f"{params:.2f}"])
+        written[f"{conv}_md"] = _write_md(out / f"table_{conv}.md", header, rows,
+                                          caption + " " + _NOTES[conv])
+        written[f"{conv}_csv"] = _write_csv(out / f"table_{conv}.csv", header, rows)
+        if groups:
+            gheader = ["Subgroup", "Model", "Runs", *(h for h, _, _ in columns)]
+            grows = []
+            for g in groups:
+                for label, rs in results.items():
+                    have = [r["groups"][g] for r in rs if g in r.get("groups", {})]
+                    grows.append([g, label, str(len(have)),
+                                  *(_cell([h.get(k) for h in have], s) for _, k, s in columns)])
+            written[f"{conv}_groups_md"] = _write_md(out / f"table_{conv}_subgroups.md", gheader,
+                                                     grows, caption + " Per subgroup. " + _NOTES[conv])
+            written[f"{conv}_groups_csv"] = _write_csv(out / f"table_{conv}_subgroups.csv", gheader,
+                                                       grows)
+    return written
+
+
+def _write_md(path: Path, header: list[str], rows: list[list[str]], caption: str) -> Path:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    path.write_text("\n".join(lines) + "\n\n" + caption + "\n")
+    return path
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+    return path

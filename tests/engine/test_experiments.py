@@ -1,0 +1,121 @@
+"""``lmnet experiment``: a tiny matrix on a BUSI miniature: skip, resume, budget, partial tables."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+import yaml
+
+from lmnet.cli.main import main
+from lmnet.engine.experiments import load_experiment, plan_runs, run_experiment, run_status
+from lmnet.engine.train import train
+
+
+@pytest.fixture()
+def experiment(busi_mini, tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "tiny", "data": str(busi_mini), "out": str(tmp_path / "results"),
+        "models": ["lmnet", {"label": "basic", "model": "basic_unet"}], "seeds": [0, 1],
+        "recipe": {"image_size": 32, "epochs": 2, "batch_size": 4, "split_ratios": [0.6, 0.2, 0.2]},
+        "caption": "Tiny test matrix.",
+        "settings": {"longer": {"epochs": 3, "budget_minutes": 1e-4}},
+    }))
+    return path
+
+
+def _rows(path):
+    return list(csv.DictReader(path.open()))
+
+
+def test_matrix_skip_resume_and_tables(experiment, capsys, monkeypatch):
+    import os
+    import signal
+
+    from lmnet.losses import SegmentationLoss
+
+    cfg = load_experiment(experiment)
+    runs = plan_runs(cfg)
+    assert [(r.label, r.seed) for r in runs] == [("lmnet", 0), ("lmnet", 1), ("basic", 0), ("basic", 1)]
+    # one run cut short (Ctrl-C in its third step) before the matrix starts: the matrix resumes it
+    cut, forward, calls = runs[2], SegmentationLoss.forward, []
+
+    def ctrl_c_in_step_three(self, *args):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return forward(self, *args)
+
+    monkeypatch.setattr(SegmentationLoss, "forward", ctrl_c_in_step_three)
+    with pytest.raises(KeyboardInterrupt):
+        train(cut.config, progress=False)
+    monkeypatch.setattr(SegmentationLoss, "forward", forward)
+    assert run_status(cut, cfg) == "partial"
+    assert main(["experiment", str(experiment), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "4 runs (0 done, 1 cut short, 3 new)" in out and "estimated" in out
+    assert not (runs[0].run_dir / "log.csv").exists()  # a dry run trains nothing
+    # the matrix stops (as if the session ended) after two runs: tables from what finished
+    from lmnet.engine import experiments
+
+    calls = []
+    real = experiments.write_tables
+
+    def stop_after_two(*args, **kwargs):
+        calls.append(1)
+        real(*args, **kwargs)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiments, "write_tables", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, progress=False, echo=lambda *_: None)
+    monkeypatch.setattr(experiments, "write_tables", real)
+    table = (cfg_dir := runs[0].run_dir.parents[1]) / "table_paper.csv"
+    rows = {r["Model"]: r for r in _rows(table)}
+    assert rows["lmnet"]["Runs"] == "2" and rows["basic"]["Runs"] == "0"
+    assert rows["basic"]["mDice"] == "n/a" and "±" in rows["lmnet"]["mDice"]
+    # run again: finished runs are skipped, the cut one resumed, the rest trained
+    assert [run_status(r, cfg) for r in runs] == ["done", "done", "partial", "new"]
+    plan = run_experiment(cfg, progress=False, echo=lambda *_: None)
+    assert [p["status"] for p in plan] == ["done"] * 4
+    assert all(len(_rows(r.run_dir / "log.csv")) == 2 for r in runs)
+    rows = {r["Model"]: r for r in _rows(cfg_dir / "table_foreground.csv")}
+    assert rows["basic"]["Runs"] == "2"
+    header = list(_rows(cfg_dir / "table_paper.csv")[0])
+    assert header == ["Model", "Runs", "Accuracy", "Precision", "Recall", "mDice", "mIoU", "Hd",
+                      "RAD", "MACs (G)", "Params (M)"]  # the paper's column order
+    groups = _rows(cfg_dir / "table_paper_subgroups.csv")
+    assert {g["Subgroup"] for g in groups} == {"benign", "malignant", "normal"}
+    assert "Tiny test matrix." in (cfg_dir / "table_paper.md").read_text()
+    before = (runs[0].run_dir / "log.csv").read_text()
+    run_experiment(cfg, progress=False, echo=lambda *_: None)  # nothing left to do
+    assert (runs[0].run_dir / "log.csv").read_text() == before
+
+
+def test_setting_and_wall_clock_budget(experiment):
+    cfg = load_experiment(experiment, "longer")
+    assert cfg.name == "tiny_longer" and cfg.recipe["epochs"] == 3 and cfg.budget_minutes == 1e-4
+    cfg.models, cfg.seeds = ["lmnet"], [0]
+    plan = run_experiment(cfg, progress=False, echo=lambda *_: None)
+    run = plan_runs(cfg)[0]
+    assert plan[0]["status"] == "done"  # its budget is spent: evaluated as it stands
+    assert len(_rows(run.run_dir / "log.csv")) < 3
+    assert (run.run_dir / "eval_test_resized" / "metrics.json").is_file()
+    with pytest.raises(ValueError, match="no setting 'gpu'"):
+        load_experiment(experiment, "gpu")
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"recipe": {"epochz": 1}}, "unknown TrainConfig key"),
+    ({"models": []}, "at least one model"),
+    ({"seeds": "0"}, "seeds must be a list"),
+    ({"models": [{"label": "x"}]}, "a model is a registered name"),
+])
+def test_bad_experiment_configs(experiment, tmp_path, capsys, change, message):
+    values = {**yaml.safe_load(experiment.read_text()), **change}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(values))
+    assert main(["experiment", str(bad), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
