@@ -119,3 +119,19 @@ def test_bad_experiment_configs(experiment, tmp_path, capsys, change, message):
     assert main(["experiment", str(bad), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_shipped_experiment_configs_plan_their_matrices():
+    from tests.conftest import ROOT
+
+    configs = sorted((ROOT / "configs" / "experiments").glob("*.yaml"))
+    assert {c.stem for c in configs} >= {"table1_kvasir", "table6_kvasir", "table8_kvasir",
+                                        "table9_kvasir", "table10_kvasir", "table3_busi"}
+    for path in configs:
+        cfg, gpu = load_experiment(path), load_experiment(path, "gpu")
+        runs = plan_runs(cfg)
+        assert len(runs) == len(cfg.models) * len(cfg.seeds) >= 4
+        assert len({r.run_dir for r in runs}) == len(runs)
+        assert all(r.config.epochs == runs[0].config.epochs for r in runs)  # one recipe
+        assert gpu.recipe["epochs"] == 200 and gpu.recipe["image_size"] == 256
+        assert gpu.budget_minutes is None and gpu.name == f"{cfg.name}_gpu"

@@ -14,6 +14,7 @@ import csv
 import dataclasses
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,10 +135,15 @@ def _model_entries(cfg: ExperimentConfig) -> list[tuple[str, str, dict[str, Any]
             out.append((m, m, {}))
         else:
             out.append((str(m.get("label", m["model"])), m["model"], dict(m.get("model_args", {}))))
-    labels = [label for label, _, _ in out]
+    labels = [_slug(label) for label, _, _ in out]
     if len(set(labels)) != len(labels):
-        raise ValueError(f"model labels must differ, got {labels}")
+        raise ValueError(f"model labels must differ (as folder names), got {labels}")
     return out
+
+
+def _slug(label: str) -> str:
+    """A label as a folder name: ``+ LFT + GFT (LM-Net)`` -> ``LFT_GFT_LM-Net``."""
+    return re.sub(r"[^\w.-]+", "_", label).strip("_") or "model"
 
 
 def plan_runs(cfg: ExperimentConfig, data: str | None = None) -> list[Run]:
@@ -147,7 +153,7 @@ def plan_runs(cfg: ExperimentConfig, data: str | None = None) -> list[Run]:
     for label, model, model_args in _model_entries(cfg):
         for seed in cfg.seeds:
             for fold in (range(cfg.folds) if cfg.folds else [None]):
-                name = f"{label}_s{seed}" + (f"_fold{fold}" if fold is not None else "")
+                name = f"{_slug(label)}_s{seed}" + (f"_fold{fold}" if fold is not None else "")
                 values = {**cfg.recipe, "data": data or cfg.data or cfg.recipe.get("data", ""),
                           "model": model, "model_args": {**cfg.recipe.get("model_args", {}),
                                                          **model_args},
