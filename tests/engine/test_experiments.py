@@ -88,6 +88,13 @@ def test_matrix_skip_resume_and_tables(experiment, capsys, monkeypatch):
     groups = _rows(cfg_dir / "table_paper_subgroups.csv")
     assert {g["Subgroup"] for g in groups} == {"benign", "malignant", "normal"}
     assert "Tiny test matrix." in (cfg_dir / "table_paper.md").read_text()
+    from PIL import Image
+
+    for fig in ("curves.png", "qualitative.png"):  # written at the end of the matrix
+        with Image.open(cfg_dir / fig) as im:
+            assert im.format == "PNG" and im.width > 400
+    with Image.open(cfg_dir / "qualitative.png") as im:  # 4 test images x (image, truth, 2 models)
+        assert im.height > im.width * 0.8
     before = (runs[0].run_dir / "log.csv").read_text()
     run_experiment(cfg, progress=False, echo=lambda *_: None)  # nothing left to do
     assert (runs[0].run_dir / "log.csv").read_text() == before
@@ -135,3 +142,10 @@ def test_shipped_experiment_configs_plan_their_matrices():
         assert all(r.config.epochs == runs[0].config.epochs for r in runs)  # one recipe
         assert gpu.recipe["epochs"] == 200 and gpu.recipe["image_size"] == 256
         assert gpu.budget_minutes is None and gpu.name == f"{cfg.name}_gpu"
+
+
+def test_no_curves_before_any_epoch(tmp_path):
+    from lmnet.engine.figures import plot_curves
+
+    assert plot_curves({"lmnet": [tmp_path / "nothing"]}, tmp_path / "c.png") is None
+    assert not (tmp_path / "c.png").exists()

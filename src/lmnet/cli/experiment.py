@@ -5,18 +5,24 @@ import argparse
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from lmnet.engine.experiments import load_experiment, run_experiment, write_tables
+    from lmnet.engine.experiments import (
+        load_experiment,
+        run_experiment,
+        write_figures,
+        write_tables,
+    )
 
     cfg = load_experiment(args.config, args.setting)
     if args.out:
         cfg.out = args.out
     if args.tables_only:
-        written = write_tables(cfg, args.data)
+        written = {**write_tables(cfg, args.data), **write_figures(cfg, args.data)}
         print("wrote " + ", ".join(str(p) for p in written.values()))
         return 0
     run_experiment(cfg, args.data, dry_run=args.dry_run, progress=not args.quiet)
     if not args.dry_run:
-        print(f"tables: {cfg.out}/{cfg.name}/table_paper.md, table_foreground.md (and .csv)")
+        print(f"tables: {cfg.out}/{cfg.name}/table_paper.md, table_foreground.md (and .csv); "
+              "figures: curves.png, qualitative.png")
     return 0
 
 
@@ -31,6 +37,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="list the runs, their state and the estimated time; train nothing")
     p.add_argument("--tables-only", action="store_true",
-                   help="rewrite the tables from the finished runs; train nothing")
+                   help="rewrite the tables and figures from the finished runs; train nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_experiment)

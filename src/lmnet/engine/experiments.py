@@ -27,7 +27,7 @@ from lmnet.config import TrainConfig
 from lmnet.metrics.evaluator import mean_std
 
 __all__ = ["ExperimentConfig", "Run", "load_experiment", "plan_runs", "run_status", "used_seconds",
-           "run_experiment", "write_tables", "TABLE_COLUMNS"]
+           "run_experiment", "write_tables", "write_figures", "TABLE_COLUMNS"]
 
 #: Columns of the tables, in the paper's order, per metric convention:
 #: (header, key in an evaluation summary, scale to display).
@@ -312,6 +312,7 @@ def run_experiment(cfg: ExperimentConfig, data: str | None = None, dry_run: bool
         p["status"] = run_status(run, cfg)
         write_tables(cfg, data)
     write_tables(cfg, data)
+    write_figures(cfg, data)
     return plan
 
 
@@ -381,6 +382,53 @@ def write_tables(cfg: ExperimentConfig, data: str | None = None) -> dict[str, Pa
                                                      grows, caption + " Per subgroup. " + _NOTES[conv])
             written[f"{conv}_groups_csv"] = _write_csv(out / f"table_{conv}_subgroups.csv", gheader,
                                                        grows)
+    return written
+
+
+def write_figures(cfg: ExperimentConfig, data: str | None = None, n_images: int = 4
+                  ) -> dict[str, Path]:
+    """``curves.png`` (validation mDice per epoch, every model, seed band) and
+    ``qualitative.png`` (the first ``n_images`` test images by name; each model's first finished
+    run), from whatever has finished. Returns the files written."""
+    from lmnet.data.dataset import load_sample
+    from lmnet.data.layouts import discover
+    from lmnet.deploy.engines import load_model, predict_probabilities, probabilities_to_mask
+    from lmnet.deploy.preprocess import preprocess
+    from lmnet.engine.figures import plot_curves, plot_qualitative
+
+    runs = plan_runs(cfg, data)
+    out = Path(cfg.out) / cfg.name
+    by_label: dict[str, list[Path]] = {}
+    for run in runs:
+        by_label.setdefault(run.label, []).append(run.run_dir)
+    written = {}
+    curves = plot_curves(by_label, out / "curves.png",
+                         title=f"{cfg.caption} Validation mDice per epoch: mean over seeds, band = "
+                               "lowest to highest run".strip())
+    if curves:
+        written["curves"] = curves
+    finished = {}
+    for run in runs:
+        if run.label not in finished and run_status(run, cfg) == "done":
+            finished[run.label] = run
+    if not finished:
+        return written
+    first = next(iter(finished.values()))
+    split = json.loads((first.run_dir / "split.json").read_text())
+    _, samples, _ = discover(first.config.data, first.config.format)
+    by_name = {s.name: s for s in samples}
+    chosen = [by_name[n] for n in sorted(split[cfg.split])[:n_images]]
+    loaded = [load_sample(s, first.config.in_channels) for s in chosen]
+    preds = {}
+    for label, run in finished.items():
+        model, tcfg = load_model(run.run_dir)
+        x = preprocess([img for img, _ in loaded], tcfg.image_size, tcfg.mean, tcfg.std)
+        masks = [probabilities_to_mask(predict_probabilities(model, x[i:i + 1], img.shape[:2]))[0]
+                 for i, (img, _) in enumerate(loaded)]
+        preds[label] = masks
+    written["qualitative"] = plot_qualitative([img for img, _ in loaded],
+                                              [m.astype(bool) for _, m in loaded], preds,
+                                              [s.name for s in chosen], out / "qualitative.png")
     return written
 
 
