@@ -85,3 +85,29 @@ def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
                       split_ratios=[0.5, 0.25, 0.25], out=str(tmp_path_factory.mktemp("runs")),
                       name="tiny")
     return train(cfg, progress=False), data
+
+
+@pytest.fixture()
+def ctrl_c_at_step(monkeypatch):
+    """``ctrl_c_at_step(n)``: the n-th loss computation from now on presses Ctrl-C (a real SIGINT
+    to this process), as a user would in the middle of a training step."""
+    import os
+    import signal
+
+    from lmnet.losses import SegmentationLoss
+
+    forward = SegmentationLoss.forward
+
+    def arm(n: int) -> None:
+        calls = []
+
+        def pressing(self, *args):
+            calls.append(1)
+            if len(calls) == n:
+                os.kill(os.getpid(), signal.SIGINT)
+            return forward(self, *args)
+
+        monkeypatch.setattr(SegmentationLoss, "forward", pressing)
+
+    yield arm
+    monkeypatch.setattr(SegmentationLoss, "forward", forward)

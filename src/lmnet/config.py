@@ -11,7 +11,7 @@ import yaml
 from lmnet._dataclass import dataclass_from_dict
 from lmnet._defaults import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["TrainConfig", "field_help", "load_config"]
+__all__ = ["TrainConfig", "field_help", "load_config", "read_yaml_mapping"]
 
 
 @dataclass
@@ -125,19 +125,25 @@ def field_help(cls: type = TrainConfig) -> dict[str, str]:
     return helps
 
 
+def read_yaml_mapping(path: str | Path, what: str = "YAML file") -> dict[str, Any]:
+    """The mapping a YAML file holds (empty file: ``{}``); clear errors for a missing file, bad
+    YAML or anything but a mapping."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no {what} at {p}")
+    try:
+        loaded = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{p} is not valid YAML: {err}") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{p} must hold a mapping of keys to values")
+    return loaded
+
+
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Defaults, then the YAML file (if any), then ``overrides`` (``None`` values are ignored)."""
     values: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"no config file at {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ValueError(f"{p} is not valid YAML: {err}") from None
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{p} must hold a mapping of config keys")
-        values.update(loaded)
+        values.update(read_yaml_mapping(path, "config file"))
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return TrainConfig.from_dict(values)

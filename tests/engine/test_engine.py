@@ -98,27 +98,16 @@ def test_time_budget_stops_mid_epoch_and_resume_is_exact(disc_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_the_current_step_and_resume_is_exact(disc_data, tmp_path, monkeypatch):
+def test_ctrl_c_saves_the_current_step_and_resume_is_exact(disc_data, tmp_path, ctrl_c_at_step):
     import signal
-
-    from lmnet.losses import SegmentationLoss
 
     small = {**SMALL, "batch_size": 2}
     straight = train(TrainConfig(data=str(disc_data), out=str(tmp_path), name="straight", **small),
                      progress=False)
     cfg = TrainConfig(data=str(disc_data), out=str(tmp_path), name="ctrl_c", **small)
-    forward, calls = SegmentationLoss.forward, []
-
-    def press_ctrl_c_in_step_three(self, *args):
-        calls.append(1)
-        if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        return forward(self, *args)
-
-    monkeypatch.setattr(SegmentationLoss, "forward", press_ctrl_c_in_step_three)
+    ctrl_c_at_step(3)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, progress=False)
-    monkeypatch.setattr(SegmentationLoss, "forward", forward)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler given back
     partial = torch.load(tmp_path / "ctrl_c" / "checkpoint_last.pt", weights_only=True)["partial"]
     assert partial["epoch"] == 0 and partial["steps"] == 3

@@ -28,28 +28,16 @@ def _rows(path):
     return list(csv.DictReader(path.open()))
 
 
-def test_matrix_skip_resume_and_tables(experiment, capsys, monkeypatch):
-    import os
-    import signal
-
-    from lmnet.losses import SegmentationLoss
-
+def test_matrix_skip_resume_and_tables(experiment, capsys, monkeypatch, ctrl_c_at_step):
     cfg = load_experiment(experiment)
     runs = plan_runs(cfg)
     assert [(r.label, r.seed) for r in runs] == [("lmnet", 0), ("lmnet", 1), ("basic", 0), ("basic", 1)]
     # one run cut short (Ctrl-C in its third step) before the matrix starts: the matrix resumes it
-    cut, forward, calls = runs[2], SegmentationLoss.forward, []
-
-    def ctrl_c_in_step_three(self, *args):
-        calls.append(1)
-        if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        return forward(self, *args)
-
-    monkeypatch.setattr(SegmentationLoss, "forward", ctrl_c_in_step_three)
+    cut = runs[2]
+    ctrl_c_at_step(3)
     with pytest.raises(KeyboardInterrupt):
         train(cut.config, progress=False)
-    monkeypatch.setattr(SegmentationLoss, "forward", forward)
+    monkeypatch.undo()  # the loss computes normally again
     assert run_status(cut, cfg) == "partial"
     assert main(["experiment", str(experiment), "--dry-run"]) == 0
     out = capsys.readouterr().out

@@ -12,7 +12,7 @@ from lmnet.config import TrainConfig
 from lmnet.data.layouts import discover
 from lmnet.engine.evaluate import evaluate_run
 from lmnet.engine.predict import predict_files
-from lmnet.engine.train import train
+from lmnet.engine.train import step_seconds, train
 from lmnet.metrics import markdown_table
 
 __all__ = ["sample_data_path", "run_demo"]
@@ -26,29 +26,12 @@ def sample_data_path() -> Path:
 def plan_epochs(cfg: TrainConfig, train_images: int, minutes: float, most: int) -> int:
     """How many epochs (at most ``most``, at least 3 unless ``most`` is smaller) fit in ``minutes`` on this machine, now.
 
-    Times two training steps of the demo's model and batch after a warm-up step, and allows a
-    quarter more for data loading and validation. Measured, so a slow or busy machine trains
+    Times a training step of the demo's model and batch (:func:`~lmnet.engine.train.step_seconds`)
+    and allows a quarter more for data loading and validation. Measured, so a slow or busy machine trains
     fewer epochs but still completes the learning-rate schedule.
     """
-    import torch
-
-    from lmnet.deploy.checkpoint import build_model
-    from lmnet.losses import SegmentationLoss
-
-    model = build_model(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    loss_fn = SegmentationLoss(torch.ones(2), cfg.dice_weight, cfg.n_classes)
-    x = torch.randn(cfg.batch_size, cfg.in_channels, cfg.image_size, cfg.image_size)
-    y = torch.randint(0, 2, (cfg.batch_size, cfg.image_size, cfg.image_size))
-    times = []
-    for _ in range(3):
-        t = time.perf_counter()
-        opt.zero_grad()
-        loss_fn(model(x), y).backward()
-        opt.step()
-        times.append(time.perf_counter() - t)
     steps = -(-train_images // cfg.batch_size)
-    epoch_s = 1.25 * steps * min(times[1:])
+    epoch_s = 1.25 * steps * step_seconds(cfg)
     return max(min(3, most), min(most, int(minutes * 60 / epoch_s)))
 
 

@@ -20,10 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lmnet._dataclass import dataclass_from_dict
-from lmnet.config import TrainConfig
+from lmnet.config import TrainConfig, read_yaml_mapping
 from lmnet.metrics.evaluator import mean_std
 
 __all__ = ["ExperimentConfig", "Run", "load_experiment", "plan_runs", "run_status", "used_seconds",
@@ -105,14 +103,7 @@ def load_experiment(path: str | Path, setting: str | None = None) -> ExperimentC
     """Read an experiment YAML; ``setting`` applies ``settings[setting]`` (recipe keys, and
     ``budget_minutes``, ``seeds``, ``out`` ...) on top."""
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"no experiment config at {p}")
-    try:
-        values = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ValueError(f"{p} is not valid YAML: {err}") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"{p} must hold a mapping")
+    values = read_yaml_mapping(p, "experiment config")
     cfg = dataclass_from_dict(ExperimentConfig, values, "experiment key(s)")
     if setting is not None:
         if setting not in cfg.settings:
@@ -203,48 +194,18 @@ def run_status(run: Run, cfg: ExperimentConfig) -> str:
     return "partial" if (run.run_dir / "checkpoint_last.pt").is_file() else "new"
 
 
-def _estimate_seconds(run: Run, n_train: int, step_seconds: dict[str, float]) -> float:
+def _estimate_seconds(run: Run, n_train: int, step_times: dict[str, float]) -> float:
     """Training time of the epochs left, from a measured step time of this model and size."""
     cfg = run.config
     done = len(_log_rows(run))
     per_epoch = 0.0
     for epoch in range(done, cfg.epochs):
         size = cfg.train_size(epoch)
-        per_epoch += math.ceil(n_train / cfg.batch_size) * step_seconds[f"{run.label}@{size}"]
+        per_epoch += math.ceil(n_train / cfg.batch_size) * step_times[f"{run.label}@{size}"]
     estimate = 1.15 * per_epoch  # data loading and validation
     if cfg.time_budget:
         estimate = min(estimate, max(0.0, cfg.time_budget * 60 - used_seconds(run)))
     return estimate
-
-
-def _measure_step(run: Run) -> dict[int, float]:
-    """Seconds of one training step (forward, backward, AdamW) of the run's model, per size."""
-    import torch
-
-    from lmnet.deploy.checkpoint import build_model
-    from lmnet.losses import SegmentationLoss
-
-    cfg = run.config
-    out = {}
-    for size in sorted({cfg.train_size(e) for e in range(cfg.epochs)}):
-        torch.manual_seed(0)
-        model = build_model(cfg)
-        if cfg.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-        loss_fn = SegmentationLoss(torch.ones(2), cfg.dice_weight, cfg.n_classes)
-        micro = cfg.batch_size // cfg.grad_accum
-        x = torch.randn(micro, cfg.in_channels, size, size)
-        y = torch.randint(0, 2, (micro, size, size))
-        times = []
-        for _ in range(2):
-            t = time.perf_counter()
-            opt.zero_grad()
-            loss_fn(model(x), y).backward()
-            opt.step()
-            times.append(time.perf_counter() - t)
-        out[size] = times[-1] * cfg.grad_accum
-    return out
 
 
 def run_experiment(cfg: ExperimentConfig, data: str | None = None, dry_run: bool = False,
@@ -257,6 +218,7 @@ def run_experiment(cfg: ExperimentConfig, data: str | None = None, dry_run: bool
     """
     from lmnet.data.layouts import discover
     from lmnet.data.splits import make_kfold_split, make_split
+    from lmnet.engine.train import step_seconds
 
     runs = plan_runs(cfg, data)
     first = runs[0].config
@@ -268,7 +230,8 @@ def run_experiment(cfg: ExperimentConfig, data: str | None = None, dry_run: bool
     steps: dict[str, float] = {}
     for run, status in zip(runs, statuses):
         if status in ("new", "partial") and not any(k.startswith(f"{run.label}@") for k in steps):
-            steps.update({f"{run.label}@{s}": t for s, t in _measure_step(run).items()})
+            sizes = {run.config.train_size(e) for e in range(run.config.epochs)}
+            steps.update({f"{run.label}@{s}": step_seconds(run.config, s) for s in sizes})
     plan = [{"label": r.label, "seed": r.seed, "fold": r.fold, "run": str(r.run_dir), "status": s,
              "estimated_seconds": 0.0 if s in ("done", "trained") else _estimate_seconds(r, n_train, steps)}
             for r, s in zip(runs, statuses)]

@@ -33,7 +33,7 @@ from lmnet.engine.distributed import DistContext, resolve_device
 from lmnet.engine.evaluate import evaluate_samples
 from lmnet.losses import SegmentationLoss, class_balanced_weights
 
-__all__ = ["train", "run_folder", "LOG_FIELDS", "RESUME_OVERRIDABLE"]
+__all__ = ["train", "run_folder", "step_seconds", "LOG_FIELDS", "RESUME_OVERRIDABLE"]
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,29 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def step_seconds(cfg: TrainConfig, size: int | None = None) -> float:
+    """Measured seconds of one optimiser step of ``cfg`` (``grad_accum`` micro-batches: forward,
+    backward, AdamW) at ``size`` (default ``cfg.image_size``) on random data, after a warm-up
+    step. For planning: epochs that fit a budget, a matrix's estimated time."""
+    size = size or cfg.image_size
+    model = build_model(cfg)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    loss_fn = SegmentationLoss(torch.ones(max(2, cfg.n_classes)), cfg.dice_weight, cfg.n_classes)
+    micro = max(1, cfg.batch_size // cfg.grad_accum)
+    x = torch.randn(micro, cfg.in_channels, size, size)
+    y = torch.randint(0, 2, (micro, size, size))
+    times = []
+    for _ in range(3 if size <= 64 else 2):
+        t = time.perf_counter()
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+        times.append(time.perf_counter() - t)
+    return min(times[1:]) * cfg.grad_accum
 
 
 def _check_readable(samples: list[Sample], channels: int) -> None:
