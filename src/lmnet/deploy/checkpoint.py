@@ -58,8 +58,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         with torch.serialization.safe_globals(_legacy_numpy_globals()):
             ckpt = torch.load(p, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad or unsafe file
-        first = str(err).strip().splitlines()
-        detail = next((ln.strip() for ln in first if "Unsupported global" in ln), first[0] if first else "")
+        lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if "GLOBAL" in ln), lines[0] if lines else type(err).__name__)
+        if "GLOBAL" in detail:  # a pickle that asks to import and call something
+            raise ValueError(f"{p} is not a readable lmnet checkpoint: it asks to run code "
+                             f"({detail.removeprefix('WeightsUnpickler error: ')}); lmnet loads only "
+                             "tensors and plain values from a file, never code") from None
         raise ValueError(f"{p} is not a readable lmnet checkpoint ({detail}); lmnet loads only "
                          "tensors and plain values from a file, never code") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:

@@ -204,6 +204,8 @@ def _prepare_run(cfg: TrainConfig, resume: bool | str | Path, overrides: dict[st
         cfg = TrainConfig.from_dict(saved)
     if not cfg.data:
         raise ValueError("no dataset given: pass --data PATH or set 'data' in the config")
+    if not resume:  # recorded as an absolute path: the run resumes from any folder
+        cfg = cfg.replace(data=str(Path(cfg.data).expanduser().resolve()))
     fmt, samples, problems = discover(cfg.data, cfg.format)
     if problems:
         shown = "\n  ".join(problems[:10])
