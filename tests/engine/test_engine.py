@@ -230,6 +230,33 @@ def test_demo_runs_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_demo_shows_the_shipped_model_beside_its_own(tmp_path, monkeypatch, tiny_checkpoint):
+    """With a shipped model, the demo holds out the sample images it never trained on and reports
+    both models on them (a stand-in model here: the real one ships when its run has finished)."""
+    import lmnet.deploy.pretrained as pre
+    from lmnet.deploy import load_checkpoint
+    from lmnet.engine.demo import run_demo, sample_data_path
+    from lmnet.models import create_model
+
+    names = sorted(p.stem for p in (sample_data_path() / "images").glob("*.jpg"))
+    cfg = TrainConfig.from_dict(load_checkpoint(tiny_checkpoint / "checkpoint_best.pt")["config"])
+    model = create_model("lmnet")
+    model.load_state_dict(load_checkpoint(tiny_checkpoint / "checkpoint_best.pt")["model"])
+    folder = pre.save_pretrained(model, tmp_path / "shipped", "lmnet", {}, pre.pretrained_cfg_of(cfg),
+                                 extra={"split": {"train": names[:30], "val": names[30:35],
+                                                  "test": names[35:]}})
+    monkeypatch.setattr(pre, "resolve_pretrained", lambda name, revision=None: folder)
+    report = run_demo(tmp_path / "demo", minutes=0.3, image_size=32, epochs=2, progress=False)
+    split = json.loads((tmp_path / "demo" / "run" / "split.json").read_text())
+    assert sorted(split["test"]) == names[30:]  # the shipped model's unseen images, all of them
+    text = (report / "README.md").read_text()
+    assert "shipped LM-Net (`--weights kvasir`)" in text and "neither model trained on" in text
+    assert len(list((report / "predictions_shipped_model" / "masks").iterdir())) == 10
+    ship = json.loads((report / "compare_original_size" / "shipped_model" / "metrics.json").read_text())
+    assert ship["all"]["n_images"] == 10
+
+
 def test_demo_plans_its_epochs_from_measured_speed(tmp_path, monkeypatch):
     """A machine too slow for the requested epochs trains fewer, with a complete schedule."""
     import lmnet.engine.demo as demo

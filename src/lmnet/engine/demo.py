@@ -8,8 +8,11 @@ import time
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
+
 from lmnet.config import TrainConfig
 from lmnet.data.layouts import discover
+from lmnet.data.splits import save_split
 from lmnet.engine.evaluate import evaluate_run
 from lmnet.engine.predict import predict_files
 from lmnet.engine.train import step_seconds, train
@@ -35,6 +38,26 @@ def plan_epochs(cfg: TrainConfig, train_images: int, minutes: float, most: int) 
     return max(min(3, most), min(most, int(minutes * 60 / epoch_s)))
 
 
+def _shipped_split(samples: list) -> dict[str, list[str]] | None:
+    """A split of the sample whose held-out images the shipped Kvasir-SEG model never trained on
+    (its own validation and test images), or None when no shipped model (or too few such images)."""
+    from lmnet.deploy.pretrained import from_pretrained
+
+    try:
+        stored = from_pretrained("kvasir").pretrained_config.get("split") or {}
+    except ValueError:
+        return None
+    unseen = {n for k in ("val", "test") for n in stored.get(k, [])}
+    held = sorted(s.name for s in samples if s.name in unseen)
+    rest = sorted(s.name for s in samples if s.name not in unseen)
+    if len(held) < 3 or len(rest) < 8:
+        return None
+    rng = np.random.default_rng(0)
+    rest = [rest[i] for i in rng.permutation(len(rest))]
+    n_val = max(2, round(0.15 * len(samples)))
+    return {"train": sorted(rest[n_val:]), "val": sorted(rest[:n_val]), "test": held}
+
+
 def run_demo(out: str | Path = "lmnet_demo", minutes: float = 3.5, image_size: int = 128,
              epochs: int = 25, progress: bool = True) -> Path:
     """Train, evaluate and predict on the sample; returns the report folder ``out/report``.
@@ -53,10 +76,19 @@ def run_demo(out: str | Path = "lmnet_demo", minutes: float = 3.5, image_size: i
         if not saved.is_file() or json.loads(saved.read_text()).get("data") != str(data):
             raise ValueError(f"{run_dir} exists and is not an earlier demo run; choose another --out")
         shutil.rmtree(run_dir)
+    _, samples, _ = discover(data, "kvasir")
+    split = _shipped_split(samples)
+    split_file = None
+    if split is not None:  # held-out images that neither model trained on
+        out.mkdir(parents=True, exist_ok=True)
+        split_file = out / "split.json"
+        save_split(split, split_file)
     cfg = TrainConfig(data=str(data), format="kvasir", image_size=image_size, batch_size=8,
                       epochs=epochs, time_budget=1.5 * minutes, split_ratios=[0.7, 0.15, 0.15],
-                      out=str(out), name="run", seed=0)
-    planned = plan_epochs(cfg, round(0.7 * 40), minutes, epochs)
+                      split_file=str(split_file) if split_file else None, out=str(out),
+                      name="run", seed=0)
+    n_train = len(split["train"]) if split else round(0.7 * len(samples))
+    planned = plan_epochs(cfg, n_train, minutes, epochs)
     if planned < epochs and progress:
         print(f"this machine is slower than the demo assumes: training {planned} epochs instead of "
               f"{epochs}, so that the learning-rate schedule completes within {minutes} minutes")
@@ -64,21 +96,46 @@ def run_demo(out: str | Path = "lmnet_demo", minutes: float = 3.5, image_size: i
     train(cfg, progress=progress)
     report = out / "report"
     result, _ = evaluate_run(run_dir, split="test", out=report, progress=False)
-    _, samples, _ = discover(data, "kvasir")
     test = set(json.loads((run_dir / "split.json").read_text())["test"])
     images = [s.image for s in samples if s.name in test]
     predict_files(run_dir, images, report / "predictions", progress=False)
     table = markdown_table(result)
+    shipped_part = ("\nNo trained Kvasir-SEG model ships with this installation yet; once it does, "
+                    "this report shows its predictions on the same images beside the demo's.\n")
+    if split is not None:
+        compare = report / "compare_original_size"
+        own, _ = evaluate_run(run_dir, split="test", grid="original", out=compare / "demo_model",
+                              progress=False)
+        ship, _ = evaluate_run(None, data=data, split="test", split_file=run_dir / "split.json",
+                               grid="original", out=compare / "shipped_model", progress=False,
+                               weights="kvasir")
+        predict_files(None, images, report / "predictions_shipped_model", progress=False,
+                      weights="kvasir")
+        rows = [(f"this demo's LM-Net ({cfg.epochs} epochs on {len(split['train'])} images)",
+                 own["all"]),
+                ("shipped LM-Net (`--weights kvasir`)", ship["all"])]
+        shipped_part = (
+            "\n## Beside it: the trained LM-Net that ships with lmnet\n\n"
+            f"The same {len(images)} held-out images, which neither model trained on (the shipped "
+            "model never saw them in training: they are in its validation or test split), scored "
+            "at each image's own size:\n\n| model | Dice (fg) | IoU (fg) | mDice (paper) |\n"
+            "|---|---:|---:|---:|\n" + "".join(
+                f"| {name} | {100 * r['fg_dice_mean']:.2f} | {100 * r['fg_iou_mean']:.2f} | "
+                f"{100 * r['paper_mdice']:.2f} |\n" for name, r in rows) +
+            "\nIts masks and overlays: `predictions_shipped_model/`; its model card: "
+            "`python -c \"import lmnet; print(lmnet.from_pretrained('kvasir').pretrained_cfg)\"`.\n")
     minutes_taken = (time.perf_counter() - t0) / 60
     (report / "README.md").write_text(
         "# lmnet demo report\n\n"
         f"LM-Net trained for {cfg.epochs} epochs (a complete cosine schedule planned to fit in "
         f"{minutes} minutes) at {image_size} x {image_size} on "
-        f"{len(samples)} Kvasir-SEG images bundled with lmnet (split 70/15/15 %), then evaluated on "
+        f"{len(samples)} Kvasir-SEG images bundled with lmnet "
+        f"({len(json.loads((run_dir / 'split.json').read_text())['train'])} for training), then "
+        "evaluated on "
         f"the {len(images)} test images. The whole demo took {minutes_taken:.1f} minutes.\n\n"
         "These numbers show that the pipeline works end to end; a few minutes on a tiny sample are\n"
         "not the paper's recipe (200 epochs at 256 x 256 on the full dataset): do not compare them\n"
-        "with published results.\n\n" + table +
+        "with published results.\n\n" + table + shipped_part +
         "\nFiles: `metrics.json`, `per_image.csv`, `predictions/masks/`, `predictions/overlays/`,\n"
         f"`predictions/areas.csv`; the training run (checkpoints, log.csv, TensorBoard) is in `{run_dir}`.\n\n"
         "Full dataset: `lmnet train --config configs/kvasir.yaml --data PATH/kvasir-seg`.\n")
