@@ -115,3 +115,40 @@ def test_export_errors(tmp_path, capsys):
                  "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "not a readable" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_openvino_matches_pytorch_on_real_images(kvasir_run, tmp_path, capsys):
+    """OpenVINO, converted on the fly or from the exported IR: the same masks as PyTorch."""
+    from PIL import Image
+
+    inputs = tmp_path / "imgs"
+    inputs.mkdir()
+    for p in KVASIR_IMAGES[:3]:
+        (inputs / p.name).write_bytes(p.read_bytes())
+    assert main(["predict", str(kvasir_run), str(inputs), "--out", str(tmp_path / "t"), "--quiet"]) == 0
+    assert main(["export", str(kvasir_run), "--format", "openvino", "--out", str(tmp_path / "m.xml")]) == 0
+    out = capsys.readouterr().out
+    diff = float(out.split("to PyTorch on shapes")[1].split(":")[1])
+    assert diff < LOGIT_ATOL, out
+    before = sorted(kvasir_run.iterdir())
+    for name, model in (("ov", str(kvasir_run)), ("ir", str(tmp_path / "m.xml"))):
+        assert main(["predict", model, str(inputs), "--engine", "openvino", "--out",
+                     str(tmp_path / name), "--quiet"]) == 0
+        differ = 0
+        for p in KVASIR_IMAGES[:3]:
+            a = np.asarray(Image.open(tmp_path / "t" / "masks" / f"{p.stem}.png"))
+            b = np.asarray(Image.open(tmp_path / name / "masks" / f"{p.stem}.png"))
+            differ += int((a != b).sum())
+        assert differ <= 10, (name, differ)  # ties at 0.5 only
+    assert sorted(kvasir_run.iterdir()) == before  # nothing written beside the run
+    assert main(["predict", str(tmp_path / "m.xml"), str(inputs), "--out", str(tmp_path / "x")]) == 2
+    assert "use --engine openvino" in capsys.readouterr().err
+    assert main(["evaluate", str(kvasir_run), "--engine", "openvino", "--out", str(tmp_path / "ev"),
+                 "--quiet"]) == 0
+    assert main(["evaluate", str(kvasir_run), "--out", str(tmp_path / "et"), "--quiet"]) == 0
+    import json
+
+    a = json.loads((tmp_path / "ev" / "metrics.json").read_text())["all"]["fg_dice_mean"]
+    b = json.loads((tmp_path / "et" / "metrics.json").read_text())["all"]["fg_dice_mean"]
+    assert abs(a - b) < 1e-3

@@ -78,7 +78,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise ValueError("give a run folder (or checkpoint) or --weights NAME, not both or neither")
     result, out = evaluate_run(args.run, args.data, args.split, args.split_file, args.grid, args.out,
                                spacing, args.device, progress=not args.quiet,
-                               precision=args.precision, weights=args.weights)
+                               precision=args.precision, weights=args.weights, engine=args.engine)
     print(markdown_table(result))
     print(f"wrote {out / 'metrics.json'}, {out / 'per_image.csv'} and {out / 'metrics.md'}")
     return 0
@@ -181,7 +181,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--spacing", type=float, nargs=2, default=None, metavar=("SY", "SX"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                   help="inference precision (bf16, fp16: autocast; fp16 on CUDA only)")
+                   help="inference precision (torch: bf16/fp16 autocast, fp16 on CUDA only; "
+                        "openvino: bf16 hint)")
+    p.add_argument("--engine", default="torch", choices=ENGINES,
+                   help="PyTorch, ONNX Runtime or OpenVINO (the model is converted on the fly)")
     p.add_argument("--out", default=None, help="report folder (default: RUN/eval_<split>_<grid>)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_evaluate)
@@ -197,10 +200,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--threshold", type=float, default=0.5, help="lesion probability threshold")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                   help="inference precision with --engine torch (bf16, fp16: autocast; fp16 on "
-                        "CUDA only)")
+                   help="inference precision (torch: bf16/fp16 autocast, fp16 on CUDA only; "
+                        "openvino: bf16 hint)")
     p.add_argument("--engine", default="torch", choices=ENGINES,
-                   help="PyTorch, or ONNX Runtime (CHECKPOINT may then be an exported .onnx file)")
+                   help="PyTorch, ONNX Runtime or OpenVINO (CHECKPOINT may then be an exported "
+                        ".onnx or .xml file)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_predict)
 

@@ -11,14 +11,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmnet._optional import require
 from lmnet.config import TrainConfig
 from lmnet.deploy.checkpoint import model_from_checkpoint
 
-__all__ = ["ENGINES", "PRECISIONS", "load_model", "load_predictor", "precision_context", "predict_probabilities",
+__all__ = ["ENGINES", "ENGINE_FILES", "PRECISIONS", "convert_to_openvino", "load_model",
+           "load_predictor", "openvino_runner", "precision_context", "predict_probabilities",
            "probabilities_to_mask"]
 
-#: Inference engines: PyTorch, or ONNX Runtime on the project's ONNX export.
-ENGINES = ("torch", "onnx")
+#: Inference engines: PyTorch, ONNX Runtime on the project's ONNX export, or OpenVINO (converted
+#: straight from PyTorch, or an IR from ``lmnet export --format openvino``).
+ENGINES = ("torch", "onnx", "openvino")
+#: Exported files each engine reads.
+ENGINE_FILES = {".onnx": "onnx", ".xml": "openvino"}
 
 #: Inference precisions: fp32, bf16 autocast (AVX-512 BF16 / AMX CPUs, recent GPUs), fp16
 #: autocast (GPUs only).
@@ -80,28 +85,73 @@ def load_model(checkpoint: str | Path | None = None, weights: str | Path | None 
     return model_from_checkpoint(checkpoint)
 
 
-def load_predictor(checkpoint: str | Path | None = None, engine: str = "torch",
-                   weights: str | Path | None = None) -> tuple[Any, TrainConfig]:
-    """A deployed PyTorch model, or an ONNX Runtime function, and the training config.
+def openvino_runner(model: nn.Module | str | Path, in_channels: int = 3, size: int = 256,
+                    precision: str = "fp32", threads: int | None = None
+                    ) -> Callable[[np.ndarray], np.ndarray]:
+    """A function ``numpy (N, C, H, W) float32 -> numpy logits`` running OpenVINO on the CPU.
 
-    ``checkpoint``: a checkpoint, a run folder or (ONNX Runtime) an exported ``.onnx`` file;
-    or ``weights``: a pretrained model (:func:`load_model`).
+    ``model``: a deployed PyTorch model (converted directly, batch and size dynamic) or the path of
+    an OpenVINO IR (``.xml``). ``precision``: ``fp32``, or ``bf16`` as OpenVINO's inference
+    precision hint (used where the CPU has bf16 instructions, else OpenVINO computes in fp32).
+    ``threads``: default PyTorch's thread count (``--threads``).
+    """
+    ov = require("openvino", "openvino")
+    hints = {"fp32": "f32", "bf16": "bf16"}
+    if precision not in hints:
+        raise ValueError(f"OpenVINO runs fp32 or bf16 on a CPU, got {precision!r}")
+    core = ov.Core()
+    if isinstance(model, (str, Path)):
+        ov_model = core.read_model(str(model))
+    else:
+        ov_model = convert_to_openvino(model, in_channels, size)
+    compiled = core.compile_model(ov_model, "CPU", {
+        "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": hints[precision],
+        "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads())})
+    return lambda x: compiled(np.ascontiguousarray(x, dtype=np.float32))[0]
+
+
+def convert_to_openvino(model: nn.Module, in_channels: int = 3, size: int = 256) -> Any:
+    """An ``openvino.Model`` of a deployed PyTorch model, batch and spatial size dynamic."""
+    import warnings
+
+    ov = require("openvino", "openvino")
+    model.eval()
+    example = torch.randn(1, in_channels, size, size)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings about shape-dependent Python branches
+        return ov.convert_model(model, example_input=example,
+                                input=[ov.PartialShape([-1, in_channels, -1, -1])])
+
+
+def load_predictor(checkpoint: str | Path | None = None, engine: str = "torch",
+                   weights: str | Path | None = None, precision: str = "fp32"
+                   ) -> tuple[Any, TrainConfig]:
+    """A deployed PyTorch model, or an ONNX Runtime or OpenVINO function, and the training config.
+
+    ``checkpoint``: a checkpoint, a run folder, or an exported ``.onnx`` (ONNX Runtime) or ``.xml``
+    (OpenVINO) file; or ``weights``: a pretrained model (:func:`load_model`). ``precision`` is
+    OpenVINO's inference precision hint (PyTorch's autocast is applied by the caller).
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; available: {', '.join(ENGINES)}")
     path = Path(checkpoint) if checkpoint is not None else None
-    if path is not None and path.suffix == ".onnx":
-        if engine != "onnx":
-            raise ValueError(f"{path} is an ONNX file: use --engine onnx")
+    if path is not None and path.suffix in ENGINE_FILES:
+        wanted = ENGINE_FILES[path.suffix]
+        if engine != wanted:
+            raise ValueError(f"{path} is an exported {wanted} file: use --engine {wanted}")
         if not path.is_file():
-            raise FileNotFoundError(f"no such ONNX file: {path}")
-        from lmnet.deploy.export import load_exported, onnx_config  # needs the export extra
+            raise FileNotFoundError(f"no such {wanted} file: {path}")
+        from lmnet.deploy.export import exported_config, load_exported
 
-        cfg = onnx_config(path)  # checks the file first: a clear error for files that are not ours
+        cfg = exported_config(path)  # checks the file first: a clear error for files not ours
+        if engine == "openvino":
+            return openvino_runner(path, precision=precision), cfg
         return load_exported(path, "onnx"), cfg
     model, cfg = load_model(checkpoint, weights)
     if engine == "torch":
         return model, cfg
+    if engine == "openvino":
+        return openvino_runner(model, cfg.in_channels, cfg.image_size, precision), cfg
     # ONNX Runtime: export into a temporary folder; the session reads the whole file when it
     # starts, so nothing is left behind (lmnet export writes a file to keep)
     import tempfile

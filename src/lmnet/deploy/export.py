@@ -15,12 +15,12 @@ from lmnet._optional import require
 from lmnet.config import TrainConfig
 from lmnet.deploy.checkpoint import model_from_checkpoint
 
-__all__ = ["EXPORT_FORMATS", "export_onnx", "export_torchscript", "export_model",
-           "export_checkpoint", "load_exported", "onnx_config"]
+__all__ = ["EXPORT_FORMATS", "export_onnx", "export_torchscript", "export_openvino", "export_model",
+           "export_checkpoint", "exported_config", "load_exported", "onnx_config"]
 
 log = logging.getLogger(__name__)
 
-EXPORT_FORMATS = ("onnx", "torchscript", "pretrained")
+EXPORT_FORMATS = ("onnx", "torchscript", "openvino", "pretrained")
 
 
 def export_onnx(model: nn.Module, path: str | Path, in_channels: int, size: int = 256,
@@ -85,12 +85,14 @@ def export_model(model: nn.Module, cfg: TrainConfig, fmt: str, out: str | Path, 
     difference between the exported model and PyTorch over a few input shapes, other than the
     traced one included.
     """
-    if fmt not in ("onnx", "torchscript"):
-        raise ValueError(f"format must be onnx or torchscript here, got {fmt!r}")
+    if fmt not in ("onnx", "torchscript", "openvino"):
+        raise ValueError(f"format must be onnx, torchscript or openvino here, got {fmt!r}")
     out = Path(out)
     if fmt == "onnx":
         export_onnx(model, out, cfg.in_channels, cfg.image_size,
                     metadata={"lmnet_config": json.dumps(cfg.to_dict())})
+    elif fmt == "openvino":
+        export_openvino(model, out, cfg)
     else:
         export_torchscript(model, out, cfg.in_channels, cfg.image_size)
     result: dict[str, Any] = {"path": str(out), "format": fmt}
@@ -123,6 +125,38 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, check: 
     return export_model(model, cfg, fmt, out, check)
 
 
+def export_openvino(model: nn.Module, path: str | Path, cfg: TrainConfig) -> Path:
+    """Write ``model`` as an OpenVINO IR (``path`` ``.xml`` and its ``.bin``; fp32 weights), batch
+    and size dynamic, with ``cfg`` in the IR's runtime info."""
+    from lmnet.deploy.engines import convert_to_openvino
+
+    ov = require("openvino", "openvino")
+    path = Path(path)
+    if path.suffix != ".xml":
+        raise ValueError(f"an OpenVINO IR is written as NAME.xml (+ NAME.bin), got {path.name}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ov_model = convert_to_openvino(model, cfg.in_channels, cfg.image_size)
+    ov_model.set_rt_info(json.dumps(cfg.to_dict()), ["lmnet_config"])
+    ov.save_model(ov_model, str(path), compress_to_fp16=False)
+    return path
+
+
+def exported_config(path: str | Path) -> TrainConfig:
+    """The training config stored in an exported ``.onnx`` or OpenVINO ``.xml`` file."""
+    path = Path(path)
+    if path.suffix != ".xml":
+        return onnx_config(path)
+    ov = require("openvino", "openvino")
+    try:
+        model = ov.Core().read_model(str(path))
+    except Exception as err:  # noqa: BLE001 - any parse failure means a bad file
+        raise ValueError(f"{path} is not a readable OpenVINO IR: {str(err).splitlines()[0]}") from None
+    if not model.has_rt_info(["lmnet_config"]):
+        raise ValueError(f"{path} was not exported by lmnet (no lmnet_config); export it with "
+                         "lmnet export --format openvino")
+    return TrainConfig.from_dict(json.loads(model.get_rt_info(["lmnet_config"]).astype(str)))
+
+
 def onnx_config(path: str | Path) -> TrainConfig:
     """The training config stored in an ONNX file written by :func:`export_checkpoint`."""
     onnx = require("onnx", "export")
@@ -140,6 +174,10 @@ def onnx_config(path: str | Path) -> TrainConfig:
 
 def load_exported(path: str | Path, fmt: str) -> Callable[[np.ndarray], np.ndarray]:
     """A function ``numpy (N, C, H, W) float32 -> numpy logits`` running an exported model."""
+    if fmt == "openvino":
+        from lmnet.deploy.engines import openvino_runner
+
+        return openvino_runner(path)
     if fmt == "onnx":
         ort = require("onnxruntime", "export")
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -18,12 +19,15 @@ from lmnet.data.splits import SPLITS, check_split, load_split
 from lmnet.deploy.checkpoint import resolve_checkpoint
 from lmnet.deploy.engines import (
     load_model,
+    load_predictor,
     precision_context,
     predict_probabilities,
     probabilities_to_mask,
 )
 from lmnet.deploy.preprocess import preprocess
+from lmnet.deploy.pretrained import resolve_pretrained
 from lmnet.metrics import SegmentationEvaluator, write_report
+from lmnet.models._hub import read_config
 
 __all__ = ["evaluate_samples", "evaluate_run", "GRIDS"]
 
@@ -32,14 +36,17 @@ GRIDS = ("resized", "original")
 
 
 @torch.inference_mode()
-def evaluate_samples(model: nn.Module, samples: Sequence[Sample], cfg: TrainConfig,
+def evaluate_samples(model: nn.Module | Callable[[np.ndarray], np.ndarray], samples: Sequence[Sample], cfg: TrainConfig,
                      grid: str = "resized", boundary: bool = True, batch_size: int = 8,
                      dataset: SegmentationDataset | None = None, progress: bool = False,
                      spacing: tuple[float, float] | None = None) -> SegmentationEvaluator:
-    """Predict every sample and score it; returns the filled evaluator (rows carry names, groups)."""
+    """Predict every sample and score it; returns the filled evaluator (rows carry names, groups).
+
+    ``model``: a PyTorch module or an engine's function (numpy batch -> numpy logits)."""
     if grid not in GRIDS:
         raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
-    model.eval()
+    if isinstance(model, nn.Module):
+        model.eval()
     ev = SegmentationEvaluator(spacing=spacing, boundary=boundary)
     if grid == "resized":
         ds = dataset or SegmentationDataset(samples, cfg.image_size, False, cfg.in_channels,
@@ -64,7 +71,8 @@ def evaluate_run(run_or_checkpoint: str | Path | None, data: str | Path | None =
                  split: str = "test", split_file: str | Path | None = None, grid: str = "resized",
                  out: str | Path | None = None, spacing: tuple[float, float] | None = None,
                  device: str = "cpu", progress: bool = True, precision: str = "fp32",
-                 weights: str | Path | None = None) -> tuple[dict[str, Any], Path]:
+                 weights: str | Path | None = None, engine: str = "torch"
+                 ) -> tuple[dict[str, Any], Path]:
     """Score the ``split`` images of the checkpoint's dataset; write the reports.
 
     Args:
@@ -78,12 +86,18 @@ def evaluate_run(run_or_checkpoint: str | Path | None, data: str | Path | None =
         precision: ``fp32`` or ``bf16`` (autocast) inference.
         weights: a pretrained model (shipped name, folder or Hub id) instead of a run; its
             ``config.json`` carries the split it was trained with, used unless ``split_file``.
+        engine: ``torch``, ``onnx`` or ``openvino`` (``precision`` is then OpenVINO's hint).
 
     Returns:
         The aggregated metrics and the report folder.
     """
-    model, cfg = load_model(run_or_checkpoint, weights)
-    model.to(torch.device(device))
+    if engine == "torch":
+        model, cfg = load_model(run_or_checkpoint, weights)
+        model.to(torch.device(device))
+        stored = getattr(model, "pretrained_config", {})
+    else:
+        model, cfg = load_predictor(run_or_checkpoint, engine, weights, precision)
+        stored = read_config(resolve_pretrained(weights)) if weights is not None else {}
     data = data or cfg.data
     if not data or not Path(data).exists():
         raise FileNotFoundError(f"no dataset at {data!r}: pass --data PATH")
@@ -96,11 +110,10 @@ def evaluate_run(run_or_checkpoint: str | Path | None, data: str | Path | None =
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS + ('all',)}, got {split!r}")
         if split_file is None and weights is not None:
-            stored = model.pretrained_config.get("split")
-            if not stored:
+            if not stored.get("split"):
                 raise ValueError(f"{weights} stores no split: pass --split-file or --split all")
             split_path = f"the split stored with {weights}"
-            names = set(check_split(stored, samples)[split])
+            names = set(check_split(stored["split"], samples)[split])
         else:
             split_path = Path(split_file) if split_file else resolve_checkpoint(
                 run_or_checkpoint).parent / "split.json"
@@ -108,7 +121,7 @@ def evaluate_run(run_or_checkpoint: str | Path | None, data: str | Path | None =
         chosen = [s for s in samples if s.name in names]
         if not chosen:
             raise ValueError(f"the {split} split of {split_path} is empty")
-    with precision_context(precision, torch.device(device).type):
+    with precision_context(precision if engine == "torch" else "fp32", torch.device(device).type):
         ev = evaluate_samples(model, chosen, cfg, grid, boundary=True, progress=progress,
                               spacing=spacing)
     result = ev.aggregate()
@@ -121,7 +134,8 @@ def evaluate_run(run_or_checkpoint: str | Path | None, data: str | Path | None =
         out_dir = resolve_checkpoint(run_or_checkpoint).parent / f"eval_{split}_{grid}{suffix}"
     source = str(resolve_checkpoint(run_or_checkpoint)) if weights is None else f"weights {weights}"
     extra = {"checkpoint": source, "data": str(data), "format": fmt, "split": split,
-             "grid": grid, "image_size": cfg.image_size, "model": cfg.model, "precision": precision}
+             "grid": grid, "image_size": cfg.image_size, "model": cfg.model, "precision": precision,
+             "engine": engine}
     write_report(result, ev.rows, out_dir, extra)
     (out_dir / "evaluated_on.json").write_text(json.dumps(extra, indent=2) + "\n")
     return result, out_dir

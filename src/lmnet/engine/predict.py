@@ -122,13 +122,13 @@ def predict_files(checkpoint: str | Path | None, inputs: Sequence[str | Path], o
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; available: {', '.join(ENGINES)}")
-    if precision != "fp32" and engine != "torch":
-        raise ValueError(f"precision {precision!r} is available with --engine torch only")
+    if precision != "fp32" and engine == "onnx":
+        raise ValueError(f"precision {precision!r} is available with --engine torch or openvino")
     out = Path(out_dir)
     summary = PredictionSummary(csv_path=out / "areas.csv")
     files = collect_inputs(inputs, exclude=out, skipped=summary.skipped)
     names = output_names(files)
-    model, cfg = load_predictor(checkpoint, engine, weights)
+    model, cfg = load_predictor(checkpoint, engine, weights, precision)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     rows = []
