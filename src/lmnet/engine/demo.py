@@ -30,11 +30,11 @@ def plan_epochs(cfg: TrainConfig, train_images: int, minutes: float, most: int) 
     """How many epochs (at most ``most``, at least 3 unless ``most`` is smaller) fit in ``minutes`` on this machine, now.
 
     Times a training step of the demo's model and batch (:func:`~lmnet.engine.train.step_seconds`)
-    and allows a quarter more for data loading and validation. Measured, so a slow or busy machine trains
+    and allows a fifth more for data loading and validation. Measured, so a slow or busy machine trains
     fewer epochs but still completes the learning-rate schedule.
     """
     steps = -(-train_images // cfg.batch_size)
-    epoch_s = 1.25 * steps * step_seconds(cfg)
+    epoch_s = 1.2 * steps * step_seconds(cfg)
     return max(min(3, most), min(most, int(minutes * 60 / epoch_s)))
 
 

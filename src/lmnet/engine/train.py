@@ -103,8 +103,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def step_seconds(cfg: TrainConfig, size: int | None = None) -> float:
     """Measured seconds of one optimiser step of ``cfg`` (``grad_accum`` micro-batches: forward,
-    backward, AdamW) at ``size`` (default ``cfg.image_size``) on random data, after a warm-up
-    step. For planning: epochs that fit a budget, a matrix's estimated time."""
+    backward, AdamW) at ``size`` (default ``cfg.image_size``) on random data: the median of three
+    steps after a warm-up step. For planning: epochs that fit a budget, a matrix's estimated time."""
     size = size or cfg.image_size
     model = build_model(cfg)
     if cfg.channels_last:
@@ -115,13 +115,13 @@ def step_seconds(cfg: TrainConfig, size: int | None = None) -> float:
     x = torch.randn(micro, cfg.in_channels, size, size)
     y = torch.randint(0, 2, (micro, size, size))
     times = []
-    for _ in range(3 if size <= 64 else 2):
+    for _ in range(4):  # one warm-up step, then the median of three
         t = time.perf_counter()
         opt.zero_grad()
         loss_fn(model(x), y).backward()
         opt.step()
         times.append(time.perf_counter() - t)
-    return min(times[1:]) * cfg.grad_accum
+    return float(np.median(times[1:])) * cfg.grad_accum
 
 
 def _check_readable(samples: list[Sample], channels: int) -> None:
