@@ -76,26 +76,33 @@ def test_torchscript_export(kvasir_run, tmp_path):
     assert result["max_abs_diff"] < LOGIT_ATOL
 
 
-@pytest.mark.slow
-def test_predict_with_both_engines_gives_identical_masks(kvasir_run, tmp_path, capsys):
+def _inputs_and_torch_masks(kvasir_run, tmp_path):
+    """Three real images in ``tmp_path/in``, predicted by PyTorch into ``tmp_path/t``."""
     inputs = tmp_path / "in"
     inputs.mkdir()
     for p in KVASIR_IMAGES[:3]:
         (inputs / p.name).write_bytes(p.read_bytes())
     assert main(["predict", str(kvasir_run), str(inputs), "--out", str(tmp_path / "t"), "--quiet"]) == 0
+    return inputs
+
+
+def _pixels_differing(a_dir, b_dir):
+    from PIL import Image
+
+    return sum(int((np.asarray(Image.open(a_dir / "masks" / f"{p.stem}.png")) !=
+                    np.asarray(Image.open(b_dir / "masks" / f"{p.stem}.png"))).sum())
+               for p in KVASIR_IMAGES[:3])
+
+
+@pytest.mark.slow
+def test_predict_with_both_engines_gives_identical_masks(kvasir_run, tmp_path, capsys):
+    inputs = _inputs_and_torch_masks(kvasir_run, tmp_path)
     assert main(["export", str(kvasir_run), "--out", str(tmp_path / "m.onnx")]) == 0
     assert "largest logit difference" in capsys.readouterr().out
     assert main(["predict", str(tmp_path / "m.onnx"), str(inputs), "--engine", "onnx", "--out",
                  str(tmp_path / "o"), "--quiet"]) == 0
-    from PIL import Image
-
-    differ = total = 0
-    for p in KVASIR_IMAGES[:3]:
-        a = np.asarray(Image.open(tmp_path / "t" / "masks" / f"{p.stem}.png"))
-        b = np.asarray(Image.open(tmp_path / "o" / "masks" / f"{p.stem}.png"))
-        assert a.shape == b.shape
-        differ, total = differ + int((a != b).sum()), total + a.size
-    assert differ <= 10, f"{differ} of {total} mask pixels differ"  # ties at 0.5 only (see above)
+    differ = _pixels_differing(tmp_path / "t", tmp_path / "o")
+    assert differ <= 10, f"{differ} mask pixels differ"  # ties at 0.5 only (see above)
     # A checkpoint with --engine onnx is exported to a temporary file: nothing left behind.
     before = sorted(kvasir_run.iterdir())
     assert main(["predict", str(kvasir_run), str(inputs), "--engine", "onnx", "--out",
@@ -120,13 +127,7 @@ def test_export_errors(tmp_path, capsys):
 @pytest.mark.slow
 def test_openvino_matches_pytorch_on_real_images(kvasir_run, tmp_path, capsys):
     """OpenVINO, converted on the fly or from the exported IR: the same masks as PyTorch."""
-    from PIL import Image
-
-    inputs = tmp_path / "imgs"
-    inputs.mkdir()
-    for p in KVASIR_IMAGES[:3]:
-        (inputs / p.name).write_bytes(p.read_bytes())
-    assert main(["predict", str(kvasir_run), str(inputs), "--out", str(tmp_path / "t"), "--quiet"]) == 0
+    inputs = _inputs_and_torch_masks(kvasir_run, tmp_path)
     assert main(["export", str(kvasir_run), "--format", "openvino", "--out", str(tmp_path / "m.xml")]) == 0
     out = capsys.readouterr().out
     diff = float(out.split("to PyTorch on shapes")[1].split(":")[1])
@@ -135,11 +136,7 @@ def test_openvino_matches_pytorch_on_real_images(kvasir_run, tmp_path, capsys):
     for name, model in (("ov", str(kvasir_run)), ("ir", str(tmp_path / "m.xml"))):
         assert main(["predict", model, str(inputs), "--engine", "openvino", "--out",
                      str(tmp_path / name), "--quiet"]) == 0
-        differ = 0
-        for p in KVASIR_IMAGES[:3]:
-            a = np.asarray(Image.open(tmp_path / "t" / "masks" / f"{p.stem}.png"))
-            b = np.asarray(Image.open(tmp_path / name / "masks" / f"{p.stem}.png"))
-            differ += int((a != b).sum())
+        differ = _pixels_differing(tmp_path / "t", tmp_path / name)
         assert differ <= 10, (name, differ)  # ties at 0.5 only
     assert sorted(kvasir_run.iterdir()) == before  # nothing written beside the run
     assert main(["predict", str(tmp_path / "m.xml"), str(inputs), "--out", str(tmp_path / "x")]) == 2
