@@ -1,6 +1,8 @@
 """Shared fixtures and helpers for the test suite."""
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,9 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
+
+# Engine probes (--engine auto) cache their choice per machine: the tests keep theirs apart.
+os.environ["LMNET_CACHE_DIR"] = tempfile.mkdtemp(prefix="lmnet-test-cache-")
 
 
 @pytest.fixture(autouse=True)

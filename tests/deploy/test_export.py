@@ -11,7 +11,7 @@ from lmnet.data.io import read_image
 from lmnet.deploy import preprocess
 from lmnet.deploy.checkpoint import model_from_checkpoint
 from lmnet.deploy.engines import predict_probabilities, probabilities_to_mask
-from lmnet.deploy.export import export_checkpoint, load_exported, onnx_config
+from lmnet.deploy.export import export_checkpoint, load_exported, exported_config
 from lmnet.engine.train import train
 from tests.conftest import ROOT
 
@@ -47,7 +47,7 @@ def test_onnx_matches_pytorch_on_real_images(kvasir_run, tmp_path):
 
     proto = onnx.load(str(path))
     assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
-    assert onnx_config(path).image_size == 64
+    assert exported_config(path).image_size == 64
     model, cfg = model_from_checkpoint(kvasir_run)
     run = load_exported(path, "onnx")
     images = [read_image(p) for p in KVASIR_IMAGES]
@@ -139,8 +139,11 @@ def test_openvino_matches_pytorch_on_real_images(kvasir_run, tmp_path, capsys):
         differ = _pixels_differing(tmp_path / "t", tmp_path / name)
         assert differ <= 10, (name, differ)  # ties at 0.5 only
     assert sorted(kvasir_run.iterdir()) == before  # nothing written beside the run
-    assert main(["predict", str(tmp_path / "m.xml"), str(inputs), "--out", str(tmp_path / "x")]) == 2
+    assert main(["predict", str(tmp_path / "m.xml"), str(inputs), "--engine", "torch", "--out",
+                 str(tmp_path / "x")]) == 2
     assert "use --engine openvino" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path / "m.xml"), str(inputs), "--out", str(tmp_path / "x")]) == 0
+    assert "engine: openvino (the file's own)" in capsys.readouterr().err  # auto: the file's engine
     assert main(["evaluate", str(kvasir_run), "--engine", "openvino", "--out", str(tmp_path / "ev"),
                  "--quiet"]) == 0
     assert main(["evaluate", str(kvasir_run), "--out", str(tmp_path / "et"), "--quiet"]) == 0
@@ -149,3 +152,56 @@ def test_openvino_matches_pytorch_on_real_images(kvasir_run, tmp_path, capsys):
     a = json.loads((tmp_path / "ev" / "metrics.json").read_text())["all"]["fg_dice_mean"]
     b = json.loads((tmp_path / "et" / "metrics.json").read_text())["all"]["fg_dice_mean"]
     assert abs(a - b) < 1e-3
+
+
+@pytest.mark.slow
+def test_int8_openvino_keeps_the_validation_dice(kvasir_run, tmp_path, capsys):
+    """NNCF int8, calibrated on training images, accuracy-controlled on the validation split: the
+    IR is quantised, carries its split and provenance, and its validation Dice (what the control
+    holds within 0.5 points) is within that of fp32's, measured by lmnet evaluate."""
+    import json
+
+    import openvino as ov
+
+    path = tmp_path / "m_int8.xml"
+    assert main(["export", str(kvasir_run), "--format", "openvino", "--int8",
+                 "--calibration-images", "8", "--out", str(path)]) == 0
+    assert "int8, calibrated on 8 training images" in capsys.readouterr().out
+    ir = ov.Core().read_model(str(path))
+    assert any(op.get_type_name() == "FakeQuantize" for op in ir.get_ops())
+    meta = json.loads(ir.get_rt_info(["lmnet_int8"]).astype(str))
+    assert meta["calibration_images"] == 8 and meta["accuracy_control"]["validation_images"] == 4
+    for model, out in ((str(path), "int8"), (str(kvasir_run), "fp32")):
+        assert main(["evaluate", model, "--split", "val", "--out", str(tmp_path / out),
+                     "--quiet"]) == 0  # the int8 IR: its own engine and its stored split
+    dice = {k: json.loads((tmp_path / k / "metrics.json").read_text())["all"]["fg_dice_mean"]
+            for k in ("int8", "fp32")}
+    assert dice["int8"] >= dice["fp32"] - 0.005 - 1e-6, dice
+
+
+def test_int8_calibrates_on_training_images_only(kvasir_mini):
+    from lmnet.data.layouts import discover
+    from lmnet.deploy.quantize import calibration_samples, validation_items
+
+    names = [s.name for s in discover(kvasir_mini)[1]]
+    split = {"train": names[:6], "val": names[6:8], "test": names[8:]}
+    cfg = TrainConfig(data=str(kvasir_mini), image_size=32)
+    chosen = calibration_samples(cfg, None, split, count=4)
+    assert len(chosen) == 4 and {s.name for s in chosen} <= set(split["train"])
+    assert len(calibration_samples(cfg, None, split, count=100)) == 6
+    assert len(validation_items(cfg, None, split)) == 2
+    with pytest.raises(ValueError, match="split is not known"):
+        calibration_samples(cfg, None, None)
+
+
+def test_int8_errors(tiny_checkpoint, tmp_path, capsys):
+    out = str(tmp_path / "m.onnx")
+    assert main(["export", str(tiny_checkpoint), "--int8", "--out", out]) == 2
+    assert "use --format openvino" in capsys.readouterr().err
+    assert main(["export", str(tiny_checkpoint), "--calibration-images", "5", "--out", out]) == 2
+    assert "are for --int8" in capsys.readouterr().err
+    assert main(["export", str(tiny_checkpoint), "--format", "openvino", "--int8", "--out",
+                 str(tmp_path / "m.xml")]) == 2  # a checkpoint without split.json or data
+    err = capsys.readouterr().err
+    assert ("split is not known" in err or "no dataset" in err) and "Traceback" not in err
+    assert not (tmp_path / "m.xml").exists()

@@ -8,8 +8,9 @@ import sys
 from lmnet.cli.models import parse_overrides
 from lmnet.config import TrainConfig, field_help, load_config
 from lmnet.data.layouts import FORMATS
-from lmnet.deploy.engines import ENGINES, PRECISIONS
+from lmnet.deploy.engines import PRECISIONS
 from lmnet.deploy.export import EXPORT_FORMATS
+from lmnet.deploy.loading import ENGINE_CHOICES
 
 #: Config keys whose flag has another name, and keys set only through ``--set`` (mappings).
 _FLAG_NAMES = {"split_file": "split"}
@@ -95,7 +96,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         checkpoint, inputs = args.items[0], args.items[1:]
     summary = predict_files(checkpoint, inputs, args.out, args.threshold, progress=not args.quiet,
-                            engine=args.engine, precision=args.precision, weights=args.weights)
+                            engine=args.engine, precision=args.precision, weights=args.weights,
+                            batch_size=args.batch_size)
+    if summary.note:
+        print(summary.note, file=sys.stderr)
     for why, paths in summary.skipped.items():
         print(f"skipped {len(paths)} file(s) in the {why} (e.g. {paths[0]})", file=sys.stderr)
     print(f"wrote {len(summary.written)} masks to {args.out}/masks, overlays to {args.out}/overlays, "
@@ -111,12 +115,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from lmnet.deploy.export import export_checkpoint
 
-    result = export_checkpoint(args.checkpoint, args.format, args.out, check=not args.no_check)
+    if (args.checkpoint is None) == (args.weights is None):
+        raise ValueError("give a checkpoint (or run folder) or --weights NAME, not both or neither")
+    if (args.data is not None or args.calibration_images is not None
+            or args.no_accuracy_control) and not args.int8:
+        raise ValueError("--data, --calibration-images and --no-accuracy-control are for --int8")
+    result = export_checkpoint(args.checkpoint, args.format, args.out, check=not args.no_check,
+                               weights=args.weights, int8=args.int8, data=args.data,
+                               calibration_images=args.calibration_images,
+                               accuracy_control=not args.no_accuracy_control)
     if args.format == "pretrained":
         print(f"wrote {result['path']}/ (config.json, model.safetensors, README.md): load it with "
               f"lmnet.from_pretrained({result['path']!r}) or --weights {result['path']}")
         return 0
-    print(f"wrote {result['path']} ({args.format}, re-parameterised, dynamic batch and size)")
+    how = "re-parameterised"
+    if args.int8:
+        how = f"int8, calibrated on {result['calibration_images']} training images"
+        if result["validation_images"]:
+            how += (f", fp32 layers kept where needed to stay within 0.5 points of fp32's Dice on "
+                    f"{result['validation_images']} validation images")
+    print(f"wrote {result['path']} ({args.format}, {how}, dynamic batch and size)")
     if "max_abs_diff" in result:
         print(f"largest logit difference to PyTorch on shapes {result['check_shapes']}: "
               f"{result['max_abs_diff']:.2e}")
@@ -183,8 +201,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="inference precision (torch: bf16/fp16 autocast, fp16 on CUDA only; "
                         "openvino: bf16 hint)")
-    p.add_argument("--engine", default="torch", choices=ENGINES,
-                   help="PyTorch, ONNX Runtime or OpenVINO (the model is converted on the fly)")
+    p.add_argument("--engine", default="torch", choices=ENGINE_CHOICES,
+                   help="PyTorch, ONNX Runtime or OpenVINO (the model is converted on the fly; RUN "
+                        "may be an exported .onnx or .xml file), or auto: the fastest here, measured")
     p.add_argument("--out", default=None, help="report folder (default: RUN/eval_<split>_<grid>)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_evaluate)
@@ -202,19 +221,36 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="inference precision (torch: bf16/fp16 autocast, fp16 on CUDA only; "
                         "openvino: bf16 hint)")
-    p.add_argument("--engine", default="torch", choices=ENGINES,
-                   help="PyTorch, ONNX Runtime or OpenVINO (CHECKPOINT may then be an exported "
-                        ".onnx or .xml file)")
+    p.add_argument("--engine", default="auto", choices=ENGINE_CHOICES,
+                   help="auto: the fastest installed engine for this machine and batch size, "
+                        "measured once and cached (delete ~/.cache/lmnet/engines.json to measure "
+                        "again); or PyTorch, ONNX Runtime, OpenVINO (CHECKPOINT may then be an "
+                        "exported .onnx or .xml file)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="images per forward pass (decoding and writing overlap it in threads)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("export", help="export a trained model (re-parameterised) to ONNX or TorchScript",
-                       formatter_class=fmt)
-    p.add_argument("checkpoint", help="checkpoint file or run folder")
+    p = sub.add_parser("export", help="export a trained model (re-parameterised) to ONNX, OpenVINO "
+                       "(fp32 or int8), TorchScript or a pretrained folder", formatter_class=fmt)
+    p.add_argument("checkpoint", nargs="?", default=None, help="checkpoint file or run folder")
+    p.add_argument("--weights", default=None, metavar="NAME",
+                   help="a pretrained model instead: a shipped name (kvasir), a folder or a Hub id")
     p.add_argument("--format", default="onnx", choices=EXPORT_FORMATS,
-                   help="onnx, torchscript, or pretrained (a folder for lmnet.from_pretrained: "
-                        "config.json, fp16 model.safetensors, README.md)")
-    p.add_argument("--out", required=True, help="output file (.onnx or .pt), or folder (pretrained)")
+                   help="onnx, openvino (NAME.xml + NAME.bin), torchscript, or pretrained (a folder "
+                        "for lmnet.from_pretrained: config.json, fp16 model.safetensors, README.md)")
+    p.add_argument("--out", required=True,
+                   help="output file (.onnx, .xml or .pt), or folder (pretrained)")
+    p.add_argument("--int8", action="store_true",
+                   help="OpenVINO: post-training int8 quantisation (NNCF, the 'openvino' extra), "
+                        "calibrated on images of the model's training split")
+    p.add_argument("--data", default=None,
+                   help="with --int8: the dataset the model was trained on (default: its own)")
+    p.add_argument("--calibration-images", type=int, default=None, metavar="N",
+                   help="with --int8: how many training images to calibrate on (default: 300)")
+    p.add_argument("--no-accuracy-control", action="store_true",
+                   help="with --int8: quantise every layer NNCF can (by default layers go back to "
+                        "fp32 until the validation split's foreground Dice is within 0.5 points)")
     p.add_argument("--no-check", action="store_true", help="skip the comparison with PyTorch")
     p.set_defaults(func=cmd_export)
 

@@ -1,5 +1,5 @@
-"""Inference engines: PyTorch (deployed, channels-last) or ONNX Runtime, at a chosen precision;
-probabilities at any output size, and masks."""
+"""Inference engines: a deployed model on PyTorch (channels-last), ONNX Runtime or OpenVINO, at a
+chosen precision; probabilities at any output size, and masks."""
 from __future__ import annotations
 
 import contextlib
@@ -13,10 +13,10 @@ from torch import nn
 
 from lmnet._optional import require
 from lmnet.config import TrainConfig
-from lmnet.deploy.checkpoint import model_from_checkpoint
 
-__all__ = ["ENGINES", "ENGINE_FILES", "PRECISIONS", "convert_to_openvino", "load_model",
-           "load_predictor", "openvino_runner", "precision_context", "predict_probabilities",
+__all__ = ["ENGINES", "ENGINE_FILES", "PRECISIONS", "cache_dir", "cached_openvino_model",
+           "convert_to_openvino", "engine_available",
+           "make_runner", "openvino_runner", "precision_context", "predict_probabilities",
            "probabilities_to_mask"]
 
 #: Inference engines: PyTorch, ONNX Runtime on the project's ONNX export, or OpenVINO (converted
@@ -70,19 +70,57 @@ def probabilities_to_mask(prob: torch.Tensor, threshold: float = 0.5) -> np.ndar
     return (prob > threshold).numpy()
 
 
-def load_model(checkpoint: str | Path | None = None, weights: str | Path | None = None
-               ) -> tuple[nn.Module, TrainConfig]:
-    """The deployed PyTorch model and its training config, from a checkpoint (or run folder) or
-    from pretrained ``weights`` (a shipped name, a folder or a Hub id; see
-    :func:`lmnet.from_pretrained`). Exactly one of the two."""
-    if (checkpoint is None) == (weights is None):
-        raise ValueError("give a checkpoint (or run folder) or --weights, not both or neither")
-    if weights is not None:
-        from lmnet.deploy.pretrained import from_pretrained, pretrained_train_config
+def cache_dir() -> Path:
+    """lmnet's cache folder (measured engine choices, converted OpenVINO models):
+    ``$LMNET_CACHE_DIR``, else ``$XDG_CACHE_HOME/lmnet``, else ``~/.cache/lmnet``. Safe to delete."""
+    import os
 
-        model = from_pretrained(weights)
-        return model, pretrained_train_config(model)
-    return model_from_checkpoint(checkpoint)
+    root = os.environ.get("LMNET_CACHE_DIR")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmnet"
+
+
+def _model_digest(model: nn.Module, in_channels: int) -> str:
+    """A digest of what a conversion depends on: the weights, their names and shapes, the model's
+    class, the input channels and the versions of lmnet and OpenVINO."""
+    import hashlib
+
+    from lmnet._version import __version__
+
+    ov = require("openvino", "openvino")
+    h = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}|{in_channels}|"
+                       f"{__version__}|{ov.__version__}".encode())
+    for name, t in model.state_dict().items():
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def cached_openvino_model(model: nn.Module, in_channels: int = 3, size: int = 256) -> Any:
+    """:func:`convert_to_openvino`, kept in ``cache_dir()/openvino`` so that converting (seconds)
+    happens once per model: an IR named by a digest of the weights (:func:`_model_digest`), read
+    back on later calls. A cache that cannot be written only costs the conversion."""
+    ov = require("openvino", "openvino")
+    folder = cache_dir() / "openvino"
+    xml = folder / f"{_model_digest(model, in_channels)}.xml"
+    if xml.is_file() and xml.with_suffix(".bin").is_file():
+        try:
+            return ov.Core().read_model(str(xml))
+        except Exception:  # noqa: BLE001 - a damaged cache entry: convert again
+            pass
+    ov_model = convert_to_openvino(model, in_channels, size)
+    try:
+        import os
+
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{xml.stem}.{os.getpid()}.xml"
+        ov.save_model(ov_model, str(tmp), compress_to_fp16=False)
+        tmp.with_suffix(".bin").replace(xml.with_suffix(".bin"))
+        tmp.replace(xml)  # the .xml last: a reader never sees an .xml without its .bin
+    except OSError:
+        pass
+    return ov_model
 
 
 def openvino_runner(model: nn.Module | str | Path, in_channels: int = 3, size: int = 256,
@@ -90,10 +128,11 @@ def openvino_runner(model: nn.Module | str | Path, in_channels: int = 3, size: i
                     ) -> Callable[[np.ndarray], np.ndarray]:
     """A function ``numpy (N, C, H, W) float32 -> numpy logits`` running OpenVINO on the CPU.
 
-    ``model``: a deployed PyTorch model (converted directly, batch and size dynamic) or the path of
-    an OpenVINO IR (``.xml``). ``precision``: ``fp32``, or ``bf16`` as OpenVINO's inference
-    precision hint (used where the CPU has bf16 instructions, else OpenVINO computes in fp32).
-    ``threads``: default PyTorch's thread count (``--threads``).
+    ``model``: a deployed PyTorch model (converted with batch and size dynamic, the conversion
+    cached: :func:`cached_openvino_model`) or the path of an OpenVINO IR (``.xml``).
+    ``precision``: ``fp32``, or ``bf16`` as OpenVINO's inference precision hint (used where the
+    CPU has bf16 instructions, else OpenVINO computes in fp32). ``threads``: default PyTorch's
+    thread count (``--threads``). Compiled kernels are cached by OpenVINO in ``cache_dir()``.
     """
     ov = require("openvino", "openvino")
     hints = {"fp32": "f32", "bf16": "bf16"}
@@ -103,10 +142,15 @@ def openvino_runner(model: nn.Module | str | Path, in_channels: int = 3, size: i
     if isinstance(model, (str, Path)):
         ov_model = core.read_model(str(model))
     else:
-        ov_model = convert_to_openvino(model, in_channels, size)
-    compiled = core.compile_model(ov_model, "CPU", {
-        "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": hints[precision],
-        "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads())})
+        ov_model = cached_openvino_model(model, in_channels, size)
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": hints[precision],
+              "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads())}
+    try:
+        (cache_dir() / "openvino" / "compiled").mkdir(parents=True, exist_ok=True)
+        config["CACHE_DIR"] = str(cache_dir() / "openvino" / "compiled")
+    except OSError:
+        pass
+    compiled = core.compile_model(ov_model, "CPU", config)
     return lambda x: compiled(np.ascontiguousarray(x, dtype=np.float32))[0]
 
 
@@ -123,37 +167,31 @@ def convert_to_openvino(model: nn.Module, in_channels: int = 3, size: int = 256)
                                 input=[ov.PartialShape([-1, in_channels, -1, -1])])
 
 
-def load_predictor(checkpoint: str | Path | None = None, engine: str = "torch",
-                   weights: str | Path | None = None, precision: str = "fp32"
-                   ) -> tuple[Any, TrainConfig]:
-    """A deployed PyTorch model, or an ONNX Runtime or OpenVINO function, and the training config.
+def engine_available(engine: str) -> bool:
+    """Whether ``engine``'s packages are installed (PyTorch always is)."""
+    import importlib.util
 
-    ``checkpoint``: a checkpoint, a run folder, or an exported ``.onnx`` (ONNX Runtime) or ``.xml``
-    (OpenVINO) file; or ``weights``: a pretrained model (:func:`load_model`). ``precision`` is
-    OpenVINO's inference precision hint (PyTorch's autocast is applied by the caller).
-    """
-    if engine not in ENGINES:
+    needs = {"torch": (), "onnx": ("onnx", "onnxscript", "onnxruntime"), "openvino": ("openvino",)}
+    if engine not in needs:
         raise ValueError(f"unknown engine {engine!r}; available: {', '.join(ENGINES)}")
-    path = Path(checkpoint) if checkpoint is not None else None
-    if path is not None and path.suffix in ENGINE_FILES:
-        wanted = ENGINE_FILES[path.suffix]
-        if engine != wanted:
-            raise ValueError(f"{path} is an exported {wanted} file: use --engine {wanted}")
-        if not path.is_file():
-            raise FileNotFoundError(f"no such {wanted} file: {path}")
-        from lmnet.deploy.export import exported_config, load_exported
+    return all(importlib.util.find_spec(m) is not None for m in needs[engine])
 
-        cfg = exported_config(path)  # checks the file first: a clear error for files not ours
-        if engine == "openvino":
-            return openvino_runner(path, precision=precision), cfg
-        return load_exported(path, "onnx"), cfg
-    model, cfg = load_model(checkpoint, weights)
+
+def make_runner(model: nn.Module, cfg: TrainConfig, engine: str, precision: str = "fp32",
+                threads: int | None = None) -> Any:
+    """A deployed PyTorch ``model`` on ``engine``: the model itself (``torch``; the caller applies
+    autocast, see :func:`precision_context`), or a function from a numpy batch to numpy logits
+    (``onnx``: exported to a temporary file, nothing left behind; ``openvino``: converted in
+    memory, ``precision`` as its hint)."""
     if engine == "torch":
-        return model, cfg
+        return model
     if engine == "openvino":
-        return openvino_runner(model, cfg.in_channels, cfg.image_size, precision), cfg
-    # ONNX Runtime: export into a temporary folder; the session reads the whole file when it
-    # starts, so nothing is left behind (lmnet export writes a file to keep)
+        return openvino_runner(model, cfg.in_channels, cfg.image_size, precision, threads)
+    if engine != "onnx":
+        raise ValueError(f"unknown engine {engine!r}; available: {', '.join(ENGINES)}")
+    if precision != "fp32":
+        raise ValueError(f"precision {precision!r} is available with --engine torch or openvino")
+    # the session reads the whole file when it starts, so the folder can go at once
     import tempfile
 
     from lmnet.deploy.export import export_model, load_exported
@@ -161,4 +199,4 @@ def load_predictor(checkpoint: str | Path | None = None, engine: str = "torch",
     with tempfile.TemporaryDirectory(prefix="lmnet-onnx-") as tmp:
         onnx_path = Path(tmp) / "model.onnx"
         export_model(model, cfg, "onnx", onnx_path, check=False)
-        return load_exported(onnx_path, "onnx"), cfg
+        return load_exported(onnx_path, "onnx", threads)

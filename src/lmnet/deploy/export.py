@@ -13,10 +13,11 @@ from torch import nn
 
 from lmnet._optional import require
 from lmnet.config import TrainConfig
-from lmnet.deploy.checkpoint import model_from_checkpoint
+from lmnet.deploy.checkpoint import resolve_checkpoint
 
 __all__ = ["EXPORT_FORMATS", "export_onnx", "export_torchscript", "export_openvino", "export_model",
-           "export_checkpoint", "exported_config", "load_exported", "onnx_config"]
+           "export_checkpoint", "exported_config", "exported_metadata", "load_exported",
+           "stored_split"]
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +77,16 @@ def export_torchscript(model: nn.Module, path: str | Path, in_channels: int, siz
     return path
 
 
-def export_model(model: nn.Module, cfg: TrainConfig, fmt: str, out: str | Path, check: bool = True
+def export_model(model: nn.Module, cfg: TrainConfig, fmt: str, out: str | Path, check: bool = True,
+                 split: dict[str, Any] | None = None, int8_inputs: list[np.ndarray] | None = None,
+                 int8_validation: list[tuple[np.ndarray, np.ndarray]] | None = None
                  ) -> dict[str, Any]:
-    """Export a deployed model to ONNX (with ``cfg`` in its metadata) or TorchScript; with
-    ``check``, compare against PyTorch.
+    """Export a deployed model to ONNX or an OpenVINO IR (with ``cfg`` and the ``split`` it was
+    trained with in the file's metadata) or TorchScript; with ``check``, compare against PyTorch.
+
+    ``int8_inputs`` (OpenVINO only): quantise to int8, calibrated on these preprocessed images,
+    accuracy-controlled on ``int8_validation`` if given (see :mod:`lmnet.deploy.quantize`); the
+    check then reports the difference without judging it.
 
     Returns ``{"path", "format", "max_abs_diff", "check_shapes"}``: the largest absolute logit
     difference between the exported model and PyTorch over a few input shapes, other than the
@@ -87,15 +94,28 @@ def export_model(model: nn.Module, cfg: TrainConfig, fmt: str, out: str | Path, 
     """
     if fmt not in ("onnx", "torchscript", "openvino"):
         raise ValueError(f"format must be onnx, torchscript or openvino here, got {fmt!r}")
+    if int8_inputs is not None and fmt != "openvino":
+        raise ValueError("int8 quantisation is made for OpenVINO: use --format openvino")
     out = Path(out)
+    metadata = {"lmnet_config": json.dumps(cfg.to_dict())}
+    if split:
+        metadata["lmnet_split"] = json.dumps({k: list(split[k]) for k in ("train", "val", "test")})
+    if int8_inputs is not None:
+        from lmnet.deploy.quantize import MAX_DICE_DROP
+
+        metadata["lmnet_int8"] = json.dumps({
+            "tool": "nncf", "calibration_images": len(int8_inputs), "calibration_split": "train",
+            "accuracy_control": None if int8_validation is None else {
+                "metric": "foreground Dice, mean over images", "max_drop": MAX_DICE_DROP,
+                "validation_split": "val", "validation_images": len(int8_validation)}})
     if fmt == "onnx":
-        export_onnx(model, out, cfg.in_channels, cfg.image_size,
-                    metadata={"lmnet_config": json.dumps(cfg.to_dict())})
+        export_onnx(model, out, cfg.in_channels, cfg.image_size, metadata=metadata)
     elif fmt == "openvino":
-        export_openvino(model, out, cfg)
+        export_openvino(model, out, cfg, metadata, int8_inputs, int8_validation)
     else:
         export_torchscript(model, out, cfg.in_channels, cfg.image_size)
-    result: dict[str, Any] = {"path": str(out), "format": fmt}
+    result: dict[str, Any] = {"path": str(out), "format": fmt,
+                              "precision": "int8" if int8_inputs is not None else "fp32"}
     if check:
         s = cfg.image_size
         shapes = [(1, cfg.in_channels, s, s), (2, cfg.in_channels, s + 32, s - 16 if s > 32 else s + 16)]
@@ -110,78 +130,141 @@ def export_model(model: nn.Module, cfg: TrainConfig, fmt: str, out: str | Path, 
     return result
 
 
-def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, check: bool = True
-                      ) -> dict[str, Any]:
-    """Export a checkpoint's (or run folder's) model in deployed form: ``onnx``, ``torchscript``
-    (see :func:`export_model`) or ``pretrained`` (a folder for ``lmnet.from_pretrained``; see
-    :func:`lmnet.deploy.pretrained.export_pretrained`)."""
+def export_checkpoint(checkpoint: str | Path | None, fmt: str, out: str | Path, check: bool = True,
+                      weights: str | Path | None = None, int8: bool = False,
+                      data: str | Path | None = None, calibration_images: int | None = None,
+                      accuracy_control: bool = True) -> dict[str, Any]:
+    """Export a checkpoint's (or run folder's) model, or pretrained ``weights``, in deployed form:
+    ``onnx``, ``openvino``, ``torchscript`` (see :func:`export_model`) or ``pretrained`` (a folder
+    for ``lmnet.from_pretrained``; see :func:`lmnet.deploy.pretrained.export_pretrained`).
+
+    ``int8`` (OpenVINO): quantise, calibrated on ``calibration_images`` images of the model's
+    training split of ``data`` (default: the dataset it was trained on); with
+    ``accuracy_control``, layers go back to fp32 until the mean foreground Dice on the validation
+    split is within :data:`~lmnet.deploy.quantize.MAX_DICE_DROP` of fp32's.
+    """
+    from lmnet.deploy.loading import load_model
+
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"format must be one of {EXPORT_FORMATS}, got {fmt!r}")
+    if int8 and fmt != "openvino":
+        raise ValueError("int8 quantisation is made for OpenVINO: use --format openvino --int8")
     if fmt == "pretrained":
+        if weights is not None:
+            raise ValueError("--weights is already a pretrained model: copy its folder instead")
         from lmnet.deploy.pretrained import export_pretrained
 
         return {"path": str(export_pretrained(checkpoint, out)), "format": fmt}
-    model, cfg = model_from_checkpoint(checkpoint)
-    return export_model(model, cfg, fmt, out, check)
+    model, cfg = load_model(checkpoint, weights)
+    split = stored_split(checkpoint, weights)
+    inputs = validation = None
+    if int8:
+        from lmnet.deploy import quantize as q
+
+        inputs = q.model_inputs(cfg, q.calibration_samples(
+            cfg, data, split, calibration_images or q.CALIBRATION_IMAGES))
+        validation = q.validation_items(cfg, data, split) if accuracy_control else None
+    result = export_model(model, cfg, fmt, out, check, split, inputs, validation)
+    if inputs is not None:
+        result["calibration_images"] = len(inputs)
+        result["validation_images"] = len(validation) if validation is not None else 0
+    return result
 
 
-def export_openvino(model: nn.Module, path: str | Path, cfg: TrainConfig) -> Path:
-    """Write ``model`` as an OpenVINO IR (``path`` ``.xml`` and its ``.bin``; fp32 weights), batch
-    and size dynamic, with ``cfg`` in the IR's runtime info."""
+def export_openvino(model: nn.Module, path: str | Path, cfg: TrainConfig,
+                    metadata: dict[str, str] | None = None,
+                    int8_inputs: list[np.ndarray] | None = None,
+                    int8_validation: list[tuple[np.ndarray, np.ndarray]] | None = None) -> Path:
+    """Write ``model`` as an OpenVINO IR (``path`` ``.xml`` and its ``.bin``; fp32 weights, or
+    int8 with ``int8_inputs`` to calibrate on), batch and size dynamic, with ``metadata``
+    (default: ``cfg`` as ``lmnet_config``) in the IR's runtime info."""
     from lmnet.deploy.engines import convert_to_openvino
 
     ov = require("openvino", "openvino")
     path = Path(path)
     if path.suffix != ".xml":
         raise ValueError(f"an OpenVINO IR is written as NAME.xml (+ NAME.bin), got {path.name}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     ov_model = convert_to_openvino(model, cfg.in_channels, cfg.image_size)
-    ov_model.set_rt_info(json.dumps(cfg.to_dict()), ["lmnet_config"])
+    if int8_inputs is not None:
+        from lmnet.deploy.quantize import quantize_openvino
+
+        ov_model = quantize_openvino(ov_model, int8_inputs, int8_validation)
+    info = dict(metadata or {"lmnet_config": json.dumps(cfg.to_dict())})
+    info["lmnet_precision"] = "int8" if int8_inputs is not None else "fp32"
+    for key, value in info.items():
+        ov_model.set_rt_info(value, [key])
+    path.parent.mkdir(parents=True, exist_ok=True)
     ov.save_model(ov_model, str(path), compress_to_fp16=False)
     return path
 
 
-def exported_config(path: str | Path) -> TrainConfig:
-    """The training config stored in an exported ``.onnx`` or OpenVINO ``.xml`` file."""
+def exported_metadata(path: str | Path) -> dict[str, str]:
+    """The ``lmnet_*`` entries stored in an exported ``.onnx`` file's metadata or an OpenVINO
+    ``.xml`` file's runtime info (a clear error for files lmnet did not write)."""
     path = Path(path)
-    if path.suffix != ".xml":
-        return onnx_config(path)
-    ov = require("openvino", "openvino")
-    try:
-        model = ov.Core().read_model(str(path))
-    except Exception as err:  # noqa: BLE001 - any parse failure means a bad file
-        raise ValueError(f"{path} is not a readable OpenVINO IR: {str(err).splitlines()[0]}") from None
-    if not model.has_rt_info(["lmnet_config"]):
-        raise ValueError(f"{path} was not exported by lmnet (no lmnet_config); export it with "
-                         "lmnet export --format openvino")
-    return TrainConfig.from_dict(json.loads(model.get_rt_info(["lmnet_config"]).astype(str)))
-
-
-def onnx_config(path: str | Path) -> TrainConfig:
-    """The training config stored in an ONNX file written by :func:`export_checkpoint`."""
-    onnx = require("onnx", "export")
-
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as err:  # noqa: BLE001 - any parse failure means a bad file
-        raise ValueError(f"{path} is not a readable ONNX file: {err}") from None
-    meta = {p.key: p.value for p in proto.metadata_props}
+    if path.suffix == ".xml":
+        ov = require("openvino", "openvino")
+        try:
+            model = ov.Core().read_model(str(path))
+        except Exception as err:  # noqa: BLE001 - any parse failure means a bad file
+            raise ValueError(f"{path} is not a readable OpenVINO IR: {str(err).splitlines()[0]}") from None
+        meta = {key: model.get_rt_info([key]).astype(str)
+                for key in ("lmnet_config", "lmnet_split", "lmnet_precision", "lmnet_int8")
+                if model.has_rt_info([key])}
+        how = "lmnet export --format openvino"
+    else:
+        onnx = require("onnx", "export")
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+        except Exception as err:  # noqa: BLE001 - any parse failure means a bad file
+            raise ValueError(f"{path} is not a readable ONNX file: {err}") from None
+        meta = {p.key: p.value for p in proto.metadata_props if p.key.startswith("lmnet_")}
+        how = "lmnet export"
     if "lmnet_config" not in meta:
         raise ValueError(f"{path} was not exported by lmnet (no lmnet_config metadata); "
-                         "export it with lmnet export")
-    return TrainConfig.from_dict(json.loads(meta["lmnet_config"]))
+                         f"export it with {how}")
+    return meta
 
 
-def load_exported(path: str | Path, fmt: str) -> Callable[[np.ndarray], np.ndarray]:
-    """A function ``numpy (N, C, H, W) float32 -> numpy logits`` running an exported model."""
+def exported_config(path: str | Path) -> TrainConfig:
+    """The training config stored in an exported ``.onnx`` or OpenVINO ``.xml`` file."""
+    return TrainConfig.from_dict(json.loads(exported_metadata(path)["lmnet_config"]))
+
+
+def stored_split(checkpoint: str | Path | None = None, weights: str | Path | None = None
+                 ) -> dict[str, Any] | None:
+    """The train/val/test split a model was trained with, where its source keeps it: the run's
+    ``split.json`` beside a checkpoint, ``config.json`` of a pretrained folder, or the metadata
+    of an exported file; None when it has none."""
+    if weights is not None:
+        from lmnet.deploy.pretrained import resolve_pretrained
+        from lmnet.models._hub import read_config
+
+        return read_config(resolve_pretrained(weights)).get("split") or None
+    path = Path(checkpoint) if checkpoint is not None else None
+    if path is None:
+        return None
+    if path.suffix in (".onnx", ".xml"):
+        text = exported_metadata(path).get("lmnet_split")
+        return json.loads(text) if text else None
+    split = resolve_checkpoint(path).parent / "split.json"
+    return json.loads(split.read_text()) if split.is_file() else None
+
+
+def load_exported(path: str | Path, fmt: str, threads: int | None = None
+                  ) -> Callable[[np.ndarray], np.ndarray]:
+    """A function ``numpy (N, C, H, W) float32 -> numpy logits`` running an exported model on
+    ``threads`` threads (default: PyTorch's thread count, ``--threads``)."""
     if fmt == "openvino":
         from lmnet.deploy.engines import openvino_runner
 
-        return openvino_runner(path)
+        return openvino_runner(path, threads=threads)
     if fmt == "onnx":
         ort = require("onnxruntime", "export")
 
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = int(threads or torch.get_num_threads())
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         name = sess.get_inputs()[0].name
         return lambda x: sess.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0]
     module = torch.jit.load(str(path), map_location="cpu")

@@ -98,7 +98,7 @@ def run_demo(out: str | Path = "lmnet_demo", minutes: float = 3.5, image_size: i
     result, _ = evaluate_run(run_dir, split="test", out=report, progress=False)
     test = set(json.loads((run_dir / "split.json").read_text())["test"])
     images = [s.image for s in samples if s.name in test]
-    predict_files(run_dir, images, report / "predictions", progress=False)
+    predict_files(run_dir, images, report / "predictions", progress=False, engine="torch")
     table = markdown_table(result)
     shipped_part = ("\nNo trained Kvasir-SEG model ships with this installation yet; once it does, "
                     "this report shows its predictions on the same images beside the demo's.\n")
@@ -110,7 +110,7 @@ def run_demo(out: str | Path = "lmnet_demo", minutes: float = 3.5, image_size: i
                                grid="original", out=compare / "shipped_model", progress=False,
                                weights="kvasir")
         predict_files(None, images, report / "predictions_shipped_model", progress=False,
-                      weights="kvasir")
+                      weights="kvasir", engine="torch")
         rows = [(f"this demo's LM-Net ({cfg.epochs} epochs on {len(split['train'])} images)",
                  own["all"]),
                 ("shipped LM-Net (`--weights kvasir`)", ship["all"])]

@@ -3,6 +3,7 @@ run on a split of its dataset, at the training size or at each image's own size.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -18,16 +19,15 @@ from lmnet.data.layouts import Sample, discover
 from lmnet.data.splits import SPLITS, check_split, load_split
 from lmnet.deploy.checkpoint import resolve_checkpoint
 from lmnet.deploy.engines import (
-    load_model,
-    load_predictor,
+    ENGINE_FILES,
     precision_context,
     predict_probabilities,
     probabilities_to_mask,
 )
+from lmnet.deploy.export import stored_split
+from lmnet.deploy.loading import load_predictor
 from lmnet.deploy.preprocess import preprocess
-from lmnet.deploy.pretrained import resolve_pretrained
 from lmnet.metrics import SegmentationEvaluator, write_report
-from lmnet.models._hub import read_config
 
 __all__ = ["evaluate_samples", "evaluate_run", "GRIDS"]
 
@@ -67,6 +67,10 @@ def evaluate_samples(model: nn.Module | Callable[[np.ndarray], np.ndarray], samp
 
 
 
+def _exported(path: str | Path | None) -> bool:
+    return path is not None and Path(path).suffix in ENGINE_FILES
+
+
 def evaluate_run(run_or_checkpoint: str | Path | None, data: str | Path | None = None,
                  split: str = "test", split_file: str | Path | None = None, grid: str = "resized",
                  out: str | Path | None = None, spacing: tuple[float, float] | None = None,
@@ -76,28 +80,33 @@ def evaluate_run(run_or_checkpoint: str | Path | None, data: str | Path | None =
     """Score the ``split`` images of the checkpoint's dataset; write the reports.
 
     Args:
-        run_or_checkpoint: run folder (uses ``checkpoint_best.pt``) or checkpoint file; or None
-            with ``weights``.
+        run_or_checkpoint: run folder (uses ``checkpoint_best.pt``), checkpoint file, or an
+            exported ``.onnx``/``.xml`` file (its engine); or None with ``weights``.
         data: dataset folder; default: the one the run was trained on.
         split: ``train``, ``val``, ``test`` or ``all``.
-        split_file: split JSON; default: the run's ``split.json`` (beside the checkpoint).
+        split_file: split JSON; default: the split the model stores (the run's ``split.json``
+            beside the checkpoint, the pretrained folder's or the exported file's).
         grid: ``resized`` (score at the training size, as the paper) or ``original``.
         out: report folder; default ``<run>/eval_<split>_<grid>`` (``_bf16`` appended for bf16).
         precision: ``fp32`` or ``bf16`` (autocast) inference.
         weights: a pretrained model (shipped name, folder or Hub id) instead of a run; its
             ``config.json`` carries the split it was trained with, used unless ``split_file``.
-        engine: ``torch``, ``onnx`` or ``openvino`` (``precision`` is then OpenVINO's hint).
+        engine: ``torch``, ``onnx``, ``openvino`` (``precision`` is then OpenVINO's hint) or
+            ``auto`` (the fastest here, measured; see :func:`~lmnet.deploy.loading.choose_engine`).
 
     Returns:
         The aggregated metrics and the report folder.
     """
-    if engine == "torch":
-        model, cfg = load_model(run_or_checkpoint, weights)
+    if device != "cpu" and engine not in ("torch", "auto"):
+        raise ValueError(f"--engine {engine} runs on the CPU; --device {device} needs --engine torch")
+    predictor = load_predictor(run_or_checkpoint, engine, weights, precision, batch_size=8)
+    model, cfg, engine = predictor.model, predictor.cfg, predictor.engine
+    if predictor.note and progress:
+        print(predictor.note, file=sys.stderr)
+    if isinstance(model, nn.Module):
         model.to(torch.device(device))
-        stored = getattr(model, "pretrained_config", {})
-    else:
-        model, cfg = load_predictor(run_or_checkpoint, engine, weights, precision)
-        stored = read_config(resolve_pretrained(weights)) if weights is not None else {}
+    source = f"weights {weights}" if weights is not None else str(
+        run_or_checkpoint if _exported(run_or_checkpoint) else resolve_checkpoint(run_or_checkpoint))
     data = data or cfg.data
     if not data or not Path(data).exists():
         raise FileNotFoundError(f"no dataset at {data!r}: pass --data PATH")
@@ -109,18 +118,17 @@ def evaluate_run(run_or_checkpoint: str | Path | None, data: str | Path | None =
     else:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS + ('all',)}, got {split!r}")
-        if split_file is None and weights is not None:
-            if not stored.get("split"):
-                raise ValueError(f"{weights} stores no split: pass --split-file or --split all")
-            split_path = f"the split stored with {weights}"
-            names = set(check_split(stored["split"], samples)[split])
+        if split_file is None:
+            stored = stored_split(run_or_checkpoint, weights)
+            if stored is None:
+                raise ValueError(f"{source} stores no split (no split.json beside a checkpoint): "
+                                 "pass --split-file or --split all")
+            names = set(check_split(stored, samples, f"the split stored with {source}")[split])
         else:
-            split_path = Path(split_file) if split_file else resolve_checkpoint(
-                run_or_checkpoint).parent / "split.json"
-            names = set(load_split(split_path, samples)[split])
+            names = set(load_split(split_file, samples)[split])
         chosen = [s for s in samples if s.name in names]
         if not chosen:
-            raise ValueError(f"the {split} split of {split_path} is empty")
+            raise ValueError(f"the {split} split of {split_file or source} is empty")
     with precision_context(precision if engine == "torch" else "fp32", torch.device(device).type):
         ev = evaluate_samples(model, chosen, cfg, grid, boundary=True, progress=progress,
                               spacing=spacing)
@@ -130,9 +138,11 @@ def evaluate_run(run_or_checkpoint: str | Path | None, data: str | Path | None =
         out_dir = Path(out)
     elif weights is not None:
         out_dir = Path(f"eval_{Path(str(weights)).name}_{split}_{grid}{suffix}")
+    elif _exported(run_or_checkpoint):
+        path = Path(run_or_checkpoint)
+        out_dir = path.parent / f"eval_{path.stem}_{split}_{grid}{suffix}"
     else:
         out_dir = resolve_checkpoint(run_or_checkpoint).parent / f"eval_{split}_{grid}{suffix}"
-    source = str(resolve_checkpoint(run_or_checkpoint)) if weights is None else f"weights {weights}"
     extra = {"checkpoint": source, "data": str(data), "format": fmt, "split": split,
              "grid": grid, "image_size": cfg.image_size, "model": cfg.model, "precision": precision,
              "engine": engine}

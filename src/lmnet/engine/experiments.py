@@ -355,7 +355,8 @@ def write_figures(cfg: ExperimentConfig, data: str | None = None, n_images: int 
     run), from whatever has finished. Returns the files written."""
     from lmnet.data.dataset import load_sample
     from lmnet.data.layouts import discover
-    from lmnet.deploy.engines import load_model, predict_probabilities, probabilities_to_mask
+    from lmnet.deploy.engines import predict_probabilities, probabilities_to_mask
+    from lmnet.deploy.loading import load_model
     from lmnet.deploy.preprocess import preprocess
     from lmnet.engine.figures import plot_curves, plot_qualitative
 

@@ -3,24 +3,26 @@ from __future__ import annotations
 
 import csv
 import logging
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
 from lmnet.data.io import IMAGE_SUFFIXES, list_images, read_image
 from lmnet.data.layouts import mask_owner
 from lmnet.deploy.engines import (
-    ENGINES,
-    load_predictor,
     precision_context,
     predict_probabilities,
     probabilities_to_mask,
 )
+from lmnet.deploy.loading import load_predictor
 from lmnet.deploy.preprocess import preprocess
 
 __all__ = ["collect_inputs", "output_names", "overlay", "predict_files", "PredictionSummary"]
@@ -36,6 +38,8 @@ class PredictionSummary:
     failed: list[tuple[Path, str]] = field(default_factory=list)
     csv_path: Path | None = None
     skipped: dict[str, list[Path]] = field(default_factory=dict)  # why -> files left out
+    engine: str = ""  # the engine that ran
+    note: str = ""  # how it was chosen (engine auto)
 
 
 def collect_inputs(inputs: Sequence[str | Path], exclude: str | Path | None = None,
@@ -108,45 +112,114 @@ def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndar
     return out.clip(0, 255).astype(np.uint8)
 
 
+def _read(path: Path, channels: int, size: int, mean: Sequence[float], std: Sequence[float]
+          ) -> tuple[np.ndarray, torch.Tensor]:
+    image = read_image(path, channels)
+    return image, preprocess([image], size, mean, std)[0]
+
+
+def _write(image: np.ndarray, mask: np.ndarray, mask_path: Path, overlay_path: Path) -> None:
+    Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
+    Image.fromarray(overlay(image, mask)).save(overlay_path)
+
+
 def predict_files(checkpoint: str | Path | None, inputs: Sequence[str | Path], out_dir: str | Path,
-                  threshold: float = 0.5, progress: bool = True, engine: str = "torch",
-                  precision: str = "fp32", weights: str | Path | None = None) -> PredictionSummary:
+                  threshold: float = 0.5, progress: bool = True, engine: str = "auto",
+                  precision: str = "fp32", weights: str | Path | None = None,
+                  batch_size: int = 1, io_threads: int = 2) -> PredictionSummary:
     """Predict every image; write ``masks/NAME.png`` (0/255), ``overlays/NAME.png``, ``areas.csv``.
 
-    ``checkpoint`` is a checkpoint, a run folder, or (with ``engine="onnx"``) an ONNX file from
+    ``checkpoint`` is a checkpoint, a run folder, or an exported ``.onnx``/``.xml`` file from
     ``lmnet export``; or None with pretrained ``weights`` (see :func:`lmnet.from_pretrained`).
-    With ``engine="onnx"`` and a checkpoint or weights, the model is exported to a temporary
-    file first (nothing is left behind). Output files are named by :func:`output_names`; folders
-    skip ground-truth masks and the output folder (``summary.skipped``). A file that cannot be
-    read or predicted is reported and skipped; see ``summary.failed``.
+    ``engine``: ``auto`` (the fastest installed engine here, measured once and cached; see
+    :func:`~lmnet.deploy.loading.choose_engine`), ``torch``, ``onnx`` or ``openvino``; the
+    summary's ``engine`` and ``note`` say which ran. Images go through the model ``batch_size``
+    at a time while ``io_threads`` threads decode the next ones and write the finished ones
+    (0: all in this thread). Output files are named by :func:`output_names`; folders skip
+    ground-truth masks and the output folder (``summary.skipped``). A file that cannot be read or
+    predicted is reported and skipped; see ``summary.failed``.
     """
-    if engine not in ENGINES:
-        raise ValueError(f"unknown engine {engine!r}; available: {', '.join(ENGINES)}")
-    if precision != "fp32" and engine == "onnx":
-        raise ValueError(f"precision {precision!r} is available with --engine torch or openvino")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    if io_threads < 0:
+        raise ValueError(f"I/O threads must be 0 or more, got {io_threads}")
     out = Path(out_dir)
     summary = PredictionSummary(csv_path=out / "areas.csv")
     files = collect_inputs(inputs, exclude=out, skipped=summary.skipped)
     names = output_names(files)
-    model, cfg = load_predictor(checkpoint, engine, weights, precision)
+    predictor = load_predictor(checkpoint, engine, weights, precision, batch_size)
+    model, cfg = predictor.model, predictor.cfg
+    summary.engine, summary.note = predictor.engine, predictor.note
+    autocast = precision if predictor.engine == "torch" else "fp32"
     (out / "masks").mkdir(parents=True, exist_ok=True)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
-    rows = []
-    for path, stem in zip(tqdm(files, desc="predicting", unit="img", disable=not progress), names):
+    pool = ThreadPoolExecutor(io_threads) if io_threads else None
+
+    def submit(fn: Any, *args: Any) -> Future:
+        if pool is not None:
+            return pool.submit(fn, *args)
+        future: Future = Future()
         try:
-            image = read_image(path, cfg.in_channels)
-            x = preprocess([image], cfg.image_size, cfg.mean, cfg.std)
-            with precision_context(precision if engine == "torch" else "fp32"):
-                prob = predict_probabilities(model, x, image.shape[:2])
-            mask = probabilities_to_mask(prob, threshold)[0]
-        except Exception as err:  # noqa: BLE001 - report and go on with the next file
-            msg = str(err) if str(path) in str(err) else f"{path}: {err}"
-            summary.failed.append((path, msg))
-            tqdm.write(f"skipped: {msg}")
+            future.set_result(fn(*args))
+        except Exception as err:  # noqa: BLE001 - surfaced by future.result()
+            future.set_exception(err)
+        return future
+
+    def fail(path: Path, err: Exception) -> None:
+        msg = str(err) if str(path) in str(err) else f"{path}: {err}"
+        summary.failed.append((path, msg))
+        tqdm.write(f"skipped: {msg}")
+
+    reads: deque[tuple[Path, str, Future]] = deque()
+    todo = iter(zip(files, names))
+    writes: list[tuple[Path, Path, np.ndarray, Future]] = []
+    bar = tqdm(total=len(files), desc="predicting", unit="img", disable=not progress)
+    try:
+        while True:
+            while len(reads) < batch_size * 2 and (item := next(todo, None)) is not None:
+                reads.append((*item, submit(_read, item[0], cfg.in_channels, cfg.image_size,
+                                            cfg.mean, cfg.std)))
+            if not reads:
+                break
+            batch = []
+            while reads and len(batch) < batch_size:
+                path, stem, future = reads.popleft()
+                try:
+                    batch.append((path, stem, *future.result()))
+                except Exception as err:  # noqa: BLE001 - report and go on with the next file
+                    fail(path, err)
+                    bar.update()
+            if not batch:
+                continue
+            try:
+                with precision_context(autocast):
+                    probs = predict_probabilities(model, torch.stack([b[3] for b in batch]))
+            except Exception as err:  # noqa: BLE001 - the batch's files fail, the rest go on
+                for path, *_ in batch:
+                    fail(path, err)
+                bar.update(len(batch))
+                continue
+            for (path, stem, image, _), prob in zip(batch, probs):
+                size = image.shape[:2]
+                if tuple(prob.shape) != tuple(size):
+                    prob = F.interpolate(prob[None, None], size=size, mode="bilinear",
+                                         align_corners=False)[0, 0]
+                mask = probabilities_to_mask(prob, threshold)
+                mask_path = out / "masks" / f"{stem}.png"
+                writes.append((path, mask_path, mask, submit(
+                    _write, image, mask, mask_path, out / "overlays" / f"{stem}.png")))
+            bar.update(len(batch))
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)  # every started write finishes, even on Ctrl-C
+        bar.close()
+    rows = []
+    for path, mask_path, mask, future in writes:
+        try:
+            future.result()
+        except Exception as err:  # noqa: BLE001 - a file that cannot be written is reported
+            fail(path, err)
             continue
-        mask_path = out / "masks" / f"{stem}.png"
-        Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
-        Image.fromarray(overlay(image, mask)).save(out / "overlays" / f"{stem}.png")
         summary.written.append(mask_path)
         area = int(mask.sum())
         rows.append({"file": str(path), "mask": str(mask_path), "height": mask.shape[0],

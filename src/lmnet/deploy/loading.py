@@ -1,0 +1,226 @@
+"""A model ready for inference: from a checkpoint (or run folder), a pretrained model or an exported
+file, on the engine asked for or, with ``engine="auto"``, on the engine a short measurement finds
+fastest for this machine, model, precision and batch size (measured once, cached per machine)."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from lmnet.config import TrainConfig
+from lmnet.deploy.checkpoint import model_from_checkpoint
+from lmnet.deploy.engines import (
+    ENGINE_FILES,
+    ENGINES,
+    cache_dir,
+    engine_available,
+    make_runner,
+    precision_context,
+)
+
+__all__ = ["ENGINE_CHOICES", "Predictor", "choose_engine", "load_model", "load_predictor",
+           "probe_cache_path"]
+
+#: What ``--engine`` accepts: ``auto`` (measured) or one engine.
+ENGINE_CHOICES = ("auto", *ENGINES)
+#: Precisions each engine runs on a CPU.
+_ENGINE_PRECISIONS = {"torch": ("fp32", "bf16"), "onnx": ("fp32",), "openvino": ("fp32", "bf16")}
+
+
+class Predictor(NamedTuple):
+    """A loaded model: ``model`` (a PyTorch module, or a function from a numpy batch to numpy
+    logits), its training config, the engine it runs on, and how that engine was chosen."""
+
+    model: Any
+    cfg: TrainConfig
+    engine: str
+    note: str = ""
+
+
+def load_model(checkpoint: str | Path | None = None, weights: str | Path | None = None
+               ) -> tuple[nn.Module, TrainConfig]:
+    """The deployed PyTorch model and its training config, from a checkpoint (or run folder) or
+    from pretrained ``weights`` (a shipped name, a folder or a Hub id; see
+    :func:`lmnet.from_pretrained`). Exactly one of the two."""
+    if (checkpoint is None) == (weights is None):
+        raise ValueError("give a checkpoint (or run folder) or --weights, not both or neither")
+    if weights is not None:
+        from lmnet.deploy.pretrained import from_pretrained, pretrained_train_config
+
+        model = from_pretrained(weights)
+        return model, pretrained_train_config(model)
+    return model_from_checkpoint(checkpoint)
+
+
+def load_predictor(checkpoint: str | Path | None = None, engine: str = "torch",
+                   weights: str | Path | None = None, precision: str = "fp32",
+                   batch_size: int = 1, threads: int | None = None) -> Predictor:
+    """A model ready for inference on ``engine`` (see :class:`Predictor`).
+
+    ``checkpoint``: a checkpoint, a run folder, or an exported ``.onnx`` (ONNX Runtime) or ``.xml``
+    (OpenVINO) file; or ``weights``: a pretrained model (:func:`load_model`). ``engine``: one of
+    :data:`ENGINE_CHOICES`; ``auto`` takes an exported file's own engine, else measures
+    (:func:`choose_engine`) at ``batch_size``. ``precision`` is OpenVINO's inference precision
+    hint; PyTorch's autocast is applied by the caller (:func:`~lmnet.deploy.engines.precision_context`).
+    """
+    if engine not in ENGINE_CHOICES:
+        raise ValueError(f"unknown engine {engine!r}; available: {', '.join(ENGINE_CHOICES)}")
+    path = Path(checkpoint) if checkpoint is not None else None
+    if path is not None and path.suffix in ENGINE_FILES:
+        wanted = ENGINE_FILES[path.suffix]
+        if engine not in ("auto", wanted):
+            raise ValueError(f"{path} is an exported {wanted} file: use --engine {wanted}")
+        if not path.is_file():
+            raise FileNotFoundError(f"no such {wanted} file: {path}")
+        if precision not in _ENGINE_PRECISIONS[wanted]:
+            raise ValueError(f"precision {precision!r} is not available with {wanted}")
+        from lmnet.deploy.engines import openvino_runner
+        from lmnet.deploy.export import exported_config, load_exported
+
+        cfg = exported_config(path)  # checks the file first: a clear error for files not ours
+        run = (openvino_runner(path, precision=precision, threads=threads) if wanted == "openvino"
+               else load_exported(path, "onnx", threads))
+        return Predictor(run, cfg, wanted, f"engine: {wanted} (the file's own)")
+    model, cfg = load_model(checkpoint, weights)
+    if engine == "auto":
+        return choose_engine(model, cfg, batch_size, precision, threads)
+    if precision not in _ENGINE_PRECISIONS[engine] and not (engine == "torch" and precision == "fp16"):
+        raise ValueError(f"precision {precision!r} is available with --engine "
+                         f"{' or '.join(e for e, p in _ENGINE_PRECISIONS.items() if precision in p)}")
+    return Predictor(make_runner(model, cfg, engine, precision, threads), cfg, engine)
+
+
+def probe_cache_path() -> Path:
+    """Where measured engine choices are kept: ``engines.json`` in lmnet's cache folder
+    (:func:`~lmnet.deploy.engines.cache_dir`). Delete it to measure again."""
+    return cache_dir() / "engines.json"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for package in ("torch", "onnxruntime", "openvino"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _probe_key(cfg: TrainConfig, batch_size: int, precision: str, threads: int,
+               candidates: list[str]) -> str:
+    """Everything the fastest engine depends on: machine, threads, library versions, the model
+    and its input, batch size and precision."""
+    return json.dumps({"cpu": _cpu_name(), "cpus": os.cpu_count(), "threads": threads,
+                       "versions": _versions(), "engines": candidates, "model": cfg.model,
+                       "model_args": cfg.model_args, "in_channels": cfg.in_channels,
+                       "n_classes": cfg.n_classes, "size": cfg.image_size, "batch": batch_size,
+                       "precision": precision}, sort_keys=True, default=str)
+
+
+def _time_runner(run: Any, engine: str, x: torch.Tensor, precision: str,
+                 calls: int = 5, warmup: int = 2, max_seconds: float = 5.0) -> float:
+    """Median seconds of one call (after ``warmup`` calls), at most ``calls`` calls or about
+    ``max_seconds`` of them (at least 3)."""
+    if engine == "torch":
+        xt = x.contiguous(memory_format=torch.channels_last)
+
+        def call() -> None:
+            with torch.inference_mode(), precision_context(precision):
+                run(xt)
+    else:
+        xn = x.numpy()
+
+        def call() -> None:
+            run(xn)
+    for _ in range(warmup):
+        call()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < calls and (len(times) < 3 or time.perf_counter() - start < max_seconds):
+        t = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def choose_engine(model: nn.Module, cfg: TrainConfig, batch_size: int = 1, precision: str = "fp32",
+                  threads: int | None = None, refresh: bool = False) -> Predictor:
+    """The deployed ``model`` on the fastest installed engine that runs ``precision``, measured:
+    each candidate runs a batch of ``batch_size`` random images at the model's input size a few
+    times, the median decides. The choice is cached per machine and setting
+    (:func:`probe_cache_path`), so later calls build only the chosen engine; ``refresh`` measures
+    again. The :class:`Predictor`'s ``note`` says what was chosen and why."""
+    threads = int(threads or torch.get_num_threads())
+    param = next(model.parameters(), None)
+    if param is not None and param.device.type != "cpu":
+        return Predictor(model, cfg, "torch", f"engine: torch (the model is on {param.device})")
+    candidates = [e for e in ENGINES if precision in _ENGINE_PRECISIONS[e] and engine_available(e)]
+    if not candidates:
+        raise ValueError(f"no installed engine runs precision {precision!r} on a CPU")
+    if len(candidates) == 1:
+        return Predictor(make_runner(model, cfg, candidates[0], precision, threads), cfg,
+                         candidates[0], f"engine auto: {candidates[0]}, the only engine installed "
+                         f"for {precision} (OpenVINO is often faster: pip install 'lmnet[openvino]')")
+    key = _probe_key(cfg, batch_size, precision, threads, candidates)
+    cache_file = probe_cache_path()
+    try:
+        cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+        if not isinstance(cache, dict):
+            cache = {}
+    except (OSError, ValueError):
+        cache = {}  # unreadable or corrupt: measure again and rewrite it
+    setting = f"batch {batch_size}, {cfg.image_size} x {cfg.image_size}, {precision}, {threads} threads"
+    entry = cache.get(key)
+    if not refresh and isinstance(entry, dict) and entry.get("engine") in candidates:
+        engine = entry["engine"]
+        timings = entry.get("ms", {})
+        note = (f"engine auto: {engine}, measured fastest on this machine for {setting} "
+                f"({_fmt_ms(timings)}; cached in {cache_file})")
+        return Predictor(make_runner(model, cfg, engine, precision, threads), cfg, engine, note)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch_size, cfg.in_channels, cfg.image_size, cfg.image_size, generator=gen)
+    best: tuple[float, str, Any] | None = None
+    timings = {}
+    for engine in candidates:
+        run = make_runner(model, cfg, engine, precision, threads)
+        seconds = _time_runner(run, engine, x, precision)
+        timings[engine] = round(seconds * 1000, 2)
+        if best is None or seconds < best[0]:
+            best = (seconds, engine, run)
+        else:
+            del run
+    assert best is not None
+    cache[key] = {"engine": best[1], "ms": timings, "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+    saved = f"cached in {cache_file}"
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(cache, indent=2) + "\n")
+        tmp.replace(cache_file)  # atomic: a concurrent reader sees the old or the new file
+    except OSError as err:
+        saved = f"not cached: {err}"
+    note = f"engine auto: {best[1]}, fastest of a probe at {setting} ({_fmt_ms(timings)}; {saved})"
+    return Predictor(best[2], cfg, best[1], note)
+
+
+def _fmt_ms(timings: dict[str, float]) -> str:
+    return ", ".join(f"{e} {ms:.1f} ms" for e, ms in sorted(timings.items(), key=lambda kv: kv[1]))

@@ -1,0 +1,187 @@
+"""``--engine auto`` measures, picks the fastest, caches per machine; batched prediction."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lmnet.cli.main import main
+from lmnet.deploy import loading
+from lmnet.deploy.engines import ENGINES, engine_available
+from lmnet.deploy.loading import choose_engine, load_model, load_predictor, probe_cache_path
+from lmnet.engine.predict import predict_files
+from tests.conftest import ROOT
+
+SAMPLE_IMAGES = sorted((ROOT / "src" / "lmnet" / "sample_data" / "kvasir_sample" / "images").glob("*.jpg"))
+INSTALLED = [e for e in ENGINES if engine_available(e)]
+several_engines = pytest.mark.skipif(len(INSTALLED) < 2, reason="needs onnxruntime or openvino "
+                                     "beside PyTorch (the 'test' extra)")
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("LMNET_CACHE_DIR", str(tmp_path / "cache"))
+    return probe_cache_path()
+
+
+@pytest.fixture()
+def fake_timer(monkeypatch):
+    """Engines 'take' the given milliseconds (stand-ins: every engine runs the PyTorch model, so
+    that no export slows the test); returns the list of engines timed, ``timed.built`` those built."""
+
+    class Timed(list):
+        built: list[str]
+
+    timed = Timed()
+    timed.built = []
+
+    def build(model, cfg, engine, precision="fp32", threads=None):
+        timed.built.append(engine)
+        return model
+
+    def arm(ms: dict[str, float]) -> Timed:
+        def fake(run, engine, x, precision, **_):
+            timed.append(engine)
+            return ms[engine] / 1000
+        monkeypatch.setattr(loading, "_time_runner", fake)
+        monkeypatch.setattr(loading, "make_runner", build)
+        timed.clear()
+        timed.built.clear()
+        return timed
+    return arm
+
+
+@several_engines
+def test_auto_picks_the_engine_measured_fastest_and_caches_it(tiny_checkpoint, cache, fake_timer):
+    model, cfg = load_model(tiny_checkpoint)
+    slow_first = {e: 10.0 * (len(INSTALLED) - i) for i, e in enumerate(INSTALLED)}  # last is fastest
+    timed = fake_timer(slow_first)
+    chosen = choose_engine(model, cfg, batch_size=2)
+    assert chosen.engine == INSTALLED[-1] and timed == INSTALLED
+    assert f"engine auto: {INSTALLED[-1]}" in chosen.note and "batch 2" in chosen.note
+    entry = next(iter(json.loads(cache.read_text()).values()))
+    assert entry["engine"] == INSTALLED[-1] and set(entry["ms"]) == set(INSTALLED)
+    # Cached: the next call builds the chosen engine only and measures nothing.
+    timed.clear()
+    timed.built.clear()
+    again = choose_engine(model, cfg, batch_size=2)
+    assert again.engine == INSTALLED[-1] and timed == [] and "cached in" in again.note
+    assert timed.built == [INSTALLED[-1]]
+    # Another batch size is another setting: measured anew.
+    fastest_first = {e: 10.0 * (i + 1) for i, e in enumerate(INSTALLED)}
+    timed = fake_timer(fastest_first)
+    assert choose_engine(model, cfg, batch_size=8).engine == INSTALLED[0]
+    assert timed == INSTALLED and len(json.loads(cache.read_text())) == 2
+
+
+@several_engines
+@pytest.mark.slow
+def test_auto_runs_the_real_probe(tiny_checkpoint, cache):
+    """Without stand-ins: every installed engine is timed, the note names the fastest."""
+    model, cfg = load_model(tiny_checkpoint)
+    chosen = choose_engine(model, cfg)
+    ms = next(iter(json.loads(cache.read_text()).values()))["ms"]
+    assert set(ms) == set(INSTALLED) and all(v > 0 for v in ms.values())
+    assert chosen.engine == min(ms, key=ms.get)
+    x = np.zeros((1, 3, cfg.image_size, cfg.image_size), np.float32)
+    if chosen.engine != "torch":
+        assert chosen.model(x).shape == (1, 2, cfg.image_size, cfg.image_size)
+
+
+@several_engines
+def test_a_corrupt_or_unwritable_cache_is_measured_again(tiny_checkpoint, cache, fake_timer,
+                                                         tmp_path, monkeypatch):
+    model, cfg = load_model(tiny_checkpoint)
+    cache.parent.mkdir(parents=True)
+    cache.write_text("{not json")
+    timed = fake_timer({e: 5.0 for e in INSTALLED})
+    assert choose_engine(model, cfg).engine in INSTALLED and timed == INSTALLED
+    assert json.loads(cache.read_text())  # rewritten as valid JSON
+    fake_timer({e: 5.0 for e in INSTALLED})
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("LMNET_CACHE_DIR", str(blocker / "sub"))  # a folder that cannot exist
+    chosen = choose_engine(model, cfg)
+    assert "not cached" in chosen.note
+
+
+@several_engines
+def test_bf16_leaves_out_engines_without_it(tiny_checkpoint, cache, fake_timer):
+    model, cfg = load_model(tiny_checkpoint)
+    timed = fake_timer({e: 1.0 for e in INSTALLED})
+    choose_engine(model, cfg, precision="bf16")
+    assert "onnx" not in timed and "torch" in timed
+    with pytest.raises(ValueError, match="precision 'bf16' is available with --engine torch"):
+        load_predictor(tiny_checkpoint, "onnx", precision="bf16")
+
+
+def _images(folder: Path, n: int) -> Path:
+    folder.mkdir(parents=True)
+    for p in SAMPLE_IMAGES[:n]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    return folder
+
+
+def _masks(out: Path) -> dict[str, np.ndarray]:
+    return {p.name: np.asarray(Image.open(p)) for p in sorted((out / "masks").iterdir())}
+
+
+def test_batches_and_io_threads_give_the_same_outputs(tiny_checkpoint, tmp_path):
+    src = _images(tmp_path / "in", 7)  # sizes differ: masks come back at each image's size
+    (src / "broken.jpg").write_bytes(b"not a jpeg")  # fails alone, in the middle of a batch
+    runs = {}
+    for batch, threads in ((1, 0), (3, 2), (4, 1)):
+        out = tmp_path / f"b{batch}t{threads}"
+        summary = predict_files(tiny_checkpoint, [src], out, progress=False, engine="torch",
+                                batch_size=batch, io_threads=threads)
+        assert len(summary.written) == 7 and [p.name for p, _ in summary.failed] == ["broken.jpg"]
+        rows = list(csv.DictReader((out / "areas.csv").open()))
+        assert [Path(r["file"]).name for r in rows] == [p.name for p in sorted(SAMPLE_IMAGES[:7])]
+        runs[(batch, threads)] = _masks(out), rows
+    ref_masks, ref_rows = runs[(1, 0)]
+    for masks, rows in runs.values():
+        assert masks.keys() == ref_masks.keys()
+        for name, m in masks.items():
+            assert m.shape == ref_masks[name].shape
+            assert (m != ref_masks[name]).sum() <= 5, name  # ties at the threshold only
+        assert [r["height"] for r in rows] == [r["height"] for r in ref_rows]
+
+
+def test_predict_cli_says_which_engine_auto_chose(tiny_checkpoint, tmp_path, capsys, cache,
+                                                  fake_timer):
+    fake_timer({e: 1.0 + i for i, e in enumerate(INSTALLED)})
+    src = _images(tmp_path / "in", 2)
+    assert main(["predict", str(tiny_checkpoint), str(src), "--out", str(tmp_path / "o"),
+                 "--batch-size", "2", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert f"engine auto: {INSTALLED[0]}" in err and "batch 2" in err, err
+    assert main(["predict", str(tiny_checkpoint), str(src), "--out", str(tmp_path / "o"),
+                 "--batch-size", "0"]) == 2
+    assert "batch size must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not engine_available("openvino"), reason="needs openvino (the 'test' extra)")
+def test_openvino_conversion_is_cached_per_model(tiny_checkpoint, cache, monkeypatch):
+    """Converting to OpenVINO takes seconds: done once per model, read back after."""
+    import torch
+
+    from lmnet.deploy import engines
+
+    model, cfg = load_model(tiny_checkpoint)
+    calls = []
+    convert = engines.convert_to_openvino
+    monkeypatch.setattr(engines, "convert_to_openvino", lambda *a: calls.append(1) or convert(*a))
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    first = engines.openvino_runner(model, 3, 32)(x)
+    second = engines.openvino_runner(model, 3, 32)(x)
+    assert len(calls) == 1 and np.array_equal(first, second)
+    assert len(list((cache.parent / "openvino").glob("*.xml"))) == 1
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # other weights: another entry, not the stale one
+    third = engines.openvino_runner(model, 3, 32)(x)
+    assert len(calls) == 2 and not np.allclose(first, third)
+    assert len(list((cache.parent / "openvino").glob("*.xml"))) == 2
