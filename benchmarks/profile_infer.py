@@ -11,13 +11,16 @@ Deployed model, channels-last, fp32 eager, batch 1, freed memory kept (as the lm
   (``torch.utils.flop_counter``);
 - attention ops: the computing (non-view) tensor operations of one neighborhood-attention call;
 - ONNX Runtime: its own profile of the exported model, time per run by operator type;
-- ``--compile-attention``: the full-resolution attention alone, eager against ``torch.compile``.
+- ``--compile-attention``: the full-resolution attention alone, eager against ``torch.compile``;
+- ``--openvino [fp32] [bf16] [m_int8.xml]``: OpenVINO's own per-node counters, by executed layer
+  type and by model part (the engine ``lmnet predict`` picks here).
 It uses only lmnet's public API, so it also profiles an older checkout put first on PYTHONPATH.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import re
 import json
 import statistics
 import sys
@@ -132,6 +135,47 @@ def ort_profile(model, size, repeats):
                             "share": round(v / total, 3)} for k, v in by_type.most_common(12)]}
 
 
+def openvino_profile(model, size, repeats, precision="fp32", xml=None):
+    """OpenVINO's own per-node counters (``PERF_COUNT``): time per run by executed layer type, and
+    by the part of the model a node comes from (the first two parts of its PyTorch scope name,
+    e.g. ``lfts.3`` or ``stage2``)."""
+    import openvino as ov
+
+    from lmnet.deploy.engines import convert_to_openvino
+
+    core = ov.Core()
+    ov_model = core.read_model(xml) if xml else convert_to_openvino(model, 3, size)
+    compiled = core.compile_model(ov_model, "CPU", {
+        "PERF_COUNT": True, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS":
+        torch.get_num_threads(), "INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision]})
+    request = compiled.create_infer_request()
+    x = torch.randn(1, 3, size, size).numpy()
+    for _ in range(3):
+        request.infer({0: x})
+    by_type, by_part = collections.Counter(), collections.Counter()
+    walls = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        request.infer({0: x})
+        walls.append(time.perf_counter() - t)
+        for info in request.profiling_info:
+            us = info.real_time.total_seconds() * 1e6
+            if us <= 0:
+                continue
+            kind = f"{info.node_type} ({info.exec_type.split('_')[0]})" if info.exec_type else info.node_type
+            by_type[kind] += us
+            scope = re.search(r"__module\.(\w+?)(?:\.(\d+))?(?:[./]|$)", info.node_name)
+            by_part[".".join(g for g in scope.groups() if g) if scope else "unnamed"] += us
+    total = sum(by_type.values())
+
+    def top(counter, key, n=14):
+        return [{key: k, "ms_per_run": round(v / repeats / 1e3, 2), "share": round(v / total, 3)}
+                for k, v in counter.most_common(n)]
+    return {"precision": precision, "ir": xml, "wall_ms_median": round(statistics.median(walls) * 1e3, 2),
+            "ms_per_run_counted": round(total / repeats / 1e3, 2),
+            "by_layer_type": top(by_type, "layer"), "by_model_part": top(by_part, "part")}
+
+
 def compiled_attention(size, repeats):
     q, k, v = (torch.randn(1, 12, size, size) for _ in range(3))
     rpb = torch.randn(12, 5, 5)
@@ -148,6 +192,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--compile-attention", action="store_true")
+    ap.add_argument("--openvino", nargs="*", default=None, metavar="PRECISION_OR_XML",
+                    help="also OpenVINO's own profile: fp32, bf16 and/or an IR file (e.g. int8)")
     ap.add_argument("--out", default="benchmarks/results/profile.json")
     args = ap.parse_args()
     try:
@@ -169,6 +215,12 @@ def main() -> None:
                                         args.repeats)
     if args.compile_attention:
         result["compiled_attention"] = compiled_attention(args.size, args.repeats)
+    if args.openvino is not None:
+        fresh = lmnet.deploy(lmnet.create_model("lmnet"))
+        result["openvino"] = [
+            openvino_profile(fresh, args.size, args.repeats, xml=item) if item.endswith(".xml")
+            else openvino_profile(fresh, args.size, args.repeats, precision=item)
+            for item in (args.openvino or ["fp32"])]
 
     print(f"lmnet from {result['lmnet_file']}; freed memory kept: {kept}; "
           f"forward {result['forward_ms']:.1f} ms (median, hooks attached)")
@@ -187,6 +239,14 @@ def main() -> None:
     print(f"\nONNX Runtime profile: {o['ms_per_run']} ms per run")
     for r in o["by_op_type"]:
         print(f"  {r['op']:<40}{r['ms_per_run']:8.2f} ms {r['share']:7.1%}")
+    for o in result.get("openvino", []):
+        print(f"\nOpenVINO profile ({o['ir'] or o['precision']}): {o['wall_ms_median']} ms per run "
+              f"(wall, median), {o['ms_per_run_counted']} ms in its counters")
+        for r in o["by_layer_type"]:
+            print(f"  {r['layer']:<40}{r['ms_per_run']:8.2f} ms {r['share']:7.1%}")
+        print("  by model part:")
+        for r in o["by_model_part"]:
+            print(f"  {r['part']:<40}{r['ms_per_run']:8.2f} ms {r['share']:7.1%}")
     if "compiled_attention" in result:
         ca = result["compiled_attention"]
         print(f"\nattention at {args.size} x {args.size}, 12 heads: eager {ca['eager_ms']} ms, "

@@ -20,7 +20,7 @@ import ctypes.util
 import os
 import sys
 
-__all__ = ["keep_freed_memory", "available_cpus", "cgroup_cpu_quota", "set_threads"]
+__all__ = ["keep_freed_memory", "available_cpus", "cgroup_cpu_quota", "cpu_name", "set_threads"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -112,3 +112,25 @@ def set_threads(threads: int | None = None) -> int:
         raise ValueError(f"threads must be at least 1, got {threads}")
     torch.set_num_threads(threads)
     return threads
+
+
+def cpu_name() -> str:
+    """The processor's model name (``/proc/cpuinfo``), with its widest vector and matrix
+    instruction sets, e.g. ``AMD EPYC (avx2)`` or ``... (avx512, avx512_bf16, amx)``."""
+    import platform
+    from pathlib import Path
+
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and name in ("", platform.machine()):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        return name
+    shown = [f for f in ("avx512f", "avx512_bf16", "avx512_vnni", "amx_tile") if f in flags]
+    if not shown and "avx2" in flags:
+        shown = ["avx2"]
+    return f"{name} ({', '.join(shown)})" if shown else name

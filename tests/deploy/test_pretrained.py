@@ -140,3 +140,29 @@ def test_export_pretrained_then_predict_and_evaluate_with_weights(tiny_run, tmp_
     assert result["all"]["n_images"] == len(config["split"]["test"])  # the stored split's test set
     assert main(["evaluate", str(run), "--weights", str(out)]) == 2
     assert "not both or neither" in capsys.readouterr().err
+
+
+def test_model_card_reports_what_the_run_measured(tiny_run, tmp_path, capsys):
+    """The card's numbers are the run's own: its test metrics in both conventions (with the
+    commands), its epochs and time, its split; the validation curve is beside it."""
+    run, data = tiny_run
+    run = shutil.copytree(run, tmp_path / "run")
+    out = tmp_path / "kvasir"
+    assert main(["export", str(run), "--format", "pretrained", "--out", str(out)]) == 0
+    card = (out / "README.md").read_text()
+    assert "Not measured yet" in card and (out / "validation_curve.png").is_file()
+    for grid in ("resized", "original"):
+        assert main(["evaluate", str(run), "--grid", grid, "--quiet"]) == 0
+    assert main(["export", str(run), "--format", "pretrained", "--out", str(out)]) == 0
+    card = (out / "README.md").read_text()
+    for grid, flag in (("resized", ""), ("original", " --grid original")):
+        m = json.loads((run / f"eval_test_{grid}" / "metrics.json").read_text())["all"]
+        row = next(line for line in card.splitlines() if line.startswith(f"| {grid} |"))
+        assert f"| {100 * m['fg_dice_mean']:.1f} |" in row and f"| {100 * m['paper_mdice']:.1f} |" in row
+        assert f"`lmnet evaluate run --split test{flag}`" in row
+    log_rows = (run / "log.csv").read_text().strip().splitlines()[1:]
+    assert f"{len(log_rows)} of 1 epochs" in card
+    split = json.loads((run / "split.json").read_text())
+    assert f"test {len(split['test'])} images" in card and "not a medical device" in card
+    assert "from_pretrained(\"kvasir\")" in card and "research and education" in card
+    assert lmnet.from_pretrained(out).pretrained_cfg["input_size"] == [3, 32, 32]

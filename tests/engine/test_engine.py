@@ -37,7 +37,9 @@ def test_train_writes_a_complete_run_folder(disc_data, tmp_path):
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert all(0.0 <= float(r["val_paper_mdice"]) <= 1.0 for r in rows)
     env = json.loads((run / "env.json").read_text())
-    assert env["torch"] == torch.__version__ and "git_commit" in env
+    assert env["torch"] == torch.__version__ and "git_commit" in env and env["cpu"]
+    sessions = [json.loads(line) for line in (run / "sessions.jsonl").read_text().splitlines()]
+    assert len(sessions) == 1 and sessions[0]["epochs_done"] == 0 and sessions[0]["cpu"] == env["cpu"]
     assert json.loads((run / "config.json").read_text())["image_size"] == 32
     ckpt = torch.load(run / "checkpoint_last.pt", map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 1 and TrainConfig.from_dict(ckpt["config"]) == cfg
@@ -95,6 +97,8 @@ def test_time_budget_stops_mid_epoch_and_resume_is_exact(disc_data, tmp_path):
         assert calls <= 8
     assert calls == 8
     _assert_same_weights(straight, run)
+    sessions = [json.loads(line) for line in (run / "sessions.jsonl").read_text().splitlines()]
+    assert len(sessions) == 8 and sessions[-1]["epochs_done"] == 1  # one line per start or resume
 
 
 @pytest.mark.slow

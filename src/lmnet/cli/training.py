@@ -117,6 +117,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if (args.checkpoint is None) == (args.weights is None):
         raise ValueError("give a checkpoint (or run folder) or --weights NAME, not both or neither")
+    if args.format == "pretrained" and args.checkpoint is not None:
+        from lmnet.engine.model_card import export_with_card
+
+        folder = export_with_card(args.checkpoint, args.out)
+        print(f"wrote {folder}/ (config.json, model.safetensors, README.md model card): load it "
+              f"with lmnet.from_pretrained({str(folder)!r}) or --weights {folder}")
+        return 0
     if (args.data is not None or args.calibration_images is not None
             or args.no_accuracy_control) and not args.int8:
         raise ValueError("--data, --calibration-images and --no-accuracy-control are for --int8")

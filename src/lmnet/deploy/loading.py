@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from lmnet.deploy.engines import (
     make_runner,
     precision_context,
 )
+from lmnet.runtime import cpu_name
 
 __all__ = ["ENGINE_CHOICES", "Predictor", "choose_engine", "load_model", "load_predictor",
            "probe_cache_path"]
@@ -103,16 +103,6 @@ def probe_cache_path() -> Path:
     return cache_dir() / "engines.json"
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -129,7 +119,7 @@ def _probe_key(cfg: TrainConfig, batch_size: int, precision: str, threads: int,
                candidates: list[str]) -> str:
     """Everything the fastest engine depends on: machine, threads, library versions, the model
     and its input, batch size and precision."""
-    return json.dumps({"cpu": _cpu_name(), "cpus": os.cpu_count(), "threads": threads,
+    return json.dumps({"cpu": cpu_name(), "cpus": os.cpu_count(), "threads": threads,
                        "versions": _versions(), "engines": candidates, "model": cfg.model,
                        "model_args": cfg.model_args, "in_channels": cfg.in_channels,
                        "n_classes": cfg.n_classes, "size": cfg.image_size, "batch": batch_size,

@@ -32,6 +32,7 @@ from lmnet.deploy.checkpoint import build_model, load_checkpoint, load_weights
 from lmnet.engine.distributed import DistContext, resolve_device
 from lmnet.engine.evaluate import evaluate_samples
 from lmnet.losses import SegmentationLoss, class_balanced_weights
+from lmnet.runtime import cpu_name
 
 __all__ = ["train", "run_folder", "step_seconds", "LOG_FIELDS", "RESUME_OVERRIDABLE"]
 
@@ -52,7 +53,7 @@ def run_folder(cfg: TrainConfig, fmt: str) -> Path:
 def _versions() -> dict[str, Any]:
     info: dict[str, Any] = {"lmnet": __version__, "python": sys.version.split()[0],
                             "torch": torch.__version__, "numpy": np.__version__,
-                            "platform": platform.platform(), "processor": platform.processor(),
+                            "platform": platform.platform(), "cpu": cpu_name(),
                             "threads": torch.get_num_threads(),
                             "cuda": torch.version.cuda if torch.cuda.is_available() else None}
     for mod in ("monai", "albumentations", "cv2", "PIL"):
@@ -276,7 +277,13 @@ def _train(cfg: TrainConfig, resume: bool | str | Path, progress: bool, ctx: Dis
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         save_split({**split, "format": fmt, "data": str(cfg.data)}, run_dir / "split.json")
-        (run_dir / "env.json").write_text(json.dumps(_versions(), indent=2) + "\n")
+        env = _versions()
+        (run_dir / "env.json").write_text(json.dumps(env, indent=2) + "\n")
+        with (run_dir / "sessions.jsonl").open("a") as fh:  # where and when each part of a run ran
+            done = 0 if ckpt is None else int(ckpt["epoch"]) + 1
+            fh.write(json.dumps({"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                                 "epochs_done": done, "cpu": env["cpu"], "threads": env["threads"],
+                                 "cuda": env["cuda"], "git_commit": env["git_commit"]}) + "\n")
     show = progress and ctx.is_main
 
     train_ds = SegmentationDataset(train_samples, cfg.image_size, True, cfg.in_channels, cfg.mean,

@@ -1,6 +1,11 @@
 """Building blocks of LM-Net, one concept per module."""
 from lmnet.layers.fuse import bn_scale_shift, fuse_conv_bn
-from lmnet.layers.multibranch import DEFAULT_BRANCHES, BranchSpec, MultiBranchBlock, parse_branches
+from lmnet.layers.multibranch import (
+    DEFAULT_BRANCHES,
+    BranchSpec,
+    MultiBranchBlock,
+    parse_branches,
+)
 from lmnet.layers.neighborhood_attention import (
     NeighborhoodAttention2d,
     neighborhood_attention_2d,
