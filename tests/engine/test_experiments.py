@@ -137,3 +137,32 @@ def test_no_curves_before_any_epoch(tmp_path):
 
     assert plot_curves({"lmnet": [tmp_path / "nothing"]}, tmp_path / "c.png") is None
     assert not (tmp_path / "c.png").exists()
+
+
+def test_experiments_sharing_a_runs_folder_train_a_model_once(busi_mini, tmp_path, capsys):
+    def write(name, models, epochs=1):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({
+            "name": name, "data": str(busi_mini), "out": str(tmp_path / "results"),
+            "runs": str(tmp_path / "shared"), "models": models, "seeds": [0],
+            "recipe": {"image_size": 32, "epochs": epochs, "batch_size": 4,
+                       "split_ratios": [0.6, 0.2, 0.2]}}))
+        return path
+
+    first = write("a", ["lmnet"])
+    assert main(["experiment", str(first), "--quiet"]) == 0
+    second = write("b", [{"label": "LM-Net", "model": "lmnet"}, {"label": "basic", "model": "basic_unet"}])
+    cfg = load_experiment(second)
+    runs = plan_runs(cfg)
+    assert runs[0].run_dir == tmp_path / "shared" / "lmnet_s0"
+    assert [run_status(r, cfg) for r in runs] == ["done", "new"]  # LM-Net is a's run
+    log_before = (runs[0].run_dir / "log.csv").read_text()
+    assert main(["experiment", str(second), "--quiet"]) == 0
+    assert (runs[0].run_dir / "log.csv").read_text() == log_before  # not trained again
+    rows = {r["Model"]: r for r in _rows(tmp_path / "results" / "b" / "table_paper.csv")}
+    assert rows["LM-Net"]["Runs"] == "1" and rows["basic"]["Runs"] == "1"
+    capsys.readouterr()
+    other = write("c", ["lmnet"], epochs=2)  # another recipe cannot reuse those runs
+    assert main(["experiment", str(other), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a run of another recipe (epochs 1 there, 2 here)" in err

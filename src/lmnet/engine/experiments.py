@@ -66,6 +66,7 @@ class ExperimentConfig:
     settings: dict[str, Any] = field(default_factory=dict)  # named alternatives of the recipe
     out: str = "results/experiments"           # parent folder of <name>/
     caption: str = ""                          # what the table is (the paper's table number ...)
+    runs: str = ""                             # shared folder of run folders (default <out>/<name>/runs)
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
@@ -112,8 +113,9 @@ def load_experiment(path: str | Path, setting: str | None = None) -> ExperimentC
         change = dict(cfg.settings[setting])
         recipe = {**cfg.recipe, **{k: v for k, v in change.items() if k not in top}}
         own = {k: v for k, v in change.items() if k in top}
+        runs = own.get("runs", f"{cfg.runs}_{setting}" if cfg.runs else "")
         cfg = dataclass_from_dict(ExperimentConfig, {**dataclasses.asdict(cfg), **own,
-                                                     "recipe": recipe, "name": own.get(
+                                                     "recipe": recipe, "runs": runs, "name": own.get(
                                                          "name", f"{cfg.name}_{setting}")},
                                   "experiment key(s)")
     return cfg
@@ -137,14 +139,31 @@ def _slug(label: str) -> str:
     return re.sub(r"[^\w.-]+", "_", label).strip("_") or "model"
 
 
+def _shared_name(model: str, model_args: dict[str, Any]) -> str:
+    """A run's folder name in a shared ``runs`` folder: the model and a digest of its options."""
+    if not model_args:
+        return model
+    import hashlib
+
+    digest = hashlib.sha1(json.dumps(model_args, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{model}_{digest}"
+
+
 def plan_runs(cfg: ExperimentConfig, data: str | None = None) -> list[Run]:
-    """Every run of the matrix, in order: models, then seeds, then folds."""
+    """Every run of the matrix, in order: models, then seeds, then folds.
+
+    Run folders go to ``<out>/<name>/runs/<label>_s<seed>``, or with ``runs`` set to
+    ``<runs>/<model>[_<options digest>]_s<seed>``: experiments that name the same ``runs`` folder
+    share the runs they have in common (same model, options, seed and recipe, checked by
+    :func:`check_recipes`), so a model in two tables trains once.
+    """
     runs = []
-    root = Path(cfg.out) / cfg.name / "runs"
+    root = Path(cfg.runs) if cfg.runs else Path(cfg.out) / cfg.name / "runs"
     for label, model, model_args in _model_entries(cfg):
         for seed in cfg.seeds:
             for fold in (range(cfg.folds) if cfg.folds else [None]):
-                name = f"{_slug(label)}_s{seed}" + (f"_fold{fold}" if fold is not None else "")
+                base = _shared_name(model, model_args) if cfg.runs else _slug(label)
+                name = f"{base}_s{seed}" + (f"_fold{fold}" if fold is not None else "")
                 values = {**cfg.recipe, "data": data or cfg.data or cfg.recipe.get("data", ""),
                           "model": model, "model_args": {**cfg.recipe.get("model_args", {}),
                                                          **model_args},
@@ -154,6 +173,27 @@ def plan_runs(cfg: ExperimentConfig, data: str | None = None) -> list[Run]:
                     values.update(kfold=cfg.folds, fold=fold)
                 runs.append(Run(label, seed, fold, TrainConfig.from_dict(values)))
     return runs
+
+
+#: Keys a run may differ in from its plan: where it is, its wall-clock cap, how it loads data.
+_FREE_KEYS = {"out", "name", "time_budget", "num_workers", "device", "data"}
+
+
+def check_recipes(runs: list[Run]) -> None:
+    """A ``ValueError`` if a run folder already holds a run trained with another recipe than
+    planned (an edited config, or another experiment sharing the ``runs`` folder)."""
+    for run in runs:
+        path = run.run_dir / "config.json"
+        if not path.is_file():
+            continue
+        held = TrainConfig.from_dict(json.loads(path.read_text())).to_dict()
+        planned = run.config.to_dict()
+        differ = [f"{k} {held.get(k)!r} there, {v!r} here" for k, v in planned.items()
+                  if k not in _FREE_KEYS and held.get(k) != v]
+        if differ:
+            raise ValueError(f"{run.run_dir} holds a run of another recipe ({'; '.join(differ[:3])}"
+                             f"{'; ...' if len(differ) > 3 else ''}): give this experiment its own "
+                             "'runs' folder, or move that run away")
 
 
 def _eval_dir(run: Run, cfg: ExperimentConfig) -> Path:
@@ -221,6 +261,7 @@ def run_experiment(cfg: ExperimentConfig, data: str | None = None, dry_run: bool
     from lmnet.engine.train import step_seconds
 
     runs = plan_runs(cfg, data)
+    check_recipes(runs)
     first = runs[0].config
     _, samples, _ = discover(first.data, first.format)
     split = (make_kfold_split(samples, cfg.folds, 0, first.seed, val_ratio=first.split_ratios[1])
