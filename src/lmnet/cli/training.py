@@ -208,9 +208,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="inference precision (torch: bf16/fp16 autocast, fp16 on CUDA only; "
                         "openvino: bf16 hint)")
-    p.add_argument("--engine", default="torch", choices=ENGINE_CHOICES,
-                   help="PyTorch, ONNX Runtime or OpenVINO (the model is converted on the fly; RUN "
-                        "may be an exported .onnx or .xml file), or auto: the fastest here, measured")
+    p.add_argument("--engine", default=None, choices=ENGINE_CHOICES,
+                   help="PyTorch, ONNX Runtime or OpenVINO (the model is converted on the fly), or "
+                        "auto: the fastest here, measured (default: torch; an exported .onnx or .xml "
+                        "RUN runs on its own engine)")
     p.add_argument("--out", default=None, help="report folder (default: RUN/eval_<split>_<grid>)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_evaluate)

@@ -25,6 +25,8 @@ __all__ = ["CALIBRATION_IMAGES", "MAX_DICE_DROP", "calibration_samples", "foregr
 CALIBRATION_IMAGES = 300
 #: Largest loss of mean foreground Dice (absolute) accuracy-controlled quantisation accepts.
 MAX_DICE_DROP = 0.005
+#: Validation images that rank the quantiser groups (which to return to fp32 first).
+RANKING_IMAGES = 32
 
 
 def _split_samples(cfg: TrainConfig, data: str | Path | None, split: dict[str, Any] | None,
@@ -106,6 +108,13 @@ def quantize_openvino(ov_model: Any, inputs: Sequence[np.ndarray],
                  ) -> tuple[float, list[float]]:
         return foreground_dice(lambda x: compiled(x)[0], items)
 
+    from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
+
+    # ranking every quantiser group on the whole validation set costs one pass of it per group;
+    # a subset ranks them well enough (the drop itself is always measured on the whole set)
+    restorer = AdvancedAccuracyRestorerParameters(
+        ranking_subset_size=min(len(validation), RANKING_IMAGES))
     return nncf.quantize_with_accuracy_control(
         ov_model, nncf.Dataset(list(inputs)), nncf.Dataset(list(validation)), validate,
-        max_drop=max_drop, drop_type=nncf.DropType.ABSOLUTE, **kwargs)
+        max_drop=max_drop, drop_type=nncf.DropType.ABSOLUTE,
+        advanced_accuracy_restorer_parameters=restorer, **kwargs)

@@ -75,7 +75,7 @@ def evaluate_run(run_or_checkpoint: str | Path | None, data: str | Path | None =
                  split: str = "test", split_file: str | Path | None = None, grid: str = "resized",
                  out: str | Path | None = None, spacing: tuple[float, float] | None = None,
                  device: str = "cpu", progress: bool = True, precision: str = "fp32",
-                 weights: str | Path | None = None, engine: str = "torch"
+                 weights: str | Path | None = None, engine: str | None = None
                  ) -> tuple[dict[str, Any], Path]:
     """Score the ``split`` images of the checkpoint's dataset; write the reports.
 
@@ -92,11 +92,14 @@ def evaluate_run(run_or_checkpoint: str | Path | None, data: str | Path | None =
         weights: a pretrained model (shipped name, folder or Hub id) instead of a run; its
             ``config.json`` carries the split it was trained with, used unless ``split_file``.
         engine: ``torch``, ``onnx``, ``openvino`` (``precision`` is then OpenVINO's hint) or
-            ``auto`` (the fastest here, measured; see :func:`~lmnet.deploy.loading.choose_engine`).
+            ``auto`` (the fastest here, measured; see :func:`~lmnet.deploy.loading.choose_engine`);
+            None: an exported file's own engine, else ``torch``.
 
     Returns:
         The aggregated metrics and the report folder.
     """
+    if engine is None:
+        engine = "auto" if _exported(run_or_checkpoint) else "torch"
     if device != "cpu" and engine not in ("torch", "auto"):
         raise ValueError(f"--engine {engine} runs on the CPU; --device {device} needs --engine torch")
     predictor = load_predictor(run_or_checkpoint, engine, weights, precision, batch_size=8)
