@@ -56,7 +56,8 @@ def resolve_pretrained(name_or_path: str | Path, revision: str | None = None) ->
         hub = require("huggingface_hub", "hub")
         try:
             return Path(hub.snapshot_download(repo_id=text, revision=revision,
-                                              allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME]))
+                                              allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME,
+                                                                      "*.png"]))
         except Exception as err:  # noqa: BLE001 - network, missing repo, offline: one clear message
             raise ValueError(f"cannot get {text!r} from the Hugging Face Hub: "
                              f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
