@@ -185,3 +185,17 @@ def test_openvino_conversion_is_cached_per_model(tiny_checkpoint, cache, monkeyp
     third = engines.openvino_runner(model, 3, 32)(x)
     assert len(calls) == 2 and not np.allclose(first, third)
     assert len(list((cache.parent / "openvino").glob("*.xml"))) == 2
+
+
+def test_onnx_export_is_cached_per_model(tiny_checkpoint, cache, monkeypatch):
+    from lmnet.deploy import engines, export
+
+    model, cfg = load_model(tiny_checkpoint)
+    calls = []
+    real = export.export_model
+    monkeypatch.setattr(export, "export_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    first = engines.make_runner(model, cfg, "onnx")(x)
+    second = engines.make_runner(model, cfg, "onnx")(x)
+    assert len(calls) == 1 and np.array_equal(first, second)
+    assert [p.suffix for p in (cache.parent / "onnx").iterdir()] == [".onnx"]

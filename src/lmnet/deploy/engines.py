@@ -14,7 +14,8 @@ from torch import nn
 from lmnet._optional import require
 from lmnet.config import TrainConfig
 
-__all__ = ["ENGINES", "ENGINE_FILES", "PRECISIONS", "cache_dir", "cached_openvino_model",
+__all__ = ["ENGINES", "ENGINE_FILES", "PRECISIONS", "cache_dir", "cached_onnx_export",
+           "cached_openvino_model",
            "convert_to_openvino", "engine_available",
            "make_runner", "openvino_runner", "precision_context", "predict_probabilities",
            "probabilities_to_mask"]
@@ -81,16 +82,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmnet"
 
 
-def _model_digest(model: nn.Module, in_channels: int) -> str:
+def _model_digest(model: nn.Module, in_channels: int, tool: str) -> str:
     """A digest of what a conversion depends on: the weights, their names and shapes, the model's
-    class, the input channels and the versions of lmnet and OpenVINO."""
+    class, the input channels, and the versions of lmnet, PyTorch and the converting ``tool``."""
     import hashlib
+    from importlib.metadata import version
 
     from lmnet._version import __version__
 
-    ov = require("openvino", "openvino")
     h = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}|{in_channels}|"
-                       f"{__version__}|{ov.__version__}".encode())
+                       f"{__version__}|{torch.__version__}|{tool} {version(tool)}".encode())
     for name, t in model.state_dict().items():
         h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
@@ -103,7 +104,7 @@ def cached_openvino_model(model: nn.Module, in_channels: int = 3, size: int = 25
     back on later calls. A cache that cannot be written only costs the conversion."""
     ov = require("openvino", "openvino")
     folder = cache_dir() / "openvino"
-    xml = folder / f"{_model_digest(model, in_channels)}.xml"
+    xml = folder / f"{_model_digest(model, in_channels, 'openvino')}.xml"
     if xml.is_file() and xml.with_suffix(".bin").is_file():
         try:
             return ov.Core().read_model(str(xml))
@@ -191,12 +192,37 @@ def make_runner(model: nn.Module, cfg: TrainConfig, engine: str, precision: str 
         raise ValueError(f"unknown engine {engine!r}; available: {', '.join(ENGINES)}")
     if precision != "fp32":
         raise ValueError(f"precision {precision!r} is available with --engine torch or openvino")
-    # the session reads the whole file when it starts, so the folder can go at once
+    from lmnet.deploy.export import load_exported
+
+    path = cached_onnx_export(model, cfg)
+    run = load_exported(path, "onnx", threads)
+    if not path.is_relative_to(cache_dir()):  # a scratch copy: the session has read it
+        import shutil
+
+        shutil.rmtree(path.parent, ignore_errors=True)
+    return run
+
+
+def cached_onnx_export(model: nn.Module, cfg: TrainConfig) -> Path:
+    """The ONNX export of a deployed model, kept in ``cache_dir()/onnx`` under a digest of its
+    weights (exporting takes seconds); written to a temporary folder if the cache is not
+    writable (ONNX Runtime reads the whole file when its session starts)."""
+    import os
     import tempfile
 
-    from lmnet.deploy.export import export_model, load_exported
+    from lmnet.deploy.export import export_model
 
-    with tempfile.TemporaryDirectory(prefix="lmnet-onnx-") as tmp:
-        onnx_path = Path(tmp) / "model.onnx"
-        export_model(model, cfg, "onnx", onnx_path, check=False)
-        return load_exported(onnx_path, "onnx", threads)
+    folder = cache_dir() / "onnx"
+    path = folder / f"{_model_digest(model, cfg.in_channels, 'onnxruntime')}_{cfg.image_size}.onnx"
+    if path.is_file():
+        return path
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{path.stem}.{os.getpid()}.onnx"
+        export_model(model, cfg, "onnx", tmp, check=False)
+        tmp.replace(path)  # whole or not at all: a reader never sees half a file
+        return path
+    except OSError:
+        scratch = Path(tempfile.mkdtemp(prefix="lmnet-onnx-")) / "model.onnx"
+        export_model(model, cfg, "onnx", scratch, check=False)
+        return scratch

@@ -104,7 +104,6 @@ def _border_index(H: int, W: int, ks: int, device: torch.device | None
     return rows * W + cols, key.reshape(-1, ks * ks).T, bias.reshape(-1, ks * ks).T
 
 
-@torch.compiler.disable  # computed outside any compiled graph: Inductor failed on it inside
 @functools.lru_cache(maxsize=32)
 def _border_index_cached(H: int, W: int, ks: int, device: torch.device | None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -112,6 +111,13 @@ def _border_index_cached(H: int, W: int, ks: int, device: torch.device | None
     # Normal tensors even when first asked for under inference_mode: autograd saves them later.
     with torch.inference_mode(False):
         return _border_index(H, W, ks, device)
+
+
+@functools.cache
+def _border_index_outside_compile():  # noqa: ANN202
+    """:func:`_border_index_cached` kept out of compiled graphs (Inductor failed on it inside).
+    Wrapped on first use: ``torch.compiler.disable`` imports TorchDynamo, 2 s of every start-up."""
+    return torch.compiler.disable(_border_index_cached)
 
 
 def _attend_border(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ks: int,
@@ -123,6 +129,8 @@ def _attend_border(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ks: int,
     B, h, d, H, W = q.shape
     if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         index = _border_index(H, W, ks, q.device)  # traced: follows the input's size
+    elif torch.compiler.is_compiling():
+        index = _border_index_outside_compile()(H, W, ks, q.device)
     else:
         index = _border_index_cached(H, W, ks, q.device)
     q_idx, k_idx, b_idx = index
