@@ -107,12 +107,17 @@ def machine() -> dict[str, Any]:
 
     import lmnet
 
-    cpu = platform.processor()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    try:
+        from lmnet.runtime import cpu_name  # model name with its vector instruction sets
+
+        cpu = cpu_name()
+    except ImportError:  # an older checkout
+        cpu = platform.processor()
+        with contextlib.suppress(OSError):
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
     return {"cpu": cpu, "machine": platform.machine(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__,
             "onnxruntime": onnxruntime.__version__, "lmnet": lmnet.__version__,
