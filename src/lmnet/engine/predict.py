@@ -4,7 +4,7 @@ from __future__ import annotations
 import csv
 import logging
 from collections import Counter, deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -172,7 +172,8 @@ def predict_files(checkpoint: str | Path | None, inputs: Sequence[str | Path], o
 
     reads: deque[tuple[Path, str, Future]] = deque()
     todo = iter(zip(files, names))
-    writes: list[tuple[Path, Path, np.ndarray, Future]] = []
+    writes: list[tuple[Path, Path, dict[str, Any], Future]] = []
+    pending: deque[Future] = deque()
     bar = tqdm(total=len(files), desc="predicting", unit="img", disable=not progress)
     try:
         while True:
@@ -206,25 +207,29 @@ def predict_files(checkpoint: str | Path | None, inputs: Sequence[str | Path], o
                                          align_corners=False)[0, 0]
                 mask = probabilities_to_mask(prob, threshold)
                 mask_path = out / "masks" / f"{stem}.png"
-                writes.append((path, mask_path, mask, submit(
+                area = int(mask.sum())  # the row now: no mask is kept after its writing
+                row = {"file": str(path), "mask": str(mask_path), "height": mask.shape[0],
+                       "width": mask.shape[1], "lesion_area_px": area,
+                       "lesion_fraction": round(area / mask.size, 6)}
+                writes.append((path, mask_path, row, submit(
                     _write, image, mask, mask_path, out / "overlays" / f"{stem}.png")))
+                pending.append(writes[-1][3])
+                while len(pending) > 2 * batch_size + 2:  # bounded: images wait in memory
+                    wait([pending.popleft()])
             bar.update(len(batch))
     finally:
         if pool is not None:
             pool.shutdown(wait=True)  # every started write finishes, even on Ctrl-C
         bar.close()
     rows = []
-    for path, mask_path, mask, future in writes:
+    for path, mask_path, row, future in writes:
         try:
             future.result()
         except Exception as err:  # noqa: BLE001 - a file that cannot be written is reported
             fail(path, err)
             continue
         summary.written.append(mask_path)
-        area = int(mask.sum())
-        rows.append({"file": str(path), "mask": str(mask_path), "height": mask.shape[0],
-                     "width": mask.shape[1], "lesion_area_px": area,
-                     "lesion_fraction": round(area / mask.size, 6)})
+        rows.append(row)
     with summary.csv_path.open("w", newline="") as fh:
         w = csv.DictWriter(fh, ["file", "mask", "height", "width", "lesion_area_px", "lesion_fraction"])
         w.writeheader()
