@@ -82,7 +82,8 @@ def _inputs_and_torch_masks(kvasir_run, tmp_path):
     inputs.mkdir()
     for p in KVASIR_IMAGES[:3]:
         (inputs / p.name).write_bytes(p.read_bytes())
-    assert main(["predict", str(kvasir_run), str(inputs), "--out", str(tmp_path / "t"), "--quiet"]) == 0
+    assert main(["predict", str(kvasir_run), str(inputs), "--engine", "torch", "--out",
+                 str(tmp_path / "t"), "--quiet"]) == 0
     return inputs
 
 

@@ -178,13 +178,13 @@ def export_openvino(model: nn.Module, path: str | Path, cfg: TrainConfig,
     """Write ``model`` as an OpenVINO IR (``path`` ``.xml`` and its ``.bin``; fp32 weights, or
     int8 with ``int8_inputs`` to calibrate on), batch and size dynamic, with ``metadata``
     (default: ``cfg`` as ``lmnet_config``) in the IR's runtime info."""
-    from lmnet.deploy.engines import convert_to_openvino
+    from lmnet.deploy.engines import cached_openvino_model
 
     ov = require("openvino", "openvino")
     path = Path(path)
     if path.suffix != ".xml":
         raise ValueError(f"an OpenVINO IR is written as NAME.xml (+ NAME.bin), got {path.name}")
-    ov_model = convert_to_openvino(model, cfg.in_channels, cfg.image_size)
+    ov_model = cached_openvino_model(model, cfg.in_channels, cfg.image_size)
     if int8_inputs is not None:
         from lmnet.deploy.quantize import quantize_openvino
 
