@@ -105,17 +105,17 @@ def export_pretrained(checkpoint: str | Path, out: str | Path, card: str | None 
                       class_names: list[str] | None = None) -> Path:
     """Write the pretrained folder of a checkpoint (or run folder): deployed fp16 weights, the
     config with its training config and the run's split, and ``card`` as README.md."""
-    import json
 
     from lmnet.deploy.checkpoint import model_from_checkpoint, resolve_checkpoint
 
     ckpt_path = resolve_checkpoint(checkpoint)
     model, cfg = model_from_checkpoint(ckpt_path, channels_last=False)
+    from lmnet.deploy.export import stored_split
+
     extra: dict[str, Any] = {"train_config": cfg.to_dict()}
-    split = ckpt_path.parent / "split.json"
-    if split.is_file():
-        extra["split"] = {k: v for k, v in json.loads(split.read_text()).items()
-                          if k in ("train", "val", "test")}
+    split = stored_split(ckpt_path)
+    if split:
+        extra["split"] = {k: v for k, v in split.items() if k in ("train", "val", "test")}
     kwargs = {"in_channels": cfg.in_channels, "n_classes": cfg.n_classes, **cfg.model_args}
     if card is None:
         card = _basic_card(cfg, ckpt_path, "split" in extra)

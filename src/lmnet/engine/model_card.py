@@ -11,6 +11,7 @@ from typing import Any
 
 from lmnet.config import TrainConfig
 from lmnet.deploy.checkpoint import load_checkpoint, resolve_checkpoint
+from lmnet.deploy.export import stored_split
 from lmnet.deploy.pretrained import export_pretrained
 from lmnet.engine.figures import plot_curves
 
@@ -75,7 +76,7 @@ def model_card(run: str | Path, title: str | None = None, curve: bool = True,
     ckpt = load_checkpoint(ckpt_path)
     cfg = TrainConfig.from_dict(ckpt["config"])
     log, sessions = _log(run), _sessions(run)
-    split = json.loads((run / "split.json").read_text()) if (run / "split.json").is_file() else {}
+    split = stored_split(ckpt_path) or {}
     data = DATASETS.get(cfg.format or split.get("format") or "", {})  # the format found, if detected
     data_name = data.get("name", Path(cfg.data).name or "the training data")
     title = title or f"LM-Net trained on {data_name}"
