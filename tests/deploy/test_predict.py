@@ -6,10 +6,12 @@ import csv
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
+from scipy import ndimage
 
 from lmnet.cli.main import main
-from lmnet.engine.predict import collect_inputs, output_names
+from lmnet.engine.predict import collect_inputs, output_names, overlay
 
 
 def _image(path: Path, value: int) -> Path:
@@ -83,3 +85,18 @@ def test_only_masks_is_a_clear_error(tiny_checkpoint, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no image files" in err and "1 mask files skipped" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()  # a failed command changes nothing
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 7), (37, 53), (64, 64)])
+def test_overlay_matches_its_definition(shape):
+    """The overlay: lesion pixels blended with red (alpha 0.45, float32, clipped), and those within
+    2 pixels of the background or the image's edge (two erosions by the 3 x 3 cross) yellow."""
+    rng = np.random.default_rng(sum(shape))
+    image = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    for mask in (rng.random(shape) > 0.3, np.ones(shape, bool), np.zeros(shape, bool)):
+        expected = image.astype(np.float32)
+        expected[mask] = 0.55 * expected[mask] + 0.45 * np.array([255, 0, 0], np.float32)
+        expected[mask & ~ndimage.binary_erosion(mask, iterations=2)] = (255, 255, 0)
+        np.testing.assert_array_equal(overlay(image, mask), expected.clip(0, 255).astype(np.uint8))
+    gray = image[..., :1]
+    np.testing.assert_array_equal(overlay(gray, mask), overlay(np.repeat(gray, 3, axis=2), mask))

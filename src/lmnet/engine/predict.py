@@ -99,17 +99,29 @@ def output_names(files: Sequence[Path]) -> list[str]:
     raise ValueError("cannot give the inputs distinct output names")  # pragma: no cover
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """RGB ``uint8`` image with the lesion tinted red and its boundary drawn in yellow."""
-    from scipy import ndimage
+def _erode_cross(mask: np.ndarray) -> np.ndarray:
+    """One binary erosion by the 3 x 3 cross, pixels outside the image counting as background
+    (as ``scipy.ndimage.binary_erosion``'s default): four shifted ANDs, no per-pixel loop."""
+    out = mask.copy()
+    out[1:] &= mask[:-1]
+    out[:-1] &= mask[1:]
+    out[:, 1:] &= mask[:, :-1]
+    out[:, :-1] &= mask[:, 1:]
+    out[0] = out[-1] = False
+    out[:, 0] = out[:, -1] = False
+    return out
 
+
+def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """RGB ``uint8`` image with the lesion tinted red and its boundary (the lesion pixels within
+    2 pixels of the background, 4-connected) drawn in yellow. Only lesion pixels are computed."""
+    mask = np.asarray(mask, dtype=bool)
     rgb = image[..., :3] if image.shape[2] >= 3 else np.repeat(image[..., :1], 3, axis=2)
-    out = rgb.astype(np.float32)
-    red = np.array([255, 0, 0], np.float32)
-    out[mask] = (1 - alpha) * out[mask] + alpha * red
-    edge = mask & ~ndimage.binary_erosion(mask, iterations=2)
-    out[edge] = (255, 255, 0)
-    return out.clip(0, 255).astype(np.uint8)
+    out = np.array(rgb, dtype=np.uint8, copy=True)
+    tinted = (1 - alpha) * out[mask].astype(np.float32) + alpha * np.array([255, 0, 0], np.float32)
+    out[mask] = tinted.clip(0, 255).astype(np.uint8)
+    out[mask & ~_erode_cross(_erode_cross(mask))] = (255, 255, 0)
+    return out
 
 
 def _read(path: Path, channels: int, size: int, mean: Sequence[float], std: Sequence[float]
@@ -120,7 +132,9 @@ def _read(path: Path, channels: int, size: int, mean: Sequence[float], std: Sequ
 
 def _write(image: np.ndarray, mask: np.ndarray, mask_path: Path, overlay_path: Path) -> None:
     Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
-    Image.fromarray(overlay(image, mask)).save(overlay_path)
+    # zlib level 1: a sixth of the default's encoding time for 10 % larger files (the overlay is a
+    # photograph; at level 6 encoding it took as long as the model's forward pass).
+    Image.fromarray(overlay(image, mask)).save(overlay_path, compress_level=1)
 
 
 def predict_files(checkpoint: str | Path | None, inputs: Sequence[str | Path], out_dir: str | Path,
