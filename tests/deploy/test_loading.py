@@ -190,6 +190,25 @@ def test_openvino_conversion_is_cached_per_model(cache, monkeypatch):
     assert len(list((cache.parent / "openvino").glob("*.xml"))) == 2
 
 
+@pytest.mark.skipif(not engine_available("openvino"), reason="needs openvino (the 'test' extra)")
+def test_openvino_runs_any_size_though_compiled_for_one(cache):
+    """Compiled for the model's input size (the size preprocessing feeds); any other size still
+    runs (the dynamic model, compiled on first use), every output equal to PyTorch's."""
+    import torch
+
+    from lmnet.deploy import engines
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(4, 2, 1)).eval()
+    run = engines.openvino_runner(model, 3, 32)
+    rng = np.random.default_rng(0)
+    for shape in [(1, 3, 32, 32), (3, 3, 32, 32), (2, 3, 24, 40), (1, 3, 32, 32)]:
+        x = rng.standard_normal(shape).astype(np.float32)
+        with torch.no_grad():
+            np.testing.assert_allclose(run(x), model(torch.from_numpy(x)).numpy(), atol=1e-5)
+
+
 def test_onnx_export_is_cached_per_model(tiny_checkpoint, cache, monkeypatch):
     from lmnet.deploy import engines, export
 
