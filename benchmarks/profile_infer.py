@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import re
 import json
+import re
 import statistics
 import sys
 import time

@@ -11,7 +11,7 @@ from lmnet.data.io import read_image
 from lmnet.deploy import preprocess
 from lmnet.deploy.checkpoint import model_from_checkpoint
 from lmnet.deploy.engines import predict_probabilities, probabilities_to_mask
-from lmnet.deploy.export import export_checkpoint, load_exported, exported_config
+from lmnet.deploy.export import export_checkpoint, exported_config, load_exported
 from lmnet.engine.train import train
 from tests.conftest import ROOT
 
