@@ -133,6 +133,11 @@ def test_openvino_matches_pytorch_on_real_images(kvasir_run, tmp_path, capsys):
     out = capsys.readouterr().out
     diff = float(out.split("to PyTorch on shapes")[1].split(":")[1])
     assert diff < LOGIT_ATOL, out
+    import openvino as ov
+
+    from lmnet.deploy.engines import _ir_image_size  # the size the runner compiles the IR for
+    assert _ir_image_size(ov.Core().read_model(str(tmp_path / "m.xml"))) == exported_config(
+        tmp_path / "m.xml").image_size
     before = sorted(kvasir_run.iterdir())
     for name, model in (("ov", str(kvasir_run)), ("ir", str(tmp_path / "m.xml"))):
         assert main(["predict", model, str(inputs), "--engine", "openvino", "--out",

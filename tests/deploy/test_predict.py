@@ -98,5 +98,5 @@ def test_overlay_matches_its_definition(shape):
         expected[mask] = 0.55 * expected[mask] + 0.45 * np.array([255, 0, 0], np.float32)
         expected[mask & ~ndimage.binary_erosion(mask, iterations=2)] = (255, 255, 0)
         np.testing.assert_array_equal(overlay(image, mask), expected.clip(0, 255).astype(np.uint8))
-    gray = image[..., :1]
+    gray, mask = image[..., :1], rng.random(shape) > 0.5
     np.testing.assert_array_equal(overlay(gray, mask), overlay(np.repeat(gray, 3, axis=2), mask))

@@ -140,10 +140,11 @@ def openvino_runner(model: nn.Module | str | Path, in_channels: int = 3, size: i
     """A function ``numpy (N, C, H, W) float32 -> numpy logits`` running OpenVINO on the CPU.
 
     ``model``: a deployed PyTorch model (converted with batch and size dynamic, the conversion
-    cached: :func:`cached_openvino_model`) or the path of an OpenVINO IR (``.xml``; its size is
-    the one ``lmnet export`` stored). ``fixed_size``: compile for inputs of ``size x size`` (the
-    size the preprocessing always feeds; OpenVINO then plans every layer for it, about 7 % faster
-    at batch 1), batch still free; another size compiles the dynamic model on first use.
+    cached: :func:`cached_openvino_model`) or the path of an OpenVINO IR (``.xml``; the size
+    ``lmnet export`` stored in it, else ``size``). ``fixed_size``: compile for inputs of
+    ``size x size`` (the size the preprocessing always feeds; OpenVINO then plans every layer for
+    it, about 7 % faster at batch 1), batch still free; another size compiles the dynamic model on
+    first use.
     ``precision``: ``fp32``, or ``bf16`` as OpenVINO's inference precision hint (used where the
     CPU has bf16 instructions, else OpenVINO computes in fp32). ``threads``: default PyTorch's
     thread count (``--threads``). Compiled kernels are cached by OpenVINO in ``cache_dir()``.
@@ -155,7 +156,7 @@ def openvino_runner(model: nn.Module | str | Path, in_channels: int = 3, size: i
     core = ov.Core()
     if isinstance(model, (str, Path)):
         ov_model = core.read_model(str(model))
-        size = _ir_image_size(ov_model)
+        size = _ir_image_size(ov_model) or size
     else:
         ov_model = cached_openvino_model(model, in_channels, size or 256)
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": hints[precision],

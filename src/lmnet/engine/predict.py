@@ -117,7 +117,7 @@ def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndar
     2 pixels of the background, 4-connected) drawn in yellow. Only lesion pixels are computed."""
     mask = np.asarray(mask, dtype=bool)
     rgb = image[..., :3] if image.shape[2] >= 3 else np.repeat(image[..., :1], 3, axis=2)
-    out = np.array(rgb, dtype=np.uint8, copy=True)
+    out = np.array(rgb if rgb.dtype == np.uint8 else rgb.clip(0, 255), dtype=np.uint8, copy=True)
     tinted = (1 - alpha) * out[mask].astype(np.float32) + alpha * np.array([255, 0, 0], np.float32)
     out[mask] = tinted.clip(0, 255).astype(np.uint8)
     out[mask & ~_erode_cross(_erode_cross(mask))] = (255, 255, 0)
