@@ -94,8 +94,8 @@ def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture()
 def ctrl_c_at_step(monkeypatch):
-    """``ctrl_c_at_step(n)``: the n-th loss computation from now on presses Ctrl-C (a real SIGINT
-    to this process), as a user would in the middle of a training step."""
+    """``ctrl_c_at_step(n[, sig])``: the n-th loss computation from now on presses Ctrl-C (a real
+    SIGINT to this process, or ``sig``), as a user would in the middle of a training step."""
     import os
     import signal
 
@@ -103,13 +103,13 @@ def ctrl_c_at_step(monkeypatch):
 
     forward = SegmentationLoss.forward
 
-    def arm(n: int) -> None:
+    def arm(n: int, sig: int = signal.SIGINT) -> None:
         calls = []
 
         def pressing(self, *args):
             calls.append(1)
             if len(calls) == n:
-                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), sig)
             return forward(self, *args)
 
         monkeypatch.setattr(SegmentationLoss, "forward", pressing)

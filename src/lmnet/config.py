@@ -28,6 +28,7 @@ class TrainConfig:
     kfold: int = 0                      # 0 = hold-out split; k >= 2 = k-fold cross-validation
     fold: int = 0                       # which fold is the test set when kfold >= 2
     split_file: str | None = None       # reuse a saved split.json
+    split_seed: int | None = None       # seed of the split (default: seed); fix it to compare seeds on one split
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))  # per channel, of image/255
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))  # per channel, of image/255
     num_workers: int = 0                # DataLoader worker processes
@@ -58,6 +59,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+
+    @property
+    def split_rng_seed(self) -> int:
+        """The seed that draws the split: ``split_seed``, else ``seed``."""
+        return self.seed if self.split_seed is None else self.split_seed
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad value."""

@@ -102,17 +102,22 @@ def test_time_budget_stops_mid_epoch_and_resume_is_exact(disc_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_the_current_step_and_resume_is_exact(disc_data, tmp_path, ctrl_c_at_step):
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_saves_the_current_step_and_resume_is_exact(disc_data, tmp_path, ctrl_c_at_step,
+                                                           signame):
+    """Ctrl-C, or SIGTERM (a background job killed), saves the step in progress; resuming gives
+    the weights of a run never interrupted."""
     import signal
 
     small = {**SMALL, "batch_size": 2}
     straight = train(TrainConfig(data=str(disc_data), out=str(tmp_path), name="straight", **small),
                      progress=False)
     cfg = TrainConfig(data=str(disc_data), out=str(tmp_path), name="ctrl_c", **small)
-    ctrl_c_at_step(3)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    ctrl_c_at_step(3, getattr(signal, signame))
     with pytest.raises(KeyboardInterrupt):
         train(cfg, progress=False)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler given back
+    assert {s: signal.getsignal(s) for s in before} == before  # handlers given back
     partial = torch.load(tmp_path / "ctrl_c" / "checkpoint_last.pt", weights_only=True)["partial"]
     assert partial["epoch"] == 0 and partial["steps"] == 3
     _assert_same_weights(straight, train(cfg, resume=True, progress=False))

@@ -17,7 +17,8 @@ def experiment(busi_mini, tmp_path):
     path.write_text(yaml.safe_dump({
         "name": "tiny", "data": str(busi_mini), "out": str(tmp_path / "results"),
         "models": ["lmnet", {"label": "basic", "model": "basic_unet"}], "seeds": [0, 1],
-        "recipe": {"image_size": 32, "epochs": 2, "batch_size": 4, "split_ratios": [0.6, 0.2, 0.2]},
+        "recipe": {"image_size": 32, "epochs": 2, "batch_size": 4, "split_ratios": [0.6, 0.2, 0.2],
+                   "split_seed": 0},
         "caption": "Tiny test matrix.",
         "settings": {"longer": {"epochs": 3, "budget_minutes": 1e-4}},
     }))
@@ -43,6 +44,12 @@ def test_matrix_skip_resume_and_tables(experiment, capsys, monkeypatch, ctrl_c_a
     out = capsys.readouterr().out
     assert "4 runs (0 done, 1 cut short, 3 new)" in out and "estimated" in out
     assert not (runs[0].run_dir / "log.csv").exists()  # a dry run trains nothing
+    from lmnet.engine import train as train_module
+
+    monkeypatch.setattr(train_module, "step_seconds", lambda *a: pytest.fail("timed again"))
+    assert main(["experiment", str(experiment), "--dry-run"]) == 0  # step times kept per machine
+    assert out == capsys.readouterr().out
+    monkeypatch.undo()
     # the matrix stops (as if the session ended) after two runs: tables from what finished
     from lmnet.engine import experiments
 
@@ -71,8 +78,14 @@ def test_matrix_skip_resume_and_tables(experiment, capsys, monkeypatch, ctrl_c_a
     rows = {r["Model"]: r for r in _rows(cfg_dir / "table_foreground.csv")}
     assert rows["basic"]["Runs"] == "2"
     header = list(_rows(cfg_dir / "table_paper.csv")[0])
-    assert header == ["Model", "Runs", "Accuracy", "Precision", "Recall", "mDice", "mIoU", "Hd",
-                      "RAD", "MACs (G)", "Params (M)"]  # the paper's column order
+    assert header == ["Model", "Runs", "Epochs", "Min/run", "Accuracy", "Precision", "Recall",
+                      "mDice", "mIoU", "Hd", "RAD", "MACs (G)", "Params (M)"]  # the paper's order
+    assert rows["basic"]["Epochs"] == "2/2"
+    ledger = _rows(cfg_dir / "runs.csv")
+    assert [(r["Model"], r["Seed"], r["Status"], r["Epochs"], r["Cut by budget"]) for r in ledger] == [
+        (label, seed, "done", "2/2", "") for label in ("lmnet", "basic") for seed in ("0", "1")]
+    # split_seed fixed: both seeds are scored on the same test images
+    assert (runs[0].run_dir / "split.json").read_text() == (runs[1].run_dir / "split.json").read_text()
     groups = _rows(cfg_dir / "table_paper_subgroups.csv")
     assert {g["Subgroup"] for g in groups} == {"benign", "malignant", "normal"}
     assert "Tiny test matrix." in (cfg_dir / "table_paper.md").read_text()
@@ -97,6 +110,8 @@ def test_setting_and_wall_clock_budget(experiment):
     assert plan[0]["status"] == "done"  # its budget is spent: evaluated as it stands
     assert len(_rows(run.run_dir / "log.csv")) < 3
     assert (run.run_dir / "eval_test_resized" / "metrics.json").is_file()
+    ledger = _rows(run.run_dir.parents[1] / "runs.csv")
+    assert ledger[0]["Cut by budget"] == "yes" and ledger[0]["Epochs"].endswith("/3")
     with pytest.raises(ValueError, match="no setting 'gpu'"):
         load_experiment(experiment, "gpu")
 
@@ -166,3 +181,43 @@ def test_experiments_sharing_a_runs_folder_train_a_model_once(busi_mini, tmp_pat
     assert main(["experiment", str(other), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "holds a run of another recipe (epochs 1 there, 2 here)" in err
+    capped = write("d", ["lmnet"])  # nor another wall-clock budget
+    values = yaml.safe_load(capped.read_text())
+    capped.write_text(yaml.safe_dump({**values, "budget_minutes": 30}))
+    assert main(["experiment", str(capped), "--dry-run"]) == 2
+    assert "budget_minutes None there, 30 here" in capsys.readouterr().err
+
+
+def test_budget_counts_validation_and_a_run_is_left_to_the_process_training_it(experiment, tmp_path):
+    """The budget is the wall-clock of the runner's training calls (validation included, as the
+    trainer's own clock counts it): a run whose record reaches it is trained, to be evaluated.
+    A run another live process holds (its ``.lock``) is skipped; a lock left by a dead one is not."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from lmnet.engine.experiments import used_seconds
+
+    cfg = load_experiment(experiment)
+    cfg.models, cfg.seeds, cfg.budget_minutes = ["lmnet"], [0], 5.0
+    run = plan_runs(cfg)[0]
+    run.run_dir.mkdir(parents=True)
+    (run.run_dir / "budget.json").write_text(json.dumps({"budget_minutes": 5.0, "seconds": 299.0}))
+    assert used_seconds(run) == 299.0 and run_status(run, cfg) == "new"
+    (run.run_dir / "budget.json").write_text(json.dumps({"budget_minutes": 5.0, "seconds": 300.5}))
+    assert run_status(run, cfg) == "trained"
+    (run.run_dir / "budget.json").unlink()
+
+    (run.run_dir / ".lock").write_text(str(os.getppid()))  # a live process
+    lines = []
+    plan = run_experiment(cfg, progress=False, echo=lines.append)
+    assert plan[0]["status"] == "new" and any("running in another process" in x for x in lines)
+    assert not (run.run_dir / "log.csv").exists() and (run.run_dir / ".lock").exists()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    (run.run_dir / ".lock").write_text(dead)  # its process has ended: taken over
+    plan = run_experiment(cfg, progress=False, echo=lambda *_: None)
+    assert plan[0]["status"] == "done" and not (run.run_dir / ".lock").exists()
+    record = json.loads((run.run_dir / "budget.json").read_text())
+    assert record["budget_minutes"] == 5.0 and record["seconds"] > 0

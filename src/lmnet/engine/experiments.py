@@ -10,6 +10,7 @@ resumed, and the tables are rewritten after every run from the runs that have fi
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -18,7 +19,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from lmnet._dataclass import dataclass_from_dict
 from lmnet.config import TrainConfig, read_yaml_mapping
@@ -179,9 +180,10 @@ def plan_runs(cfg: ExperimentConfig, data: str | None = None) -> list[Run]:
 _FREE_KEYS = {"out", "name", "time_budget", "num_workers", "device", "data"}
 
 
-def check_recipes(runs: list[Run]) -> None:
-    """A ``ValueError`` if a run folder already holds a run trained with another recipe than
-    planned (an edited config, or another experiment sharing the ``runs`` folder)."""
+def check_recipes(runs: list[Run], budget_minutes: float | None = None) -> None:
+    """A ``ValueError`` if a run folder already holds a run trained with another recipe or
+    wall-clock budget than planned (an edited config, or another experiment sharing the ``runs``
+    folder)."""
     for run in runs:
         path = run.run_dir / "config.json"
         if not path.is_file():
@@ -190,6 +192,9 @@ def check_recipes(runs: list[Run]) -> None:
         planned = run.config.to_dict()
         differ = [f"{k} {held.get(k)!r} there, {v!r} here" for k, v in planned.items()
                   if k not in _FREE_KEYS and held.get(k) != v]
+        held_budget = _budget_record(run).get("budget_minutes", "unrecorded")
+        if held_budget != "unrecorded" and held_budget != budget_minutes:
+            differ.append(f"budget_minutes {held_budget!r} there, {budget_minutes!r} here")
         if differ:
             raise ValueError(f"{run.run_dir} holds a run of another recipe ({'; '.join(differ[:3])}"
                              f"{'; ...' if len(differ) > 3 else ''}): give this experiment its own "
@@ -205,8 +210,35 @@ def _log_rows(run: Run) -> list[dict[str, str]]:
     return list(csv.DictReader(path.open())) if path.is_file() else []
 
 
+def _budget_file(run: Run) -> Path:
+    return run.run_dir / "budget.json"
+
+
+def _budget_record(run: Run) -> dict[str, Any]:
+    """What the runner has recorded of the run's budget: ``budget_minutes`` (the cap it was
+    trained under) and ``seconds`` (wall-clock of its ``train`` calls, validation included)."""
+    try:
+        return json.loads(_budget_file(run).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _add_used_seconds(run: Run, cfg: ExperimentConfig, seconds: float) -> None:
+    record = _budget_record(run)
+    record = {"budget_minutes": cfg.budget_minutes,
+              "seconds": round(float(record.get("seconds", 0.0)) + seconds, 1)}
+    tmp = _budget_file(run).with_suffix(".tmp")
+    tmp.write_text(json.dumps(record) + "\n")
+    tmp.replace(_budget_file(run))
+
+
 def used_seconds(run: Run) -> float:
-    """Training seconds the run has spent: its logged epochs and the steps of a cut epoch."""
+    """Wall-clock seconds the run has spent training, as its budget counts them: the runner's
+    record of its ``train`` calls (validation included, as ``train``'s own budget check counts);
+    for a run trained outside the runner, its logged epochs and the steps of a cut epoch."""
+    record = _budget_record(run)
+    if "seconds" in record:
+        return float(record["seconds"])
     spent = sum(float(r["epoch_seconds"]) for r in _log_rows(run))
     last = run.run_dir / "checkpoint_last.pt"
     if last.is_file():
@@ -248,6 +280,77 @@ def _estimate_seconds(run: Run, n_train: int, step_times: dict[str, float]) -> f
     return estimate
 
 
+@contextlib.contextmanager
+def _run_lock(run_dir: Path) -> Iterator[int | None]:
+    """Hold ``run_dir/.lock`` while this process trains or evaluates the run; yields None, or the
+    process id of another live process that holds it (the run is then left to that process). A
+    lock left by a process that died is taken over."""
+    import os
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / ".lock"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = int(path.read_text().strip() or 0)
+            except (OSError, ValueError):
+                holder = 0
+            if holder and holder != os.getpid() and _alive(holder):
+                yield holder
+                return
+            path.unlink(missing_ok=True)  # stale
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(str(os.getpid()))
+        try:
+            yield None
+        finally:
+            path.unlink(missing_ok=True)
+        return
+    raise RuntimeError(f"cannot take the lock {path}")  # pragma: no cover - lost a race twice
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _cached_step_seconds(run: Run, size: int, measure: Any) -> float:
+    """``measure(run.config, size)`` (a timed training step), kept in the runs folder's
+    ``step_seconds.json`` per model, options, size, batch, precision, threads and CPU, so that
+    planning a matrix again (every resume) does not time every model again."""
+    import torch
+
+    from lmnet.runtime import cpu_name
+
+    c = run.config
+    key = json.dumps([c.model, c.model_args, size, c.batch_size, c.grad_accum, c.channels_last,
+                      c.bf16, c.in_channels, c.n_classes, c.device, torch.get_num_threads(),
+                      cpu_name()], sort_keys=True)
+    path = run.run_dir.parent / "step_seconds.json"
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key not in cache:
+        cache[key] = measure(c, size)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(cache, indent=1) + "\n")
+        except OSError:
+            pass
+    return float(cache[key])
+
+
 def run_experiment(cfg: ExperimentConfig, data: str | None = None, dry_run: bool = False,
                    progress: bool = True, echo: Any = print) -> list[dict[str, Any]]:
     """Train and evaluate every run not done yet, rewriting the tables after each; returns the
@@ -261,18 +364,20 @@ def run_experiment(cfg: ExperimentConfig, data: str | None = None, dry_run: bool
     from lmnet.engine.train import step_seconds
 
     runs = plan_runs(cfg, data)
-    check_recipes(runs)
+    check_recipes(runs, cfg.budget_minutes)
     first = runs[0].config
     _, samples, _ = discover(first.data, first.format)
-    split = (make_kfold_split(samples, cfg.folds, 0, first.seed, val_ratio=first.split_ratios[1])
-             if cfg.folds else make_split(samples, first.split_ratios, first.seed))
+    split = (make_kfold_split(samples, cfg.folds, 0, first.split_rng_seed,
+                              val_ratio=first.split_ratios[1])
+             if cfg.folds else make_split(samples, first.split_ratios, first.split_rng_seed))
     n_train = len(split["train"])
     statuses = [run_status(r, cfg) for r in runs]
     steps: dict[str, float] = {}
     for run, status in zip(runs, statuses):
         if status in ("new", "partial") and not any(k.startswith(f"{run.label}@") for k in steps):
             sizes = {run.config.train_size(e) for e in range(run.config.epochs)}
-            steps.update({f"{run.label}@{s}": step_seconds(run.config, s) for s in sizes})
+            steps.update({f"{run.label}@{s}": _cached_step_seconds(run, s, step_seconds)
+                          for s in sizes})
     plan = [{"label": r.label, "seed": r.seed, "fold": r.fold, "run": str(r.run_dir), "status": s,
              "estimated_seconds": 0.0 if s in ("done", "trained") else _estimate_seconds(r, n_train, steps)}
             for r, s in zip(runs, statuses)]
@@ -300,18 +405,28 @@ def run_experiment(cfg: ExperimentConfig, data: str | None = None, dry_run: bool
         echo(f"[run {i}/{len(runs)}] {run.label} seed {run.seed}: {p['status']}; matrix ETA "
              f"{max(left, 0) / 60:.0f} min (elapsed {elapsed / 60:.0f} min)")
         t0 = time.perf_counter()
-        if p["status"] in ("new", "partial"):
-            budget = None
-            if cfg.budget_minutes is not None:  # what is left of the run's own budget
-                budget = max(cfg.budget_minutes - used_seconds(run) / 60, 1e-3)
-            train(run.config.replace(time_budget=budget), resume=p["status"] == "partial",
-                  progress=progress, overrides={"time_budget": budget})
-        if _finished(run, cfg):  # its best checkpoint, or its last if no epoch finished in time
-            if len(_log_rows(run)) < run.config.epochs:
-                echo(f"  {run.label} seed {run.seed}: its {cfg.budget_minutes:g}-minute budget "
-                     f"ended after {len(_log_rows(run))} of {run.config.epochs} epochs")
-            evaluate_run(run.run_dir, split=cfg.split, grid=cfg.grid, out=_eval_dir(run, cfg),
-                         progress=False)
+        with _run_lock(run.run_dir) as holder:
+            if holder is not None:
+                echo(f"  {run.label} seed {run.seed}: running in another process (pid {holder}); "
+                     "skipped here")
+                continue
+            if run_status(run, cfg) in ("new", "partial"):  # (another process may have done it)
+                budget = None
+                if cfg.budget_minutes is not None:  # what is left of the run's own budget
+                    budget = max(cfg.budget_minutes - used_seconds(run) / 60, 1e-3)
+                t_train = time.perf_counter()
+                try:
+                    train(run.config.replace(time_budget=budget),
+                          resume=(run.run_dir / "checkpoint_last.pt").is_file(),
+                          progress=progress, overrides={"time_budget": budget})
+                finally:  # an interrupted call counts too
+                    _add_used_seconds(run, cfg, time.perf_counter() - t_train)
+            if run_status(run, cfg) == "trained":  # its best checkpoint (or last, if no epoch ended)
+                if len(_log_rows(run)) < run.config.epochs:
+                    echo(f"  {run.label} seed {run.seed}: its {cfg.budget_minutes:g}-minute budget "
+                         f"ended after {len(_log_rows(run))} of {run.config.epochs} epochs")
+                evaluate_run(run.run_dir, split=cfg.split, grid=cfg.grid, out=_eval_dir(run, cfg),
+                             progress=False)
         left -= max(p["estimated_seconds"], time.perf_counter() - t0)
         p["status"] = run_status(run, cfg)
         write_tables(cfg, data)
@@ -344,11 +459,24 @@ def write_tables(cfg: ExperimentConfig, data: str | None = None) -> dict[str, Pa
     out = Path(cfg.out) / cfg.name
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict[str, Any]]] = {}
+    spent: dict[str, list[tuple[int, float]]] = {}  # label -> (epochs trained, minutes) per done run
+    ledger = []
     for run in runs:
         path = _eval_dir(run, cfg) / "metrics.json"
         results.setdefault(run.label, [])
-        if path.is_file() and run_status(run, cfg) == "done":
+        spent.setdefault(run.label, [])
+        status = run_status(run, cfg)
+        epochs, minutes = len(_log_rows(run)), used_seconds(run) / 60
+        if path.is_file() and status == "done":
             results[run.label].append(json.loads(path.read_text()))
+            spent[run.label].append((epochs, minutes))
+        env = {}
+        if (run.run_dir / "env.json").is_file():
+            env = json.loads((run.run_dir / "env.json").read_text())
+        ledger.append([run.label, str(run.seed), "" if run.fold is None else str(run.fold), status,
+                       f"{epochs}/{run.config.epochs}", f"{minutes:.1f}",
+                       "yes" if status in ("done", "trained") and epochs < run.config.epochs else "",
+                       str(env.get("threads", "")), str(env.get("cpu", "")), str(run.run_dir)])
     sizes = {}
     for run in runs:
         if run.label not in sizes:
@@ -362,15 +490,24 @@ def write_tables(cfg: ExperimentConfig, data: str | None = None) -> dict[str, Pa
                + f", batch {first.batch_size}, lr {first.lr}; mean ± std over "
                + (f"{cfg.folds} folds x " if cfg.folds else "") + f"seeds {cfg.seeds}. "
                f"MACs at {first.image_size} x {first.image_size}, deployed model.")
-    written = {}
+    caption += (" Epochs: trained per run, fewer than planned where the wall-clock budget ended the "
+                "run (its schedule unfinished); Min/run: wall-clock minutes of training and "
+                "validation per run (`runs.csv` lists every run, its threads and CPU).")
+    written = {"runs_csv": _write_csv(out / "runs.csv", ["Model", "Seed", "Fold", "Status", "Epochs",
+                                                         "Minutes", "Cut by budget", "Threads",
+                                                         "CPU", "Run folder"], ledger)}
     groups = sorted({g for rs in results.values() for r in rs for g in r.get("groups", {})})
     for conv, columns in TABLE_COLUMNS.items():
-        header = ["Model", "Runs", *(h for h, _, _ in columns), "MACs (G)", "Params (M)"]
+        header = ["Model", "Runs", "Epochs", "Min/run", *(h for h, _, _ in columns), "MACs (G)",
+                  "Params (M)"]
         rows = []
         for label, rs in results.items():
             cells = [_cell([r["all"].get(k) for r in rs], s) for _, k, s in columns]
             params, macs = sizes[label]
-            rows.append([label, str(len(rs)), *cells, f"{macs:.2f}", f"{params:.2f}"])
+            epochs = "/".join(str(e) for e, _ in spent[label]) or "n/a"
+            minutes = (f"{sum(m for _, m in spent[label]) / len(spent[label]):.0f}"
+                       if spent[label] else "n/a")
+            rows.append([label, str(len(rs)), epochs, minutes, *cells, f"{macs:.2f}", f"{params:.2f}"])
         written[f"{conv}_md"] = _write_md(out / f"table_{conv}.md", header, rows,
                                           caption + " " + _NOTES[conv])
         written[f"{conv}_csv"] = _write_csv(out / f"table_{conv}.csv", header, rows)

@@ -129,7 +129,7 @@ def model_card(run: str | Path, title: str | None = None, curve: bool = True,
         lines.append(f"- Terms: {data['terms']}")
     if split:
         counts = ", ".join(f"{k} {len(split.get(k, []))}" for k in ("train", "val", "test"))
-        how = (f"seeded random split {cfg.split_ratios} with seed {cfg.seed}" if not cfg.split_file
+        how = (f"seeded random split {cfg.split_ratios} with seed {cfg.split_rng_seed}" if not cfg.split_file
                else f"split from {Path(cfg.split_file).name}")
         lines.append(f"- Split: {how} ({counts} images); the exact lists are in `config.json` "
                      "under `split`, so that anyone can score it on the same test images.")

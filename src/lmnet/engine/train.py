@@ -76,8 +76,9 @@ def _make_split(cfg: TrainConfig, samples: list[Sample], run_dir: Path, resume: 
     if resume and (run_dir / "split.json").is_file():
         return load_split(run_dir / "split.json", samples)
     if cfg.kfold:
-        return make_kfold_split(samples, cfg.kfold, cfg.fold, cfg.seed, val_ratio=cfg.split_ratios[1])
-    return make_split(samples, cfg.split_ratios, cfg.seed)
+        return make_kfold_split(samples, cfg.kfold, cfg.fold, cfg.split_rng_seed,
+                                val_ratio=cfg.split_ratios[1])
+    return make_split(samples, cfg.split_ratios, cfg.split_rng_seed)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -157,25 +158,32 @@ def _replica_difference(model: torch.nn.Module) -> float:
 
 
 class _GracefulStop:
-    """The first Ctrl-C asks the loop to stop after the current step (which is then saved); a second
-    one interrupts at once."""
+    """The first Ctrl-C (or SIGTERM, or SIGHUP: a closed terminal, a job killed at the end of a
+    session) asks the loop to stop after the current step, which is then saved; a second one
+    interrupts at once. A signal the process ignores (SIGHUP under ``nohup``) stays ignored."""
 
     def __init__(self, enabled: bool) -> None:
         self.requested = False
-        self._previous = None
-        if enabled and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+        self._previous: dict[int, Any] = {}
+        if not (enabled and threading.current_thread() is threading.main_thread()):
+            return
+        for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+            sig = getattr(signal, name, None)
+            if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
+                self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        print("\nstopping after this step to save it (Ctrl-C again to stop at once, losing the "
-              "current epoch's progress)", file=sys.stderr)
+        for sig in self._previous:  # a second signal acts as it would without us
+            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+        what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{what}: stopping after this step to save it (Ctrl-C again to stop at once, "
+              "losing the current epoch's progress)", file=sys.stderr)
 
     def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:
