@@ -65,13 +65,16 @@ def write_report(result: dict[str, Any], rows: Sequence[dict[str, Any]], out_dir
     payload = dict(result)
     if extra:
         payload.update(extra)
-    paths["json"].write_text(json.dumps(payload, indent=2) + "\n")
     with paths["csv"].open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=PER_IMAGE_FIELDS, extrasaction="ignore")
         writer.writeheader()
         for r in rows:
             writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in PER_IMAGE_FIELDS})
     paths["md"].write_text(markdown_table(result))
+    # metrics.json last, whole or not at all: its presence marks an evaluation as done
+    tmp = paths["json"].with_name(".metrics.json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(paths["json"])
     return paths
 
 
