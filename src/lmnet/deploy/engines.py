@@ -143,8 +143,8 @@ def openvino_runner(model: nn.Module | str | Path, in_channels: int = 3, size: i
     cached: :func:`cached_openvino_model`) or the path of an OpenVINO IR (``.xml``; the size
     ``lmnet export`` stored in it, else ``size``). ``fixed_size``: compile for inputs of
     ``size x size`` (the size the preprocessing always feeds; OpenVINO then plans every layer for
-    it: 1.18x at batch 1 in ``docs/performance.md``), batch still free; another size compiles the dynamic model on
-    first use.
+    it: 1.18x at batch 1 in ``docs/performance.md``), batch still free; another size compiles the
+    dynamic model on first use.
     ``precision``: ``fp32``, or ``bf16`` as OpenVINO's inference precision hint (used where the
     CPU has bf16 instructions, else OpenVINO computes in fp32). ``threads``: default PyTorch's
     thread count (``--threads``). Compiled kernels are cached by OpenVINO in ``cache_dir()``.
