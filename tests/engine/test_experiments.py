@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 
+import numpy as np
 import pytest
 import yaml
 
@@ -145,6 +146,16 @@ def test_shipped_experiment_configs_plan_their_matrices():
         assert all(r.config.epochs == runs[0].config.epochs for r in runs)  # one recipe
         assert gpu.recipe["epochs"] == 200 and gpu.recipe["image_size"] == 256
         assert gpu.budget_minutes is None and gpu.name == f"{cfg.name}_gpu"
+
+
+def test_seed_band_keeps_every_epoch_of_the_longer_run():
+    from lmnet.engine.figures import seed_band
+
+    mean, low, high = seed_band([[0.5, 0.6, 0.7], [0.3, 0.4, 0.5, 0.6, 0.8]])
+    assert len(mean) == 5
+    np.testing.assert_allclose(mean, [0.4, 0.5, 0.6, 0.6, 0.8])
+    np.testing.assert_allclose(low, [0.3, 0.4, 0.5, 0.6, 0.8])
+    np.testing.assert_allclose(high, [0.5, 0.6, 0.7, 0.6, 0.8])
 
 
 def test_no_curves_before_any_epoch(tmp_path):

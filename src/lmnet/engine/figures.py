@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["plot_curves", "plot_qualitative"]
+__all__ = ["plot_curves", "plot_qualitative", "seed_band"]
 
 
 def _pyplot():
@@ -18,6 +18,17 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def seed_band(curves: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean, lowest and highest value per epoch over runs' curves. Runs of one model may have
+    logged different numbers of epochs (one cut by its budget, one still training): each epoch
+    is taken over the runs that reached it, so no run's later epochs are dropped."""
+    n = max(len(c) for c in curves)
+    arr = np.full((len(curves), n), np.nan)
+    for i, c in enumerate(curves):
+        arr[i, :len(c)] = c
+    return np.nanmean(arr, 0), np.nanmin(arr, 0), np.nanmax(arr, 0)
 
 
 def plot_curves(runs_by_label: dict[str, Sequence[Path]], out: Path, metric: str = "val_paper_mdice",
@@ -38,12 +49,11 @@ def plot_curves(runs_by_label: dict[str, Sequence[Path]], out: Path, metric: str
                     curves.append(values)
         if not curves:
             continue
-        n = min(len(c) for c in curves)
-        arr = np.array([c[:n] for c in curves]) * 100
-        epochs = np.arange(1, n + 1)
-        line, = ax.plot(epochs, arr.mean(0), label=f"{label} ({len(curves)} runs)", lw=1.6)
+        mean, low, high = seed_band(curves)
+        epochs = np.arange(1, len(mean) + 1)
+        line, = ax.plot(epochs, mean * 100, label=f"{label} ({len(curves)} runs)", lw=1.6)
         if len(curves) > 1:
-            ax.fill_between(epochs, arr.min(0), arr.max(0), color=line.get_color(), alpha=0.18, lw=0)
+            ax.fill_between(epochs, low * 100, high * 100, color=line.get_color(), alpha=0.18, lw=0)
         drawn = True
     if not drawn:
         plt.close(fig)
