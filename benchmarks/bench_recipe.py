@@ -4,6 +4,7 @@ by side with the same seed, split and epochs, on real Kvasir-SEG (run by hand, n
     python benchmarks/bench_recipe.py [--data ../shared/datasets/kvasir-seg] [--epochs 6]
                                       [--low 128] [--low-epochs 5] [--size 256] [--seed 0]
                                       [--out benchmarks/results/recipe.json]
+    python benchmarks/bench_recipe.py --report benchmarks/results/recipe.json   # table again
 
 Each recipe runs as its own ``lmnet train`` process (the command users run: data loading, the
 paper's augmentation and validation included) into a temporary folder; the table gives the
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import subprocess
 import sys
 import tempfile
@@ -43,6 +45,53 @@ def run(name: str, args: argparse.Namespace, extra: list[str], tmp: Path) -> dic
             "val_fg_dice_last": round(float(last["val_fg_dice"]), 4)}
 
 
+def seconds_to(row: dict, target: float) -> float | None:
+    """Seconds of training (epochs, validation included) until the row's validation Dice first
+    reaches ``target``; None if it never does."""
+    spent = 0.0
+    for secs, dice in zip(row["epoch_seconds"], row["val_fg_dice"]):
+        spent += secs
+        if dice >= target:
+            return round(spent, 1)
+    return None
+
+
+def report(result: dict) -> dict:
+    """Print the table; add to ``result`` the time-to-accuracy of both recipes for the fixed
+    recipe's final Dice and for the progressive one's (what each costs to reach the other's)."""
+    rows, epochs = result["rows"], result["epochs"]
+    fixed, prog = rows
+    for r in rows:
+        r["seconds_to_fixed_final_dice"] = seconds_to(r, fixed["val_fg_dice_last"])
+        r["seconds_to_progressive_final_dice"] = seconds_to(r, prog["val_fg_dice_last"])
+    print(f"| recipe | wall-clock (s) | s per epoch | val Dice (fg) per epoch | val Dice (fg) after "
+          f"epoch {epochs} | val mDice (paper) | s to the fixed recipe's final Dice "
+          "| s to the progressive recipe's final Dice |\n|---|---:|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['recipe']} | {r['wall_seconds']} | {', '.join(f'{s:.0f}' for s in r['epoch_seconds'])} "
+              f"| {', '.join(f'{d:.3f}' for d in r['val_fg_dice'])} "
+              f"| {r['val_fg_dice_last']:.4f} | {r['val_paper_mdice_last']:.4f} "
+              f"| {r['seconds_to_fixed_final_dice'] or 'not reached'} "
+              f"| {r['seconds_to_progressive_final_dice'] or 'not reached'} |")
+    result["speedup"] = round(fixed["wall_seconds"] / prog["wall_seconds"], 2)
+    result["speedup_to_fixed_final_dice"] = result["speedup_to_progressive_final_dice"] = None
+    for name, key in (("fixed", "seconds_to_fixed_final_dice"),
+                      ("progressive", "seconds_to_progressive_final_dice")):
+        target = rows[0 if name == "fixed" else 1]["val_fg_dice_last"]
+        a, b = fixed[key], prog[key]
+        if a and b:
+            result[f"speedup_to_{name}_final_dice"] = round(a / b, 2)
+            print(f"\nto the {name} recipe's final validation Dice ({target:.4f}): {a / b:.2f}x less "
+                  "training wall-clock with progressive resizing")
+        else:
+            print(f"\nto the {name} recipe's final validation Dice ({target:.4f}): "
+                  f"{'progressive' if not b else 'fixed'} does not reach it in {epochs} epochs")
+    print(f"\nprogressive resizing: {result['speedup']:.2f}x less wall-clock for the same {epochs} "
+          f"epochs ({result['low_epochs']} at {result['low']}, the rest at {result['size']}); "
+          f"validation at {result['size']}.")
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "datasets" / "kvasir-seg"))
@@ -52,40 +101,22 @@ def main() -> None:
     p.add_argument("--low-epochs", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "recipe.json"))
+    p.add_argument("--report", metavar="JSON", default=None,
+                   help="train nothing: print the table of an earlier run's JSON (and refresh its "
+                        "time-to-accuracy fields in place)")
     args = p.parse_args()
+    if args.report:
+        path = Path(args.report)
+        write_json(path, report(json.loads(path.read_text())))
+        return
     with tempfile.TemporaryDirectory(prefix="lmnet-recipe-") as tmp:
         rows = [run("fixed", args, [], Path(tmp)),
                 run("progressive", args, ["--progressive-size", str(args.low),
                                           "--progressive-epochs", str(args.low_epochs)], Path(tmp))]
-    speedup = rows[0]["wall_seconds"] / rows[1]["wall_seconds"]
-    # wall-clock until each recipe's validation Dice first reaches the fixed recipe's final one
-    target = rows[0]["val_fg_dice_last"]
-    for r in rows:
-        spent, r["seconds_to_fixed_final_dice"] = 0.0, None
-        for secs, dice in zip(r["epoch_seconds"], r["val_fg_dice"]):
-            spent += secs
-            if dice >= target:
-                r["seconds_to_fixed_final_dice"] = round(spent, 1)
-                break
-    reach = [r["seconds_to_fixed_final_dice"] for r in rows]
-    print(f"| recipe | wall-clock (s) | s per epoch | val Dice (fg) per epoch | val Dice (fg) after "
-          f"epoch {args.epochs} | val mDice (paper) | s of training to the fixed recipe's final Dice |"
-          "\n|---|---:|---|---|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['recipe']} | {r['wall_seconds']} | {', '.join(f'{s:.0f}' for s in r['epoch_seconds'])} "
-              f"| {', '.join(f'{d:.3f}' for d in r['val_fg_dice'])} "
-              f"| {r['val_fg_dice_last']:.4f} | {r['val_paper_mdice_last']:.4f} "
-              f"| {r['seconds_to_fixed_final_dice'] or 'not reached'} |")
-    if all(reach):
-        print(f"\nto the fixed recipe's final validation Dice ({target:.4f}): "
-              f"{reach[0] / reach[1]:.2f}x less training wall-clock with progressive resizing")
-    print(f"\nprogressive resizing: {speedup:.2f}x less wall-clock for the same {args.epochs} epochs "
-          f"({args.low_epochs} at {args.low}, the rest at {args.size}); validation at {args.size}.")
-    write_json(args.out, {"command": "python benchmarks/bench_recipe.py " + " ".join(sys.argv[1:]),
-                          "machine": machine(), "epochs": args.epochs, "size": args.size,
-                          "low": args.low, "low_epochs": args.low_epochs, "seed": args.seed,
-                          "rows": rows, "speedup": round(speedup, 2),
-                          "speedup_to_fixed_final_dice": round(reach[0] / reach[1], 2) if all(reach) else None})
+    result = {"command": "python benchmarks/bench_recipe.py " + " ".join(sys.argv[1:]),
+              "machine": machine(), "epochs": args.epochs, "size": args.size, "low": args.low,
+              "low_epochs": args.low_epochs, "seed": args.seed, "rows": rows}
+    write_json(args.out, report(result))
 
 
 if __name__ == "__main__":

@@ -117,6 +117,26 @@ def test_setting_and_wall_clock_budget(experiment):
         load_experiment(experiment, "gpu")
 
 
+def test_call_time_budget_stops_the_matrix_cleanly_and_the_same_command_resumes(experiment, capsys):
+    """``--time-budget``: a session's share of a long matrix. The run in progress is saved where it
+    stands (not evaluated: its own budget is not spent) and the rest wait for the next call."""
+    cfg = load_experiment(experiment)
+    cfg.models = ["lmnet"]
+    path = experiment.with_name("one.yaml")
+    path.write_text(yaml.safe_dump({**yaml.safe_load(experiment.read_text()), "models": ["lmnet"]}))
+    assert main(["experiment", str(path), "--time-budget", "0.0001", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "time budget of 0.0001 min is spent; 2 run(s) left" in out
+    runs = plan_runs(cfg)
+    assert [run_status(r, cfg) for r in runs] == ["partial", "new"]
+    assert not (runs[0].run_dir / "eval_test_resized").exists()
+    plan = run_experiment(cfg, progress=False, echo=lambda *_: None)  # no call budget: all of it
+    assert [p["status"] for p in plan] == ["done", "done"]
+    assert all(len(_rows(r.run_dir / "log.csv")) == 2 for r in runs)
+    with pytest.raises(ValueError, match="time_budget must be > 0"):
+        run_experiment(cfg, time_budget=0)
+
+
 @pytest.mark.parametrize("change,message", [
     ({"recipe": {"epochz": 1}}, "unknown TrainConfig key"),
     ({"models": []}, "at least one model"),

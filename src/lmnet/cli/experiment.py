@@ -19,7 +19,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         written = {**write_tables(cfg, args.data), **write_figures(cfg, args.data)}
         print("wrote " + ", ".join(str(p) for p in written.values()))
         return 0
-    run_experiment(cfg, args.data, dry_run=args.dry_run, progress=not args.quiet)
+    run_experiment(cfg, args.data, dry_run=args.dry_run, progress=not args.quiet,
+                   time_budget=args.time_budget)
     if not args.dry_run:
         print(f"tables: {cfg.out}/{cfg.name}/table_paper.md, table_foreground.md (and .csv); "
               "figures: curves.png, qualitative.png")
@@ -38,5 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="list the runs, their state and the estimated time; train nothing")
     p.add_argument("--tables-only", action="store_true",
                    help="rewrite the tables and figures from the finished runs; train nothing")
+    p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                   help="stop this call cleanly after MINUTES of wall-clock (the run in progress is "
+                        "saved; the same command resumes it); each run's own cap is the config's "
+                        "budget_minutes")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_experiment)

@@ -352,13 +352,19 @@ def _cached_step_seconds(run: Run, size: int, measure: Any) -> float:
 
 
 def run_experiment(cfg: ExperimentConfig, data: str | None = None, dry_run: bool = False,
-                   progress: bool = True, echo: Any = print) -> list[dict[str, Any]]:
+                   progress: bool = True, echo: Any = print,
+                   time_budget: float | None = None) -> list[dict[str, Any]]:
     """Train and evaluate every run not done yet, rewriting the tables after each; returns the
     plan (one dict per run: label, seed, fold, run folder, status, estimated seconds).
 
     ``dry_run``: only report the plan and the estimated time (a training step of each model is
     timed at each training size, so the estimate is for this machine, now).
+    ``time_budget``: minutes of wall-clock for this call (a session's share of a long matrix); the
+    run in progress when it ends is saved where it stands and the call returns; the same command
+    later resumes it. Separate from the config's ``budget_minutes`` (each run's own cap).
     """
+    if time_budget is not None and time_budget <= 0:
+        raise ValueError(f"time_budget must be > 0 minutes, got {time_budget}")
     from lmnet.data.layouts import discover
     from lmnet.data.splits import make_kfold_split, make_split
     from lmnet.engine.train import step_seconds
@@ -392,16 +398,22 @@ def run_experiment(cfg: ExperimentConfig, data: str | None = None, dry_run: bool
         return plan
 
     from lmnet.engine.evaluate import evaluate_run
-    from lmnet.engine.train import train
+    from lmnet.engine.train import CLEAR, train
 
     out = Path(cfg.out) / cfg.name
     out.mkdir(parents=True, exist_ok=True)
     (out / "experiment.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     started, left = time.perf_counter(), total
+    deadline = started + time_budget * 60 if time_budget is not None else None
     for i, (run, p) in enumerate(zip(runs, plan), 1):
         if p["status"] == "done":
             continue
         elapsed = time.perf_counter() - started
+        if deadline is not None and time.perf_counter() >= deadline:
+            todo = sum(q["status"] != "done" for q in plan)
+            echo(f"this call's time budget of {time_budget:g} min is spent; {todo} run(s) left: "
+                 "the same command goes on from here")
+            break
         echo(f"[run {i}/{len(runs)}] {run.label} seed {run.seed}: {p['status']}; matrix ETA "
              f"{max(left, 0) / 60:.0f} min (elapsed {elapsed / 60:.0f} min)")
         t0 = time.perf_counter()
@@ -414,11 +426,15 @@ def run_experiment(cfg: ExperimentConfig, data: str | None = None, dry_run: bool
                 budget = None
                 if cfg.budget_minutes is not None:  # what is left of the run's own budget
                     budget = max(cfg.budget_minutes - used_seconds(run) / 60, 1e-3)
+                if deadline is not None:  # ... or of this call's, if less
+                    call_left = max((deadline - time.perf_counter()) / 60, 1e-3)
+                    budget = call_left if budget is None else min(budget, call_left)
                 t_train = time.perf_counter()
                 try:
                     train(run.config.replace(time_budget=budget),
                           resume=(run.run_dir / "checkpoint_last.pt").is_file(),
-                          progress=progress, overrides={"time_budget": budget})
+                          progress=progress,  # (no budget: clear one an earlier call left)
+                          overrides={"time_budget": CLEAR if budget is None else budget})
                 finally:  # an interrupted call counts too
                     _add_used_seconds(run, cfg, time.perf_counter() - t_train)
             if run_status(run, cfg) == "trained":  # its best checkpoint (or last, if no epoch ended)

@@ -42,6 +42,9 @@ LOG_FIELDS = ("epoch", "train_size", "train_loss", "val_paper_mdice", "val_fg_di
               "epoch_seconds", "images_per_second", "steps")
 #: Keys that ``--resume`` may change; every other key comes from the run's own config.
 RESUME_OVERRIDABLE = ("epochs", "time_budget", "num_workers", "device")
+#: An override value that sets a key back to its default (None) on resume, where a None
+#: override means "not given" and keeps the run's own value.
+CLEAR = object()
 
 
 def run_folder(cfg: TrainConfig, fmt: str) -> Path:
@@ -234,7 +237,8 @@ def _prepare_run(cfg: TrainConfig, resume: bool | str | Path, overrides: dict[st
             log.warning("--resume continues %s with its own config; ignored: %s (only %s may change)",
                         run_dir, ", ".join(f"{k}={v!r}" for k, v in ignored.items()),
                         ", ".join(RESUME_OVERRIDABLE))
-        saved.update({k: v for k, v in overrides.items() if k in RESUME_OVERRIDABLE and v is not None})
+        saved.update({k: None if v is CLEAR else v for k, v in overrides.items()
+                      if k in RESUME_OVERRIDABLE and v is not None})
         cfg = TrainConfig.from_dict(saved)
     elif last.exists():
         raise ValueError(f"{run_dir} already holds a run: continue it with --resume, or choose "
