@@ -177,12 +177,39 @@ def test_int8_openvino_keeps_the_validation_dice(kvasir_run, tmp_path, capsys):
     assert any(op.get_type_name() == "FakeQuantize" for op in ir.get_ops())
     meta = json.loads(ir.get_rt_info(["lmnet_int8"]).astype(str))
     assert meta["calibration_images"] == 8 and meta["accuracy_control"]["validation_images"] == 4
+    assert meta["weight_bits"] == 7
     for model, out in ((str(path), "int8"), (str(kvasir_run), "fp32")):
         assert main(["evaluate", model, "--split", "val", "--out", str(tmp_path / out),
                      "--quiet"]) == 0  # the int8 IR: its own engine and its stored split
     dice = {k: json.loads((tmp_path / k / "metrics.json").read_text())["all"]["fg_dice_mean"]
             for k in ("int8", "fp32")}
+    on = {k: json.loads((tmp_path / k / "evaluated_on.json").read_text()) for k in ("int8", "fp32")}
+    assert on["int8"]["int8"]["weight_bits"] == 7 and "int8" not in on["fp32"]
     assert dice["int8"] >= dice["fp32"] - 0.005 - 1e-6, dice
+
+
+def test_int8_weights_use_seven_bits_in_every_layer():
+    """Without VNNI the CPU sums pairs of u8 x s8 products in 16 bits, which saturate with full
+    8-bit weights: every weight quantiser of the int8 model keeps to the 7-bit range, not only
+    the first layer's (NNCF's default)."""
+    import openvino as ov
+
+    from lmnet.deploy.quantize import WEIGHT_BITS, quantize_openvino
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(8, 2, 1)).eval()
+    fp32 = ov.convert_model(net, example_input=torch.randn(1, 3, 16, 16))
+    rng = np.random.default_rng(0)
+    q = quantize_openvino(fp32, [rng.standard_normal((1, 3, 16, 16)).astype(np.float32)
+                                 for _ in range(4)])
+    # NNCF stores quantised weights as int8 constants (with their scales beside them)
+    weights = [op.get_data() for op in q.get_ops() if op.get_type_name() == "Constant"
+               and op.get_element_type() == ov.Type.i8]
+    assert len(weights) == 3  # the three convolutions'
+    assert all(np.abs(w.astype(int)).max() <= 2 ** (WEIGHT_BITS - 1) for w in weights), \
+        [int(np.abs(w.astype(int)).max()) for w in weights]  # 8 bits would reach 127
 
 
 def test_int8_calibrates_on_training_images_only(kvasir_mini):

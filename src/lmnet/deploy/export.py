@@ -101,10 +101,11 @@ def export_model(model: nn.Module, cfg: TrainConfig, fmt: str, out: str | Path, 
     if split:
         metadata["lmnet_split"] = json.dumps({k: list(split[k]) for k in ("train", "val", "test")})
     if int8_inputs is not None:
-        from lmnet.deploy.quantize import MAX_DICE_DROP
+        from lmnet.deploy.quantize import MAX_DICE_DROP, WEIGHT_BITS
 
         metadata["lmnet_int8"] = json.dumps({
             "tool": "nncf", "calibration_images": len(int8_inputs), "calibration_split": "train",
+            "weight_bits": WEIGHT_BITS,
             "accuracy_control": None if int8_validation is None else {
                 "metric": "foreground Dice, mean over images", "max_drop": MAX_DICE_DROP,
                 "validation_split": "val", "validation_images": len(int8_validation)}})

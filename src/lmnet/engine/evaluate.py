@@ -24,7 +24,7 @@ from lmnet.deploy.engines import (
     predict_probabilities,
     probabilities_to_mask,
 )
-from lmnet.deploy.export import stored_split
+from lmnet.deploy.export import exported_metadata, stored_split
 from lmnet.deploy.loading import load_predictor
 from lmnet.deploy.preprocess import preprocess
 from lmnet.metrics import SegmentationEvaluator, write_report
@@ -149,6 +149,10 @@ def evaluate_run(run_or_checkpoint: str | Path | None, data: str | Path | None =
     extra = {"checkpoint": source, "data": str(data), "format": fmt, "split": split,
              "grid": grid, "image_size": cfg.image_size, "model": cfg.model, "precision": precision,
              "engine": engine}
+    if _exported(run_or_checkpoint) and Path(run_or_checkpoint).suffix == ".xml":
+        int8 = exported_metadata(run_or_checkpoint).get("lmnet_int8")
+        if int8:  # an int8 IR: how it was quantised (the precision above is the compute hint)
+            extra["int8"] = json.loads(int8)
     write_report(result, ev.rows, out_dir, extra)
     (out_dir / "evaluated_on.json").write_text(json.dumps(extra, indent=2) + "\n")
     return result, out_dir
