@@ -100,7 +100,7 @@ def quantize_openvino(ov_model: Any, inputs: Sequence[np.ndarray],
     Measured on the shipped Kvasir-SEG weights on a Zen 3 (``benchmarks/bench_int8.py``),
     narrowing every layer took the masks' agreement with fp32 from 0.946 to 0.972 (validation) and
     the validation Dice change from -0.94 to -0.02 points; on a VNNI CPU it costs half a bit of
-    weight resolution, which the same benchmark shows there.
+    weight resolution (not measured: no VNNI CPU was at hand; the same benchmark measures it).
 
     With ``validation`` (inputs and true masks), accuracy-controlled: NNCF returns layers to
     fp32, the most harmful first, until the mean foreground Dice on ``validation`` is within
