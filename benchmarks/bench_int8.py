@@ -48,13 +48,13 @@ VARIANTS = {  # name -> (help, nncf.quantize keyword arguments, built from the n
         "fast_bias_correction": False}),
     "no-smoothquant": ("the default (CNN) preset: no SmoothQuant", lambda n: {"model_type": None}),
     "overflow-fix": ("7-bit weights in every layer (no int16 saturation without VNNI)",
-                     lambda n: {"advanced_parameters": _advanced(n, "ENABLE")}),
+                     lambda n: {"advanced_parameters": _advanced("ENABLE")}),
     "no-overflow-fix": ("8-bit weights in every layer, the first included",
-                        lambda n: {"advanced_parameters": _advanced(n, "DISABLE")}),
+                        lambda n: {"advanced_parameters": _advanced("DISABLE")}),
 }
 
 
-def _advanced(nncf, overflow_fix: str):
+def _advanced(overflow_fix: str):
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
     return AdvancedQuantizationParameters(overflow_fix=getattr(OverflowFix, overflow_fix))
@@ -110,16 +110,16 @@ def main() -> None:
         c = core.compile_model(m, "CPU", config)
         return lambda x: c(x)[0]
 
-    def masks(run, part):
+    def masks(run, items_):  # the binary masks of ``run`` on ``(input, truth)`` items
         return [probabilities_to_mask(predict_probabilities(run, torch.from_numpy(x)))[0]
-                .astype(bool) for x, _ in parts[part]]
+                .astype(bool) for x, _ in items_]
 
     def latency(run):
         x = parts["test"][0][0]
         return 1000 * float(np.median(time_call(lambda: run(x), args.repeats, warmup=3)))
 
     run32 = compiled(fp32)
-    ref = {p: masks(run32, p) for p in parts}
+    ref = {p: masks(run32, parts[p]) for p in parts}
     truth32 = {p: np.mean([dice(m, y) for m, (_, y) in zip(ref[p], parts[p])]) for p in parts}
     rows = [{"variant": "fp32", "what": "no quantisation", "ms": round(latency(run32), 1)}]
 
@@ -137,12 +137,8 @@ def main() -> None:
     noisy = {p: [(x + rng.integers(-1, 2, x.shape).astype(np.float32) / 255 / std, y)
                  for x, y in parts[p]] for p in parts}
 
-    def noisy_masks(p):
-        return [probabilities_to_mask(predict_probabilities(run32, torch.from_numpy(x)))[0]
-                .astype(bool) for x, _ in noisy[p]]
-
     rows.append(score({"variant": "fp32, +-1 grey level", "what": "reference: input noise"},
-                      noisy_masks))
+                      lambda p: masks(run32, noisy[p])))
     print(rows[-1], flush=True)
     for name in args.variants:
         what, kwargs = VARIANTS[name]
@@ -152,7 +148,7 @@ def main() -> None:
         row = {"variant": name, "what": what, "quantise_s": round(time.time() - start),
                "quantisers": sum(op.get_type_name() == "FakeQuantize" for op in q.get_ops())}
         run8 = compiled(q)
-        score(row, lambda p: masks(run8, p))
+        score(row, lambda p: masks(run8, parts[p]))
         row["ms"] = round(latency(run8), 1)
         rows.append(row)
         print(row, flush=True)
