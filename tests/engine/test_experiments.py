@@ -137,6 +137,35 @@ def test_call_time_budget_stops_the_matrix_cleanly_and_the_same_command_resumes(
         run_experiment(cfg, time_budget=0)
 
 
+def test_dry_run_beside_a_training_process_does_not_keep_its_step_times(experiment, capsys,
+                                                                         monkeypatch):
+    """A step timed while another process trains in the runs folder is inflated: the plan uses it
+    but ``step_seconds.json`` does not keep it, so a later plan times the model again."""
+    import subprocess
+    import sys
+
+    from lmnet.engine import train as train_module
+
+    cfg = load_experiment(experiment)
+    runs = plan_runs(cfg)
+    timed = []
+    monkeypatch.setattr(train_module, "step_seconds", lambda *a: timed.append(1) or 0.5)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        runs[0].run_dir.mkdir(parents=True)
+        (runs[0].run_dir / ".lock").write_text(str(other.pid))
+        assert main(["experiment", str(experiment), "--dry-run"]) == 0
+        out = capsys.readouterr().out
+        assert f"process {other.pid} is training {runs[0].run_dir}" in out
+        assert len(timed) == 2 and not (runs[0].run_dir.parent / "step_seconds.json").exists()
+    finally:
+        other.kill()
+        other.wait()
+    assert main(["experiment", str(experiment), "--dry-run"]) == 0  # the lock's process is gone
+    assert "is training" not in capsys.readouterr().out
+    assert len(timed) == 4 and (runs[0].run_dir.parent / "step_seconds.json").is_file()
+
+
 @pytest.mark.parametrize("change,message", [
     ({"recipe": {"epochz": 1}}, "unknown TrainConfig key"),
     ({"models": []}, "at least one model"),

@@ -312,6 +312,22 @@ def _run_lock(run_dir: Path) -> Iterator[int | None]:
     raise RuntimeError(f"cannot take the lock {path}")  # pragma: no cover - lost a race twice
 
 
+def _training_elsewhere(runs: list[Run]) -> tuple[int, Path] | None:
+    """``(pid, run folder)`` of a live process other than this one that holds the lock of a run
+    in the runs folders of ``runs`` (another matrix training there), else None."""
+    import os
+
+    for root in dict.fromkeys(r.run_dir.parent for r in runs):
+        for lock in sorted(root.glob("*/.lock")):
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                continue
+            if pid and pid != os.getpid() and _alive(pid):
+                return pid, lock.parent
+    return None
+
+
 def _alive(pid: int) -> bool:
     import os
 
@@ -324,10 +340,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _cached_step_seconds(run: Run, size: int, measure: Any) -> float:
+def _cached_step_seconds(run: Run, size: int, measure: Any, keep: bool = True) -> float:
     """``measure(run.config, size)`` (a timed training step), kept in the runs folder's
     ``step_seconds.json`` per model, options, size, batch, precision, threads and CPU, so that
-    planning a matrix again (every resume) does not time every model again."""
+    planning a matrix again (every resume) does not time every model again. ``keep=False``: a time
+    taken beside another training process is used for this plan only, never kept."""
     import torch
 
     from lmnet.runtime import cpu_name
@@ -342,7 +359,10 @@ def _cached_step_seconds(run: Run, size: int, measure: Any) -> float:
     except (OSError, ValueError):
         cache = {}
     if key not in cache:
-        cache[key] = measure(c, size)
+        seconds = measure(c, size)
+        if not keep:
+            return float(seconds)
+        cache[key] = seconds
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(cache, indent=1) + "\n")
@@ -379,10 +399,15 @@ def run_experiment(cfg: ExperimentConfig, data: str | None = None, dry_run: bool
     n_train = len(split["train"])
     statuses = [run_status(r, cfg) for r in runs]
     steps: dict[str, float] = {}
+    busy = _training_elsewhere(runs)
+    if busy is not None:
+        echo(f"process {busy[0]} is training {busy[1]}: a step timed now runs beside it, so the "
+             "estimate of a model not timed before is too high, and its time is not kept")
     for run, status in zip(runs, statuses):
         if status in ("new", "partial") and not any(k.startswith(f"{run.label}@") for k in steps):
             sizes = {run.config.train_size(e) for e in range(run.config.epochs)}
-            steps.update({f"{run.label}@{s}": _cached_step_seconds(run, s, step_seconds)
+            steps.update({f"{run.label}@{s}": _cached_step_seconds(run, s, step_seconds,
+                                                                   keep=busy is None)
                           for s in sizes})
     plan = [{"label": r.label, "seed": r.seed, "fold": r.fold, "run": str(r.run_dir), "status": s,
              "estimated_seconds": 0.0 if s in ("done", "trained") else _estimate_seconds(r, n_train, steps)}
