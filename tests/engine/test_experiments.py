@@ -81,7 +81,7 @@ def test_matrix_skip_resume_and_tables(experiment, capsys, monkeypatch, ctrl_c_a
     header = list(_rows(cfg_dir / "table_paper.csv")[0])
     assert header == ["Model", "Runs", "Epochs", "Min/run", "Accuracy", "Precision", "Recall",
                       "mDice", "mIoU", "Hd", "RAD", "MACs (G)", "Params (M)"]  # the paper's order
-    assert rows["basic"]["Epochs"] == "2/2"
+    assert rows["basic"]["Epochs"] == "2 of 2"
     ledger = _rows(cfg_dir / "runs.csv")
     assert [(r["Model"], r["Seed"], r["Status"], r["Epochs"], r["Cut by budget"]) for r in ledger] == [
         (label, seed, "done", "2/2", "") for label in ("lmnet", "basic") for seed in ("0", "1")]
@@ -195,6 +195,14 @@ def test_shipped_experiment_configs_plan_their_matrices():
         assert all(r.config.epochs == runs[0].config.epochs for r in runs)  # one recipe
         assert gpu.recipe["epochs"] == 200 and gpu.recipe["image_size"] == 256
         assert gpu.budget_minutes is None and gpu.name == f"{cfg.name}_gpu"
+
+
+def test_epochs_cell_reads_trained_of_planned():
+    from lmnet.engine.experiments import _epochs_cell
+
+    assert _epochs_cell([4, 4], 8) == "4 of 8"
+    assert _epochs_cell([4, 5], 8) == "4, 5 of 8"
+    assert _epochs_cell([], 8) == "n/a"
 
 
 def test_seed_band_keeps_every_epoch_of_the_longer_run():

@@ -493,6 +493,14 @@ def _model_size(run: Run) -> tuple[float, float]:
     return rep.params_deployed / 1e6, rep.macs_deployed / 1e9
 
 
+def _epochs_cell(trained: list[int], planned: int) -> str:
+    """``8 of 8`` when every run of a row trained as many epochs, else ``4, 5 of 8``."""
+    if not trained:
+        return "n/a"
+    per_run = str(trained[0]) if len(set(trained)) == 1 else ", ".join(map(str, trained))
+    return f"{per_run} of {planned}"
+
+
 def write_tables(cfg: ExperimentConfig, data: str | None = None) -> dict[str, Path]:
     """Markdown and CSV tables (mean ± std over seeds / folds, both conventions, subgroups) from
     the evaluated runs; rows for models with no finished run say so. Returns the files written."""
@@ -531,7 +539,8 @@ def write_tables(cfg: ExperimentConfig, data: str | None = None) -> dict[str, Pa
                + f", batch {first.batch_size}, lr {first.lr}; mean ± std over "
                + (f"{cfg.folds} folds x " if cfg.folds else "") + f"seeds {cfg.seeds}. "
                f"MACs at {first.image_size} x {first.image_size}, deployed model.")
-    caption += (" Epochs: trained per run, fewer than planned where the wall-clock budget ended the "
+    caption += (" Epochs: trained of planned, per run where the runs differ (`4, 5 of 8`), fewer "
+                "than planned where the wall-clock budget ended the "
                 "run (its schedule unfinished); Min/run: wall-clock minutes of training and "
                 "validation per run (`runs.csv` lists every run, its threads and CPU).")
     written = {"runs_csv": _write_csv(out / "runs.csv", ["Model", "Seed", "Fold", "Status", "Epochs",
@@ -545,7 +554,7 @@ def write_tables(cfg: ExperimentConfig, data: str | None = None) -> dict[str, Pa
         for label, rs in results.items():
             cells = [_cell([r["all"].get(k) for r in rs], s) for _, k, s in columns]
             params, macs = sizes[label]
-            epochs = "/".join(str(e) for e, _ in spent[label]) or "n/a"
+            epochs = _epochs_cell([e for e, _ in spent[label]], first.epochs)
             minutes = (f"{sum(m for _, m in spent[label]) / len(spent[label]):.0f}"
                        if spent[label] else "n/a")
             rows.append([label, str(len(rs)), epochs, minutes, *cells, f"{macs:.2f}", f"{params:.2f}"])
