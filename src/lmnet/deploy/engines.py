@@ -144,7 +144,7 @@ def openvino_runner(model: nn.Module | str | Path, in_channels: int = 3, size: i
     ``lmnet export`` stored in it, else ``size``). ``fixed_size``: compile for inputs of
     ``size x size`` (the size the preprocessing always feeds; OpenVINO then plans every layer for
     it: 1.18x at batch 1 in ``docs/performance.md``) and for each batch size on its first use (a
-    fixed batch too: int8 1.10x at batch 1); another size compiles the dynamic model on first use.
+    fixed batch too: int8 1.13x at batch 1); another size compiles the dynamic model on first use.
     ``precision``: ``fp32``, or ``bf16`` as OpenVINO's inference precision hint (used where the
     CPU has bf16 instructions, else OpenVINO computes in fp32). ``threads``: default PyTorch's
     thread count (``--threads``). Compiled kernels are cached by OpenVINO in ``cache_dir()``.
@@ -171,6 +171,7 @@ def openvino_runner(model: nn.Module | str | Path, in_channels: int = 3, size: i
             and shape[2].is_dynamic and shape[3].is_dynamic):
         compiled = core.compile_model(ov_model, "CPU", config)
         return lambda x: compiled(np.ascontiguousarray(x, dtype=np.float32))[0]
+
     def for_batch(n: int) -> Any:
         fixed = ov_model.clone()
         fixed.reshape({fixed.input(0): ov.PartialShape([n, shape[1], size, size])})

@@ -293,11 +293,8 @@ def _run_lock(run_dir: Path) -> Iterator[int | None]:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            try:
-                holder = int(path.read_text().strip() or 0)
-            except (OSError, ValueError):
-                holder = 0
-            if holder and holder != os.getpid() and _alive(holder):
+            holder = _lock_holder(path)
+            if holder is not None:
                 yield holder
                 return
             path.unlink(missing_ok=True)  # stale
@@ -315,17 +312,23 @@ def _run_lock(run_dir: Path) -> Iterator[int | None]:
 def _training_elsewhere(runs: list[Run]) -> tuple[int, Path] | None:
     """``(pid, run folder)`` of a live process other than this one that holds the lock of a run
     in the runs folders of ``runs`` (another matrix training there), else None."""
-    import os
-
     for root in dict.fromkeys(r.run_dir.parent for r in runs):
         for lock in sorted(root.glob("*/.lock")):
-            try:
-                pid = int(lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                continue
-            if pid and pid != os.getpid() and _alive(pid):
+            pid = _lock_holder(lock)
+            if pid is not None:
                 return pid, lock.parent
     return None
+
+
+def _lock_holder(lock: Path) -> int | None:
+    """The process id in a run's ``.lock`` if it is a live process other than this one."""
+    import os
+
+    try:
+        pid = int(lock.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return None
+    return pid if pid and pid != os.getpid() and _alive(pid) else None
 
 
 def _alive(pid: int) -> bool:
