@@ -289,3 +289,34 @@ def test_budget_counts_validation_and_a_run_is_left_to_the_process_training_it(e
     assert plan[0]["status"] == "done" and not (run.run_dir / ".lock").exists()
     record = json.loads((run.run_dir / "budget.json").read_text())
     assert record["budget_minutes"] == 5.0 and record["seconds"] > 0
+
+
+def test_finished_runs_rebuild_tables_and_figures_from_their_small_files(experiment):
+    """A matrix's run folders without their checkpoints (the files a session commits as results)
+    still give the same tables and figures, and the runs stay done."""
+    import shutil
+
+    from PIL import Image
+
+    from lmnet.engine.experiments import write_figures, write_tables
+
+    cfg = load_experiment(experiment)
+    cfg.seeds = [0]
+    run_experiment(cfg, progress=False, echo=lambda *_: None)
+    runs = plan_runs(cfg)
+    out = runs[0].run_dir.parents[1]
+    before = {f: (out / f).read_bytes() for f in ("table_paper.csv", "table_foreground.md")}
+    with Image.open(out / "qualitative.png") as im:
+        figure = np.asarray(im).copy()
+    for run in runs:
+        assert (run.run_dir / "figure_masks_test.npz").is_file()
+        for p in run.run_dir.glob("checkpoint_*.pt"):
+            p.unlink()
+        shutil.rmtree(run.run_dir / "tb", ignore_errors=True)
+    (out / "qualitative.png").unlink()
+    write_tables(cfg)
+    write_figures(cfg)
+    assert [run_status(r, cfg) for r in runs] == ["done", "done"]
+    assert {f: (out / f).read_bytes() for f in before} == before
+    with Image.open(out / "qualitative.png") as im:
+        assert np.array_equal(np.asarray(im), figure)

@@ -583,7 +583,9 @@ def write_figures(cfg: ExperimentConfig, data: str | None = None, n_images: int 
                   ) -> dict[str, Path]:
     """``curves.png`` (validation mDice per epoch, every model, seed band) and
     ``qualitative.png`` (the first ``n_images`` test images by name; each model's first finished
-    run), from whatever has finished. Returns the files written."""
+    run), from whatever has finished. A run's predictions for the figure are kept in its folder
+    (``figure_masks_<split>.npz``): with its logs and evaluation, a finished run's small files
+    rebuild both tables and figures without its checkpoints. Returns the files written."""
     from lmnet.data.dataset import load_sample
     from lmnet.data.layouts import discover
     from lmnet.deploy.engines import predict_probabilities, probabilities_to_mask
@@ -614,17 +616,49 @@ def write_figures(cfg: ExperimentConfig, data: str | None = None, n_images: int 
     by_name = {s.name: s for s in samples}
     chosen = [by_name[n] for n in sorted(split[cfg.split])[:n_images]]
     loaded = [load_sample(s, first.config.in_channels) for s in chosen]
+    names = [s.name for s in chosen]
     preds = {}
     for label, run in finished.items():
-        model, tcfg = load_model(run.run_dir)
-        x = preprocess([img for img, _ in loaded], tcfg.image_size, tcfg.mean, tcfg.std)
-        masks = [probabilities_to_mask(predict_probabilities(model, x[i:i + 1], img.shape[:2]))[0]
-                 for i, (img, _) in enumerate(loaded)]
+        kept = run.run_dir / f"figure_masks_{cfg.split}.npz"  # the figure without the checkpoint
+        best = run.run_dir / "checkpoint_best.pt"
+        stale = best.is_file() and kept.is_file() and best.stat().st_mtime > kept.stat().st_mtime
+        masks = None if stale else _kept_masks(kept, names)
+        if masks is None:
+            model, tcfg = load_model(run.run_dir)
+            x = preprocess([img for img, _ in loaded], tcfg.image_size, tcfg.mean, tcfg.std)
+            masks = [probabilities_to_mask(predict_probabilities(model, x[i:i + 1],
+                                                                 img.shape[:2]))[0]
+                     for i, (img, _) in enumerate(loaded)]
+            _keep_masks(kept, names, masks)
         preds[label] = masks
     written["qualitative"] = plot_qualitative([img for img, _ in loaded],
                                               [m.astype(bool) for _, m in loaded], preds,
-                                              [s.name for s in chosen], out / "qualitative.png")
+                                              names, out / "qualitative.png")
     return written
+
+
+def _kept_masks(path: Path, names: list[str]) -> list[Any] | None:
+    """The predicted masks of ``names`` kept in ``path`` by :func:`_keep_masks`, else None."""
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as kept:
+            if [str(n) for n in kept["names"]] != names:
+                return None
+            return [kept[f"mask{i}"] for i in range(len(names))]
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _keep_masks(path: Path, names: list[str], masks: list[Any]) -> None:
+    """Keep a run's predicted masks of the figure's images beside its logs (a few kB), so that the
+    figure can be drawn again from a run's small files alone (logs, evaluation, these masks)."""
+    import numpy as np
+
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, names=np.array(names), **{f"mask{i}": np.asarray(m, dtype=bool)
+                                                       for i, m in enumerate(masks)})
+    tmp.replace(path)
 
 
 def _write_md(path: Path, header: list[str], rows: list[list[str]], caption: str) -> Path:
