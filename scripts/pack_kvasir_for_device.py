@@ -20,6 +20,8 @@ from lmnet.data import list_images, read_mask
 
 def main(src: str, dst: str) -> int:
     s, d = Path(src), Path(dst)
+    if not ((s / "images").is_dir() and (s / "masks").is_dir()):
+        raise SystemExit(f"{s} is not a Kvasir-SEG folder (it needs images/ and masks/)")
     (d / "images").mkdir(parents=True, exist_ok=True)
     (d / "masks").mkdir(parents=True, exist_ok=True)
     images, masks = list_images(s / "images"), list_images(s / "masks")
