@@ -85,11 +85,17 @@ def test_matrix_skip_resume_and_tables(experiment, capsys, monkeypatch, ctrl_c_a
     ledger = _rows(cfg_dir / "runs.csv")
     assert [(r["Model"], r["Seed"], r["Status"], r["Epochs"], r["Cut by budget"]) for r in ledger] == [
         (label, seed, "done", "2/2", "") for label in ("lmnet", "basic") for seed in ("0", "1")]
+    assert all(r["Commits"] for r in ledger)  # the commit(s) each run was trained at
     # split_seed fixed: both seeds are scored on the same test images
     assert (runs[0].run_dir / "split.json").read_text() == (runs[1].run_dir / "split.json").read_text()
     groups = _rows(cfg_dir / "table_paper_subgroups.csv")
     assert {g["Subgroup"] for g in groups} == {"benign", "malignant", "normal"}
     assert "Tiny test matrix." in (cfg_dir / "table_paper.md").read_text()
+    verdict = _rows(cfg_dir / "verdict.csv")  # LM-Net (the plain lmnet row) against the others
+    assert [v["Against"] for v in verdict] == ["basic"] and verdict[0]["Runs"] == "2 / 2"
+    assert all(verdict[0][h].split(" ")[0] in ("wins", "ties", "loses")
+               for h in ("mDice", "mIoU", "Dice (fg)", "IoU (fg)", "HD95"))
+    assert "wins against" in (cfg_dir / "verdict.md").read_text()
     from PIL import Image
 
     for fig in ("curves.png", "qualitative.png"):  # written at the end of the matrix
@@ -171,6 +177,7 @@ def test_dry_run_beside_a_training_process_does_not_keep_its_step_times(experime
     ({"models": []}, "at least one model"),
     ({"seeds": "0"}, "seeds must be a list"),
     ({"models": [{"label": "x"}]}, "a model is a registered name"),
+    ({"reference": "nope"}, "reference 'nope' is not a model label"),
 ])
 def test_bad_experiment_configs(experiment, tmp_path, capsys, change, message):
     values = {**yaml.safe_load(experiment.read_text()), **change}
@@ -195,6 +202,18 @@ def test_shipped_experiment_configs_plan_their_matrices():
         assert all(r.config.epochs == runs[0].config.epochs for r in runs)  # one recipe
         assert gpu.recipe["epochs"] == 200 and gpu.recipe["image_size"] == 256
         assert gpu.budget_minutes is None and gpu.name == f"{cfg.name}_gpu"
+
+
+def test_verdict_wins_ties_and_loses_by_the_seed_spread():
+    from lmnet.engine.experiments import verdict
+
+    assert verdict([80.0, 82.0], [70.0, 71.0]) == "wins +10.50"
+    assert verdict([80.0, 82.0], [79.0, 81.0]) == "ties +1.00"  # within std 1.41 + 1.41
+    assert verdict([70.0, 71.0], [80.0, 82.0]) == "loses -10.50"
+    assert verdict([10.0, 11.0], [20.0, 21.0], higher_is_better=False) == "wins -10.00"  # HD95
+    assert verdict([80.0], [70.0, 71.0]) == "ahead (1 run) +9.50"  # no spread to judge by
+    assert verdict([60.0], [70.0]) == "behind (1 run) -10.00"
+    assert verdict([], [70.0]) == "n/a"
 
 
 def test_epochs_cell_reads_trained_of_planned():

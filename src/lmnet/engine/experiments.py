@@ -26,7 +26,8 @@ from lmnet.config import TrainConfig, read_yaml_mapping
 from lmnet.metrics.evaluator import mean_std
 
 __all__ = ["ExperimentConfig", "Run", "load_experiment", "plan_runs", "run_status", "used_seconds",
-           "run_experiment", "write_tables", "write_figures", "TABLE_COLUMNS"]
+           "run_experiment", "write_tables", "write_figures", "verdict", "TABLE_COLUMNS",
+           "VERDICT_METRICS"]
 
 #: Columns of the tables, in the paper's order, per metric convention:
 #: (header, key in an evaluation summary, scale to display).
@@ -68,6 +69,8 @@ class ExperimentConfig:
     out: str = "results/experiments"           # parent folder of <name>/
     caption: str = ""                          # what the table is (the paper's table number ...)
     runs: str = ""                             # shared folder of run folders (default <out>/<name>/runs)
+    reference: str = ""                        # label the verdict compares with every other row
+                                               # (default: the row of the plain ``lmnet`` model)
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
@@ -85,6 +88,8 @@ class ExperimentConfig:
             if not isinstance(m, (str, dict)) or (isinstance(m, dict) and "model" not in m):
                 raise ValueError(f"a model is a registered name or a mapping with 'model' "
                                  f"(and 'label', 'model_args'), got {m!r}")
+        if self.reference and self.reference not in [label for label, _, _ in _model_entries(self)]:
+            raise ValueError(f"reference {self.reference!r} is not a model label of this experiment")
 
 
 @dataclass(frozen=True)
@@ -507,6 +512,8 @@ def _epochs_cell(trained: list[int], planned: int) -> str:
 def write_tables(cfg: ExperimentConfig, data: str | None = None) -> dict[str, Path]:
     """Markdown and CSV tables (mean ± std over seeds / folds, both conventions, subgroups) from
     the evaluated runs; rows for models with no finished run say so. Returns the files written."""
+    from lmnet.engine.train import read_sessions
+
     runs = plan_runs(cfg, data)
     out = Path(cfg.out) / cfg.name
     out.mkdir(parents=True, exist_ok=True)
@@ -525,10 +532,13 @@ def write_tables(cfg: ExperimentConfig, data: str | None = None) -> dict[str, Pa
         env = {}
         if (run.run_dir / "env.json").is_file():
             env = json.loads((run.run_dir / "env.json").read_text())
+        commits = list(dict.fromkeys(str(s.get("git_commit") or "")[:7] or "unknown"
+                                     for s in read_sessions(run.run_dir)))
         ledger.append([run.label, str(run.seed), "" if run.fold is None else str(run.fold), status,
                        f"{epochs}/{run.config.epochs}", f"{minutes:.1f}",
                        "yes" if status in ("done", "trained") and epochs < run.config.epochs else "",
-                       str(env.get("threads", "")), str(env.get("cpu", "")), str(run.run_dir)])
+                       str(env.get("threads", "")), str(env.get("cpu", "")), " ".join(commits),
+                       str(run.run_dir)])
     sizes = {}
     for run in runs:
         if run.label not in sizes:
@@ -545,10 +555,11 @@ def write_tables(cfg: ExperimentConfig, data: str | None = None) -> dict[str, Pa
     caption += (" Epochs: trained of planned, per run where the runs differ (`4, 5 of 8`), fewer "
                 "than planned where the wall-clock budget ended the "
                 "run (its schedule unfinished); Min/run: wall-clock minutes of training and "
-                "validation per run (`runs.csv` lists every run, its threads and CPU).")
+                "validation per run (`runs.csv` lists every run, its threads, CPU and commits).")
     written = {"runs_csv": _write_csv(out / "runs.csv", ["Model", "Seed", "Fold", "Status", "Epochs",
                                                          "Minutes", "Cut by budget", "Threads",
-                                                         "CPU", "Run folder"], ledger)}
+                                                         "CPU", "Commits", "Run folder"],
+                                                        ledger)}
     groups = sorted({g for rs in results.values() for r in rs for g in r.get("groups", {})})
     for conv, columns in TABLE_COLUMNS.items():
         header = ["Model", "Runs", "Epochs", "Min/run", *(h for h, _, _ in columns), "MACs (G)",
@@ -576,7 +587,77 @@ def write_tables(cfg: ExperimentConfig, data: str | None = None) -> dict[str, Pa
                                                      grows, caption + " Per subgroup. " + _NOTES[conv])
             written[f"{conv}_groups_csv"] = _write_csv(out / f"table_{conv}_subgroups.csv", gheader,
                                                        grows)
+    written.update(_write_verdict(cfg, out, results, sizes, caption))
     return written
+
+
+#: What the verdict compares: (header, key in an evaluation summary, scale, higher is better).
+VERDICT_METRICS: tuple[tuple[str, str, float, bool], ...] = (
+    ("mDice", "paper_mdice", 100.0, True), ("mIoU", "paper_miou", 100.0, True),
+    ("Dice (fg)", "fg_dice_mean", 100.0, True), ("IoU (fg)", "fg_iou_mean", 100.0, True),
+    ("HD95", "hd95_mean", 1.0, False))
+
+
+def verdict(ref: list[float], other: list[float], higher_is_better: bool = True) -> str:
+    """``wins``, ``ties`` or ``loses`` (with the difference of the means, reference minus other)
+    when both rows have two or more runs: a tie is a difference within the sum of the two rows'
+    sample standard deviations over seeds. With a single run on either side there is no spread to
+    judge by: ``ahead (1 run)`` / ``behind (1 run)``. ``n/a`` without runs."""
+    (m_ref, s_ref), (m_other, s_other) = mean_std(ref), mean_std(other)
+    if m_ref is None or m_other is None:
+        return "n/a"
+    diff = m_ref - m_other
+    better = diff if higher_is_better else -diff
+    if s_ref is None or s_other is None:
+        word = "ahead (1 run)" if better > 0 else "behind (1 run)" if better < 0 else "equal (1 run)"
+    else:
+        word = "ties" if abs(diff) <= s_ref + s_other else "wins" if better > 0 else "loses"
+    return f"{word} {diff:+.2f}"
+
+
+def _reference_label(cfg: ExperimentConfig) -> str | None:
+    if cfg.reference:
+        return cfg.reference
+    plain = [label for label, model, args in _model_entries(cfg) if model == "lmnet" and not args]
+    return plain[0] if plain else None
+
+
+def _write_verdict(cfg: ExperimentConfig, out: Path, results: dict[str, list[dict[str, Any]]],
+                   sizes: dict[str, tuple[float, float]], caption: str) -> dict[str, Path]:
+    """``verdict.md`` / ``.csv``: where the reference row (LM-Net) wins, ties or loses against
+    every other row, metric by metric, from the same evaluated runs as the tables."""
+    ref = _reference_label(cfg)
+    if ref is None or len(results) < 2:
+        return {}
+    header = ["Against", "Runs", *(h for h, _, _, _ in VERDICT_METRICS), "MACs", "Params"]
+    rows, counts = [], {h: {"wins": 0, "ties": 0, "loses": 0} for h, _, _, _ in VERDICT_METRICS}
+    for label, rs in results.items():
+        if label == ref:
+            continue
+        cells = []
+        for h, key, scale, higher in VERDICT_METRICS:
+            cell = verdict([r["all"][key] * scale for r in results[ref] if r["all"].get(key) is not None],
+                           [r["all"][key] * scale for r in rs if r["all"].get(key) is not None], higher)
+            cells.append(cell)
+            word = cell.split(" ")[0]
+            if word in counts[h]:
+                counts[h][word] += 1
+        (p_ref, m_ref), (p_other, m_other) = sizes[ref], sizes[label]
+        rows.append([label, f"{len(results[ref])} / {len(rs)}", *cells,
+                     f"{m_ref / m_other:.2f}x", f"{p_ref / p_other:.2f}x"])
+    summary = [f"- {h}: {ref} wins against {c['wins']}, ties with {c['ties']}, loses against "
+               f"{c['loses']} of the {len(rows)} other rows"
+               + (f"; {len(rows) - sum(c.values())} not judged (fewer than two runs on a side)"
+                  if sum(c.values()) < len(rows) else "") for h, c in counts.items()]
+    note = (f"Where {ref} wins, ties or loses against every other row: difference of the means "
+            f"({ref} minus the other row; HD95: lower is better). A tie is a difference within the "
+            "sum of both rows' sample standard deviations over seeds; with one run on either side "
+            "there is no spread to judge by (`ahead` / `behind (1 run)`). MACs, Params: "
+            f"{ref}'s over the other row's. Runs: {ref}'s / the other row's. mDice, mIoU: the "
+            "paper's convention; Dice, IoU (fg): lesion only, mean over images.")
+    md = _write_md(out / "verdict.md", header, rows, caption + " " + note)
+    md.write_text(md.read_text() + "\n" + "\n".join(summary) + "\n")
+    return {"verdict_md": md, "verdict_csv": _write_csv(out / "verdict.csv", header, rows)}
 
 
 def write_figures(cfg: ExperimentConfig, data: str | None = None, n_images: int = 4

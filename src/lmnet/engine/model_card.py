@@ -14,6 +14,7 @@ from lmnet.deploy.checkpoint import load_checkpoint, resolve_checkpoint
 from lmnet.deploy.export import stored_split
 from lmnet.deploy.pretrained import export_pretrained
 from lmnet.engine.figures import plot_curves
+from lmnet.engine.train import read_sessions
 
 __all__ = ["DATASETS", "model_card", "export_with_card"]
 
@@ -45,13 +46,6 @@ def _log(run: Path) -> list[dict[str, str]]:
     return list(csv.DictReader(path.open())) if path.is_file() else []
 
 
-def _sessions(run: Path) -> list[dict[str, Any]]:
-    path = run / "sessions.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _metrics_rows(run: Path) -> list[tuple[str, str, dict[str, Any]]]:
     """``(grid, command, metrics)`` of the run's test evaluations, when ``lmnet evaluate`` wrote them."""
     rows = []
@@ -75,7 +69,7 @@ def model_card(run: str | Path, title: str | None = None, curve: bool = True,
     run = ckpt_path.parent
     ckpt = load_checkpoint(ckpt_path)
     cfg = TrainConfig.from_dict(ckpt["config"])
-    log, sessions = _log(run), _sessions(run)
+    log, sessions = _log(run), read_sessions(run)
     split = stored_split(ckpt_path) or {}
     data = DATASETS.get(cfg.format or split.get("format") or "", {})  # the format found, if detected
     data_name = data.get("name", Path(cfg.data).name or "the training data")

@@ -246,6 +246,15 @@ def _prepare_run(cfg: TrainConfig, resume: bool | str | Path, overrides: dict[st
     return cfg, fmt, samples, run_dir
 
 
+def read_sessions(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of ``run_dir/sessions.jsonl``: when, where and at which commit each part of a
+    run ran (one line per call of :func:`train` on the run)."""
+    path = Path(run_dir) / "sessions.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def train(cfg: TrainConfig, resume: bool | str | Path = False, progress: bool = True,
           overrides: dict[str, Any] | None = None) -> Path:
     """Train a model as ``cfg`` says; returns the run folder.
