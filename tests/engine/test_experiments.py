@@ -178,6 +178,9 @@ def test_dry_run_beside_a_training_process_does_not_keep_its_step_times(experime
     ({"seeds": "0"}, "seeds must be a list"),
     ({"models": [{"label": "x"}]}, "a model is a registered name"),
     ({"reference": "nope"}, "reference 'nope' is not a model label"),
+    ({"models": [{"model": "lmnet", "recipe": {"seed": 3}}]}, "recipe key(s) ['seed'] are not"),
+    ({"models": [{"model": "lmnet", "recipe": {"epochz": 3}}]}, "recipe key(s) ['epochz'] are not"),
+    ({"models": [{"model": "lmnet", "recipe": [3]}]}, "a model's recipe is a mapping"),
 ])
 def test_bad_experiment_configs(experiment, tmp_path, capsys, change, message):
     values = {**yaml.safe_load(experiment.read_text()), **change}
@@ -195,11 +198,18 @@ def test_shipped_experiment_configs_plan_their_matrices():
     assert {c.stem for c in configs} >= {"table1_kvasir", "table6_kvasir", "table8_kvasir",
                                         "table9_kvasir", "table10_kvasir", "table3_busi"}
     for path in configs:
-        cfg, gpu = load_experiment(path), load_experiment(path, "gpu")
+        cfg = load_experiment(path)
         runs = plan_runs(cfg)
         assert len(runs) == len(cfg.models) * len(cfg.seeds) >= 4
         assert len({r.run_dir for r in runs}) == len(runs)
-        assert all(r.config.epochs == runs[0].config.epochs for r in runs)  # one recipe
+        own = {m["label"] for m in cfg.models if isinstance(m, dict) and m.get("recipe")}
+        shared = [r for r in runs if r.label not in own]
+        assert all(r.config.epochs == shared[0].config.epochs for r in shared)  # one recipe
+        assert all(r.config.epochs != shared[0].config.epochs for r in runs if r.label in own)
+        if "gpu" not in cfg.settings:  # only a CPU-budget companion of a paper's table
+            assert path.stem.endswith("_equal_time")
+            continue
+        gpu = load_experiment(path, "gpu")
         assert gpu.recipe["epochs"] == 200 and gpu.recipe["image_size"] == 256
         assert gpu.budget_minutes is None and gpu.name == f"{cfg.name}_gpu"
 
@@ -273,6 +283,31 @@ def test_experiments_sharing_a_runs_folder_train_a_model_once(busi_mini, tmp_pat
     capped.write_text(yaml.safe_dump({**values, "budget_minutes": 30}))
     assert main(["experiment", str(capped), "--dry-run"]) == 2
     assert "budget_minutes None there, 30 here" in capsys.readouterr().err
+
+
+def test_a_row_with_its_own_recipe_trains_apart_and_says_so(busi_mini, tmp_path):
+    """An equal wall-clock row (a faster baseline trained for more epochs): its own run folder
+    beside the shared ones, its epochs in the table and its keys in the caption."""
+    path = tmp_path / "own.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "own", "data": str(busi_mini), "out": str(tmp_path / "results"),
+        "runs": str(tmp_path / "shared"), "seeds": [0],
+        "models": ["lmnet", "basic_unet",
+                   {"label": "basic, LM-Net's time", "model": "basic_unet", "recipe": {"epochs": 2}}],
+        "recipe": {"image_size": 32, "epochs": 1, "batch_size": 4, "split_ratios": [0.6, 0.2, 0.2]}}))
+    cfg = load_experiment(path)
+    runs = plan_runs(cfg)
+    assert [r.config.epochs for r in runs] == [1, 1, 2]
+    assert runs[1].run_dir.name == "basic_unet_s0"
+    assert runs[2].run_dir.name.startswith("basic_unet_") and runs[2].run_dir != runs[1].run_dir
+    assert main(["experiment", str(path), "--quiet"]) == 0
+    rows = {r["Model"]: r for r in _rows(tmp_path / "results" / "own" / "table_paper.csv")}
+    assert rows["basic_unet"]["Epochs"] == "1 of 1"
+    assert rows["basic, LM-Net's time"]["Epochs"] == "2 of 2"
+    md = (tmp_path / "results" / "own" / "table_paper.md").read_text()
+    assert "32 x 32, 1 epochs" in md and "own recipe keys: basic, LM-Net's time: epochs 2." in md
+    verdict_rows = {r["Against"] for r in _rows(tmp_path / "results" / "own" / "verdict.csv")}
+    assert verdict_rows == {"basic_unet", "basic, LM-Net's time"}
 
 
 def test_budget_counts_validation_and_a_run_is_left_to_the_process_training_it(experiment, tmp_path):

@@ -58,7 +58,8 @@ class ExperimentConfig:
 
     name: str                                  # results go to <out>/<name>/
     data: str = ""                             # dataset folder, as downloaded
-    models: list[Any] = field(default_factory=lambda: ["lmnet"])  # names or {label, model, model_args}
+    models: list[Any] = field(default_factory=lambda: ["lmnet"])  # names or {label, model,
+    #                                           model_args, recipe}: a row's own recipe keys
     seeds: list[int] = field(default_factory=lambda: [0])  # one run per model and seed (or fold)
     folds: int = 0                             # >= 2: k-fold cross-validation, every fold a run
     recipe: dict[str, Any] = field(default_factory=dict)  # TrainConfig keys shared by every run
@@ -87,8 +88,16 @@ class ExperimentConfig:
         for m in self.models:
             if not isinstance(m, (str, dict)) or (isinstance(m, dict) and "model" not in m):
                 raise ValueError(f"a model is a registered name or a mapping with 'model' "
-                                 f"(and 'label', 'model_args'), got {m!r}")
-        if self.reference and self.reference not in [label for label, _, _ in _model_entries(self)]:
+                                 f"(and 'label', 'model_args', 'recipe'), got {m!r}")
+            own = m.get("recipe", {}) if isinstance(m, dict) else {}
+            if not isinstance(own, dict):
+                raise ValueError(f"a model's recipe is a mapping of TrainConfig keys, got {own!r}")
+            bad = [k for k in own if k in _RUN_KEYS or k not in
+                   {f.name for f in dataclasses.fields(TrainConfig)}]
+            if bad:
+                raise ValueError(f"model {m['model']!r}: recipe key(s) {bad} are not TrainConfig "
+                                 f"keys a row may change (not {sorted(_RUN_KEYS)})")
+        if self.reference and self.reference not in [e.label for e in _model_entries(self)]:
             raise ValueError(f"reference {self.reference!r} is not a model label of this experiment")
 
 
@@ -127,14 +136,30 @@ def load_experiment(path: str | Path, setting: str | None = None) -> ExperimentC
     return cfg
 
 
-def _model_entries(cfg: ExperimentConfig) -> list[tuple[str, str, dict[str, Any]]]:
+#: Keys the runner sets for every run; a row's own ``recipe`` may not change them.
+_RUN_KEYS = frozenset({"data", "model", "model_args", "seed", "out", "name", "time_budget",
+                       "kfold", "fold"})
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """A row of the tables: its label, model, model options and own recipe keys."""
+
+    label: str
+    model: str
+    model_args: dict[str, Any]
+    recipe: dict[str, Any]
+
+
+def _model_entries(cfg: ExperimentConfig) -> list[_Entry]:
     out = []
     for m in cfg.models:
         if isinstance(m, str):
-            out.append((m, m, {}))
+            out.append(_Entry(m, m, {}, {}))
         else:
-            out.append((str(m.get("label", m["model"])), m["model"], dict(m.get("model_args", {}))))
-    labels = [_slug(label) for label, _, _ in out]
+            out.append(_Entry(str(m.get("label", m["model"])), m["model"],
+                              dict(m.get("model_args", {})), dict(m.get("recipe", {}))))
+    labels = [_slug(e.label) for e in out]
     if len(set(labels)) != len(labels):
         raise ValueError(f"model labels must differ (as folder names), got {labels}")
     return out
@@ -145,14 +170,16 @@ def _slug(label: str) -> str:
     return re.sub(r"[^\w.-]+", "_", label).strip("_") or "model"
 
 
-def _shared_name(model: str, model_args: dict[str, Any]) -> str:
-    """A run's folder name in a shared ``runs`` folder: the model and a digest of its options."""
-    if not model_args:
-        return model
+def _shared_name(model: str, model_args: dict[str, Any], recipe: dict[str, Any] | None = None) -> str:
+    """A run's folder name in a shared ``runs`` folder: the model and a digest of its options
+    (and of the row's own recipe keys, where it has any)."""
     import hashlib
 
-    digest = hashlib.sha1(json.dumps(model_args, sort_keys=True).encode()).hexdigest()[:8]
-    return f"{model}_{digest}"
+    name = model
+    for part in (model_args, {"recipe": recipe} if recipe else {}):
+        if part:
+            name += "_" + hashlib.sha1(json.dumps(part, sort_keys=True).encode()).hexdigest()[:8]
+    return name
 
 
 def plan_runs(cfg: ExperimentConfig, data: str | None = None) -> list[Run]:
@@ -165,19 +192,20 @@ def plan_runs(cfg: ExperimentConfig, data: str | None = None) -> list[Run]:
     """
     runs = []
     root = Path(cfg.runs) if cfg.runs else Path(cfg.out) / cfg.name / "runs"
-    for label, model, model_args in _model_entries(cfg):
+    for e in _model_entries(cfg):
         for seed in cfg.seeds:
             for fold in (range(cfg.folds) if cfg.folds else [None]):
-                base = _shared_name(model, model_args) if cfg.runs else _slug(label)
+                base = _shared_name(e.model, e.model_args, e.recipe) if cfg.runs else _slug(e.label)
                 name = f"{base}_s{seed}" + (f"_fold{fold}" if fold is not None else "")
-                values = {**cfg.recipe, "data": data or cfg.data or cfg.recipe.get("data", ""),
-                          "model": model, "model_args": {**cfg.recipe.get("model_args", {}),
-                                                         **model_args},
+                values = {**cfg.recipe, **e.recipe,
+                          "data": data or cfg.data or cfg.recipe.get("data", ""),
+                          "model": e.model, "model_args": {**cfg.recipe.get("model_args", {}),
+                                                           **e.model_args},
                           "seed": seed, "out": str(root), "name": name,
                           "time_budget": cfg.budget_minutes}
                 if fold is not None:
                     values.update(kfold=cfg.folds, fold=fold)
-                runs.append(Run(label, seed, fold, TrainConfig.from_dict(values)))
+                runs.append(Run(e.label, seed, fold, TrainConfig.from_dict(values)))
     return runs
 
 
@@ -543,7 +571,10 @@ def write_tables(cfg: ExperimentConfig, data: str | None = None) -> dict[str, Pa
     for run in runs:
         if run.label not in sizes:
             sizes[run.label] = _model_size(run)
-    first = runs[0].config
+    entries = _model_entries(cfg)
+    shared = {e.label for e in entries if not e.recipe}  # the caption states their recipe
+    first = next((run.config for run in runs if run.label in shared), runs[0].config)
+    planned = {run.label: run.config.epochs for run in runs}
     caption = (f"{cfg.caption + ' ' if cfg.caption else ''}Test split of {Path(first.data).name}, "
                f"{first.image_size} x {first.image_size}, {first.epochs} epochs"
                + (f" (first {first.progressive_epochs} at {first.progressive_size})"
@@ -552,6 +583,10 @@ def write_tables(cfg: ExperimentConfig, data: str | None = None) -> dict[str, Pa
                + f", batch {first.batch_size}, lr {first.lr}; mean ± std over "
                + (f"{cfg.folds} folds x " if cfg.folds else "") + f"seeds {cfg.seeds}. "
                f"MACs at {first.image_size} x {first.image_size}, deployed model.")
+    own = [f"{e.label}: " + ", ".join(f"{k} {v}" for k, v in e.recipe.items())
+           for e in entries if e.recipe]
+    if own:
+        caption += " Rows with their own recipe keys: " + "; ".join(own) + "."
     caption += (" Epochs: trained of planned, per run where the runs differ (`4, 5 of 8`), fewer "
                 "than planned where the wall-clock budget ended the "
                 "run (its schedule unfinished); Min/run: wall-clock minutes of training and "
@@ -568,7 +603,7 @@ def write_tables(cfg: ExperimentConfig, data: str | None = None) -> dict[str, Pa
         for label, rs in results.items():
             cells = [_cell([r["all"].get(k) for r in rs], s) for _, k, s in columns]
             params, macs = sizes[label]
-            epochs = _epochs_cell([e for e, _ in spent[label]], first.epochs)
+            epochs = _epochs_cell([e for e, _ in spent[label]], planned[label])
             minutes = (f"{sum(m for _, m in spent[label]) / len(spent[label]):.0f}"
                        if spent[label] else "n/a")
             rows.append([label, str(len(rs)), epochs, minutes, *cells, f"{macs:.2f}", f"{params:.2f}"])
@@ -618,7 +653,8 @@ def verdict(ref: list[float], other: list[float], higher_is_better: bool = True)
 def _reference_label(cfg: ExperimentConfig) -> str | None:
     if cfg.reference:
         return cfg.reference
-    plain = [label for label, model, args in _model_entries(cfg) if model == "lmnet" and not args]
+    plain = [e.label for e in _model_entries(cfg) if e.model == "lmnet" and not e.model_args
+             and not e.recipe]
     return plain[0] if plain else None
 
 
