@@ -96,6 +96,10 @@ def test_matrix_skip_resume_and_tables(experiment, capsys, monkeypatch, ctrl_c_a
     assert all(verdict[0][h].split(" ")[0] in ("wins", "ties", "loses")
                for h in ("mDice", "mIoU", "Dice (fg)", "IoU (fg)", "HD95"))
     assert "wins against" in (cfg_dir / "verdict.md").read_text()
+    per_class = _rows(cfg_dir / "verdict_subgroups.csv")
+    assert [(v["Subgroup"], v["Against"], v["Runs"]) for v in per_class] == [
+        (g, "basic", "2 / 2") for g in ("benign", "malignant", "normal")]
+    assert "judgements" in (cfg_dir / "verdict_subgroups.md").read_text()
     from PIL import Image
 
     for fig in ("curves.png", "qualitative.png"):  # written at the end of the matrix
@@ -224,6 +228,46 @@ def test_verdict_wins_ties_and_loses_by_the_seed_spread():
     assert verdict([80.0], [70.0, 71.0]) == "ahead (1 run) +9.50"  # no spread to judge by
     assert verdict([60.0], [70.0]) == "behind (1 run) -10.00"
     assert verdict([], [70.0]) == "n/a"
+
+
+def test_subgroup_verdict_shows_a_class_where_lmnet_loses(tmp_path):
+    """Ahead overall, behind on one class: the per-subgroup verdict says so."""
+    from lmnet.engine.experiments import ExperimentConfig, _write_verdict
+
+    def summary(dice):
+        return {"paper_mdice": dice, "paper_miou": dice, "fg_dice_mean": dice,
+                "fg_iou_mean": dice, "hd95_mean": 10.0}
+
+    def result(overall, benign, malignant):
+        return {"all": summary(overall), "groups": {"benign": summary(benign),
+                                                    "malignant": summary(malignant)}}
+
+    results = {"lmnet": [result(0.80, 0.90, 0.40), result(0.81, 0.91, 0.41)],
+               "basic": [result(0.70, 0.60, 0.60), result(0.71, 0.61, 0.61)]}
+    cfg = ExperimentConfig(name="v", models=["lmnet", "basic"])
+    written = _write_verdict(cfg, tmp_path, results, {"lmnet": (2.0, 1.0), "basic": (1.0, 1.0)}, "")
+    assert _rows(written["verdict_csv"])[0]["Dice (fg)"] == "wins +10.00"
+    rows = {r["Subgroup"]: r for r in _rows(written["verdict_subgroups_csv"])}
+    assert rows["benign"]["Dice (fg)"] == "wins +30.00"
+    assert rows["malignant"]["Dice (fg)"] == "loses -20.00"
+    assert rows["malignant"]["HD95"].startswith("ties")
+    text = written["verdict_subgroups_md"].read_text()
+    assert "- malignant: of 5 judgements (other rows x metrics) lmnet wins 0, ties 1, loses 4" in text
+
+
+def test_figure_shows_every_subgroup_in_turn():
+    from types import SimpleNamespace
+
+    from lmnet.engine.experiments import figure_samples
+
+    def samples(groups):
+        return [SimpleNamespace(name=f"{g}/{i}", group=g) for i, g in enumerate(groups)]
+
+    busi = samples(["benign"] * 5 + ["malignant"] * 3 + ["normal"])
+    assert [s.name for s in figure_samples(busi, 4)] == ["benign/0", "malignant/5", "normal/8",
+                                                        "benign/1"]
+    kvasir = samples([None] * 6)
+    assert figure_samples(kvasir, 4) == kvasir[:4]
 
 
 def test_epochs_cell_reads_trained_of_planned():

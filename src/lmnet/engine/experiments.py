@@ -658,26 +658,37 @@ def _reference_label(cfg: ExperimentConfig) -> str | None:
     return plain[0] if plain else None
 
 
+def _judge(ref_parts: list[dict[str, Any]], parts: list[dict[str, Any]],
+           counts: dict[str, dict[str, int]]) -> list[str]:
+    """One verdict cell per :data:`VERDICT_METRICS` metric (the reference's summaries against
+    another row's), tallied into ``counts`` (metric -> wins / ties / loses)."""
+    cells = []
+    for h, key, scale, higher in VERDICT_METRICS:
+        cell = verdict([r[key] * scale for r in ref_parts if r.get(key) is not None],
+                       [r[key] * scale for r in parts if r.get(key) is not None], higher)
+        cells.append(cell)
+        word = cell.split(" ")[0]
+        if word in counts.setdefault(h, {"wins": 0, "ties": 0, "loses": 0}):
+            counts[h][word] += 1
+    return cells
+
+
 def _write_verdict(cfg: ExperimentConfig, out: Path, results: dict[str, list[dict[str, Any]]],
                    sizes: dict[str, tuple[float, float]], caption: str) -> dict[str, Path]:
     """``verdict.md`` / ``.csv``: where the reference row (LM-Net) wins, ties or loses against
-    every other row, metric by metric, from the same evaluated runs as the tables."""
+    every other row, metric by metric, from the same evaluated runs as the tables; with
+    subgroups (BUSI's classes), ``verdict_subgroups.md`` / ``.csv`` the same per subgroup."""
     ref = _reference_label(cfg)
     if ref is None or len(results) < 2:
         return {}
-    header = ["Against", "Runs", *(h for h, _, _, _ in VERDICT_METRICS), "MACs", "Params"]
-    rows, counts = [], {h: {"wins": 0, "ties": 0, "loses": 0} for h, _, _, _ in VERDICT_METRICS}
+    metrics = [h for h, _, _, _ in VERDICT_METRICS]
+    header = ["Against", "Runs", *metrics, "MACs", "Params"]
+    rows: list[list[str]] = []
+    counts: dict[str, dict[str, int]] = {}
     for label, rs in results.items():
         if label == ref:
             continue
-        cells = []
-        for h, key, scale, higher in VERDICT_METRICS:
-            cell = verdict([r["all"][key] * scale for r in results[ref] if r["all"].get(key) is not None],
-                           [r["all"][key] * scale for r in rs if r["all"].get(key) is not None], higher)
-            cells.append(cell)
-            word = cell.split(" ")[0]
-            if word in counts[h]:
-                counts[h][word] += 1
+        cells = _judge([r["all"] for r in results[ref]], [r["all"] for r in rs], counts)
         (p_ref, m_ref), (p_other, m_other) = sizes[ref], sizes[label]
         rows.append([label, f"{len(results[ref])} / {len(rs)}", *cells,
                      f"{m_ref / m_other:.2f}x", f"{p_ref / p_other:.2f}x"])
@@ -693,14 +704,40 @@ def _write_verdict(cfg: ExperimentConfig, out: Path, results: dict[str, list[dic
             "paper's convention; Dice, IoU (fg): lesion only, mean over images.")
     md = _write_md(out / "verdict.md", header, rows, caption + " " + note)
     md.write_text(md.read_text() + "\n" + "\n".join(summary) + "\n")
-    return {"verdict_md": md, "verdict_csv": _write_csv(out / "verdict.csv", header, rows)}
+    written = {"verdict_md": md, "verdict_csv": _write_csv(out / "verdict.csv", header, rows)}
+    groups = sorted({g for rs in results.values() for r in rs for g in r.get("groups", {})})
+    if not groups:
+        return written
+    gheader = ["Subgroup", "Against", "Runs", *metrics]
+    grows, gsummary = [], []
+    for g in groups:
+        ref_parts = [r["groups"][g] for r in results[ref] if g in r.get("groups", {})]
+        gcounts: dict[str, dict[str, int]] = {}
+        for label, rs in results.items():
+            if label == ref:
+                continue
+            parts = [r["groups"][g] for r in rs if g in r.get("groups", {})]
+            grows.append([g, label, f"{len(ref_parts)} / {len(parts)}",
+                          *_judge(ref_parts, parts, gcounts)])
+        tally = {w: sum(c[w] for c in gcounts.values()) for w in ("wins", "ties", "loses")}
+        n = len(metrics) * (len(results) - 1)
+        gsummary.append(f"- {g}: of {n} judgements (other rows x metrics) {ref} wins {tally['wins']}, "
+                        f"ties {tally['ties']}, loses {tally['loses']}"
+                        + (f", {n - sum(tally.values())} not judged" if sum(tally.values()) < n
+                           else ""))
+    gmd = _write_md(out / "verdict_subgroups.md", gheader, grows,
+                    caption + " Per subgroup (the images of one class of the test split). " + note)
+    gmd.write_text(gmd.read_text() + "\n" + "\n".join(gsummary) + "\n")
+    written.update(verdict_subgroups_md=gmd,
+                   verdict_subgroups_csv=_write_csv(out / "verdict_subgroups.csv", gheader, grows))
+    return written
 
 
 def write_figures(cfg: ExperimentConfig, data: str | None = None, n_images: int = 4
                   ) -> dict[str, Path]:
     """``curves.png`` (validation mDice per epoch, every model, seed band) and
-    ``qualitative.png`` (the first ``n_images`` test images by name; each model's first finished
-    run), from whatever has finished. A run's predictions for the figure are kept in its folder
+    ``qualitative.png`` (``n_images`` test images, see :func:`figure_samples`; each model's first
+    finished run), from whatever has finished. A run's predictions for the figure are kept in its folder
     (``figure_masks_<split>.npz``): with its logs and evaluation, a finished run's small files
     rebuild both tables and figures without its checkpoints. Returns the files written."""
     from lmnet.data.dataset import load_sample
@@ -731,7 +768,7 @@ def write_figures(cfg: ExperimentConfig, data: str | None = None, n_images: int 
     split = json.loads((first.run_dir / "split.json").read_text())
     _, samples, _ = discover(first.config.data, first.config.format)
     by_name = {s.name: s for s in samples}
-    chosen = [by_name[n] for n in sorted(split[cfg.split])[:n_images]]
+    chosen = figure_samples([by_name[n] for n in sorted(split[cfg.split])], n_images)
     loaded = [load_sample(s, first.config.in_channels) for s in chosen]
     names = [s.name for s in chosen]
     preds = {}
@@ -752,6 +789,22 @@ def write_figures(cfg: ExperimentConfig, data: str | None = None, n_images: int 
                                               [m.astype(bool) for _, m in loaded], preds,
                                               names, out / "qualitative.png")
     return written
+
+
+def figure_samples(samples: list[Any], n: int) -> list[Any]:
+    """The qualitative figure's images: the first ``n`` by name, or, where the samples have
+    subgroups (BUSI's classes), the first of every subgroup in turn, so that each class shows."""
+    by_group: dict[str, list[Any]] = {}
+    for s in samples:
+        by_group.setdefault(s.group or "", []).append(s)
+    if len(by_group) < 2:
+        return samples[:n]
+    chosen: list[Any] = []
+    for depth in range(max(len(v) for v in by_group.values())):
+        for group in sorted(by_group):
+            if depth < len(by_group[group]) and len(chosen) < n:
+                chosen.append(by_group[group][depth])
+    return chosen
 
 
 def _kept_masks(path: Path, names: list[str]) -> list[Any] | None:

@@ -3,6 +3,7 @@ qualitative grid of test images with every model's prediction outlined (as the p
 from __future__ import annotations
 
 import csv
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -64,8 +65,8 @@ def plot_curves(runs_by_label: dict[str, Sequence[Path]], out: Path, metric: str
     ax.set_xlabel("epoch")
     ax.set_ylabel({"val_paper_mdice": "validation mDice (paper convention), %",
                    "val_fg_dice": "validation Dice (foreground), %"}.get(metric, metric))
-    ax.set_title(title or "Validation per epoch: mean over seeds, band = lowest to highest run",
-                 fontsize=9)
+    ax.set_title(textwrap.fill(title or "Validation per epoch: mean over seeds, band = lowest to "
+                               "highest run", 90), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -110,7 +111,7 @@ def plot_qualitative(images: Sequence[np.ndarray], truths: Sequence[np.ndarray],
             ax.set_yticks([])
             if i == 0:
                 ax.set_title(title, fontsize=7)
-        axes[i][0].set_ylabel(names[i][:18], fontsize=6)
+        axes[i][0].set_ylabel(textwrap.fill(names[i], 18, break_long_words=False), fontsize=6)
     fig.suptitle("yellow: prediction, green: ground truth", fontsize=7)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
