@@ -82,7 +82,8 @@ class ExperimentConfig:
             raise ValueError(f"folds must be 0 (hold-out) or >= 2, got {self.folds}")
         if self.budget_minutes is not None and self.budget_minutes <= 0:
             raise ValueError(f"budget_minutes must be > 0, got {self.budget_minutes}")
-        bad = [k for k in self.recipe if k not in {f.name for f in dataclasses.fields(TrainConfig)}]
+        train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+        bad = [k for k in self.recipe if k not in train_keys]
         if bad:
             raise ValueError(f"recipe: unknown TrainConfig key(s) {bad}")
         for m in self.models:
@@ -92,8 +93,7 @@ class ExperimentConfig:
             own = m.get("recipe", {}) if isinstance(m, dict) else {}
             if not isinstance(own, dict):
                 raise ValueError(f"a model's recipe is a mapping of TrainConfig keys, got {own!r}")
-            bad = [k for k in own if k in _RUN_KEYS or k not in
-                   {f.name for f in dataclasses.fields(TrainConfig)}]
+            bad = [k for k in own if k in _RUN_KEYS or k not in train_keys]
             if bad:
                 raise ValueError(f"model {m['model']!r}: recipe key(s) {bad} are not TrainConfig "
                                  f"keys a row may change (not {sorted(_RUN_KEYS)})")
