@@ -8,7 +8,8 @@ from tests.conftest import ROOT
 PKG = ROOT / "src" / "lmnet"
 
 #: layers -> models -> data, metrics -> deploy -> engine -> cli (infrastructure at the bottom).
-RANK = {"_version": 0, "_defaults": 0, "_dataclass": 0, "_optional": 0, "runtime": 0, "layers": 0,
+RANK = {"_version": 0, "_defaults": 0, "_dataclass": 0, "_optional": 0, "_files": 0, "runtime": 0,
+        "layers": 0,
         "models": 1, "losses": 1, "data": 2, "metrics": 2, "config": 2, "deploy": 3,
         "engine": 4, "cli": 5, "__main__": 5, "__init__": 5}
 

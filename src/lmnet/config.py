@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,8 +70,11 @@ class TrainConfig:
         """Raise ``ValueError`` naming the first bad value."""
         def positive(name: str, allow_zero: bool = False) -> None:
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or (v == 0 and not allow_zero):
-                raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {v!r}")
+            bound = ">= 0" if allow_zero else "> 0"
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number {bound}, got {v!r}")
+            if v < 0 or (v == 0 and not allow_zero):
+                raise ValueError(f"{name} must be {bound}, got {v!r}")
 
         for n in ("image_size", "epochs", "batch_size", "grad_accum", "lr", "in_channels", "n_classes"):
             positive(n)
@@ -95,10 +99,19 @@ class TrainConfig:
             raise ValueError(f"kfold must be 0 (hold-out) or >= 2, got {self.kfold}")
         if self.kfold and not 0 <= self.fold < self.kfold:
             raise ValueError(f"fold must be in 0..{self.kfold - 1}, got {self.fold}")
-        if self.time_budget is not None and self.time_budget <= 0:
+        if self.time_budget is not None and not (math.isfinite(self.time_budget)
+                                                 and self.time_budget > 0):
             raise ValueError(f"time_budget must be > 0 minutes, got {self.time_budget}")
         if not isinstance(self.model_args, dict):
             raise ValueError(f"model_args must be a mapping, got {self.model_args!r}")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                     and math.isfinite(v) for v in values):
+                raise ValueError(f"{name} must be a list of finite numbers, got {values!r}")
+        if min(self.std) <= 0:
+            raise ValueError(f"std must be > 0 for every channel (it divides the image), "
+                             f"got {self.std}")
 
     def train_size(self, epoch: int) -> int:
         """The side training images have in 0-based ``epoch`` (progressive resizing)."""

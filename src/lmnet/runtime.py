@@ -20,7 +20,8 @@ import ctypes.util
 import os
 import sys
 
-__all__ = ["keep_freed_memory", "available_cpus", "cgroup_cpu_quota", "cpu_name", "set_threads"]
+__all__ = ["keep_freed_memory", "available_cpus", "available_memory", "cgroup_cpu_quota", "cpu_name",
+           "set_threads"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -74,6 +75,33 @@ def cgroup_cpu_quota(root: str = "/sys/fs/cgroup") -> float | None:
         return None
 
 
+def available_memory(meminfo: str = "/proc/meminfo", root: str = "/sys/fs/cgroup") -> int | None:
+    """Bytes of memory a new allocation may use now: ``MemAvailable``, capped by a cgroup memory
+    limit (v2 ``memory.max`` less ``memory.current``, v1 ``memory.limit_in_bytes``); None where
+    neither can be read."""
+    found: list[int] = []
+    try:
+        for line in open(meminfo):
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+                break
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = open(os.path.join(root, "memory.max")).read().strip()
+        if limit != "max":
+            used = int(open(os.path.join(root, "memory.current")).read())
+            found.append(max(0, int(limit) - used))
+    except (OSError, ValueError):
+        try:
+            limit_v1 = int(open(os.path.join(root, "memory", "memory.limit_in_bytes")).read())
+            if limit_v1 < 1 << 60:
+                found.append(limit_v1)
+        except (OSError, ValueError):
+            pass
+    return min(found) if found else None
+
+
 def available_cpus() -> int:
     """The CPUs this process may really use: its affinity mask, capped by a cgroup CPU quota."""
     try:
@@ -94,6 +122,7 @@ def set_threads(threads: int | None = None) -> int:
     More threads than free cores is far worse than fewer: when another process holds a core, every
     parallel region waits for its slowest thread (a 128 x 128 forward pass measured 3.8 s with 2
     threads against 0.08 s with 1 on a busy 2-core machine). On a shared machine, pass fewer.
+    A number above :func:`available_cpus` is capped to it (the CLI says so in one line).
     """
     import torch
 
@@ -110,6 +139,7 @@ def set_threads(threads: int | None = None) -> int:
             threads = max(1, available_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
+    threads = min(threads, available_cpus())  # more threads than cores only wait on each other
     torch.set_num_threads(threads)
     return threads
 

@@ -102,11 +102,15 @@ def test_check_data_reports_suspicious_masks(tmp_path, capsys):
                        ("full", np.full((16, 16), 255, np.uint8))):
         Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "images" / f"{name}.png")
         Image.fromarray(mask).save(tmp_path / "masks" / f"{name}.png")
-    assert main(["check-data", str(tmp_path), "--quiet"]) == 0
-    out = capsys.readouterr().out
+    assert main(["check-data", str(tmp_path), "--quiet"]) == 1  # suspicious masks fail the check
+    captured = capsys.readouterr()
+    out = captured.out
     assert "suspicious masks: 2" in out and "full.png: lesion everywhere" in out
-    assert "labels.png: non-zero values (max 2) but empty after thresholding" in out
+    assert "labels.png: a label map with values 0, 1, 2" in out
+    assert "labels.png" in out and "non-zero values (max 2) but empty after thresholding" in out
     assert "ok.png" not in out
+    assert "--allow-suspicious" in captured.err
+    assert main(["check-data", str(tmp_path), "--quiet", "--allow-suspicious"]) == 0
 
 
 def test_zero_one_and_sixteen_bit_masks(tmp_path):

@@ -51,8 +51,9 @@ def test_an_output_folder_inside_the_input_is_not_predicted_again(tiny_checkpoin
     _image(src / "a.png", 100)
     _image(src / "b.png", 150)
     out = src / "pred"
-    for _ in range(2):
-        assert main(["predict", str(tiny_checkpoint), str(src), "--engine", "torch", "--out", str(out), "--quiet"]) == 0
+    for again in ([], ["--overwrite"]):
+        assert main(["predict", str(tiny_checkpoint), str(src), "--engine", "torch", "--out",
+                     str(out), "--quiet", *again]) == 0
     assert sorted(p.name for p in (out / "masks").iterdir()) == ["a.png", "b.png"]
     assert len(list(csv.DictReader((out / "areas.csv").open()))) == 2
     assert "skipped 4 file(s) in the output folder" in capsys.readouterr().err

@@ -268,6 +268,9 @@ def test_demo_shows_the_shipped_model_beside_its_own(tmp_path, monkeypatch, tiny
     assert sorted(split["test"]) == names[30:]  # the shipped model's unseen images, all of them
     text = (report / "README.md").read_text()
     assert "shipped LM-Net (`--weights kvasir`)" in text and "neither model trained on" in text
+    assert "![image, truth and predictions](summary.png)" in text
+    with Image.open(report / "summary.png") as im:  # image | truth | demo model | shipped model
+        assert im.size[0] > im.size[1] * 0.8
     assert len(list((report / "predictions_shipped_model" / "masks").iterdir())) == 10
     ship = json.loads((report / "compare_original_size" / "shipped_model" / "metrics.json").read_text())
     assert ship["all"]["n_images"] == 10
@@ -286,7 +289,42 @@ def test_demo_plans_its_epochs_from_measured_speed(tmp_path, monkeypatch):
     report = run_demo(tmp_path / "demo", minutes=0.5, image_size=32, epochs=25, progress=False)
     rows = list(csv.DictReader((tmp_path / "demo" / "run" / "log.csv").open()))
     assert len(rows) == 4 and float(rows[-1]["lr"]) == 0.0  # the cosine schedule ended
-    assert "trained for 4 epochs" in (report / "README.md").read_text()
+    text = (report / "README.md").read_text()
+    assert "trained for 4 of 4 planned epochs: the cosine schedule completed" in text
+
+
+def test_a_replanned_run_ends_its_schedule_at_the_new_length(disc_data, tmp_path):
+    """``train(replan=...)`` shortens the cosine schedule mid-run (the demo on a machine slower
+    than measured): the run stops at the new length with the learning rate at its minimum."""
+    from lmnet.engine.train import train
+
+    calls = []
+
+    def replan(done, seconds):
+        calls.append((done, seconds))
+        return 2 if done == 1 else None
+
+    cfg = TrainConfig(data=str(disc_data), image_size=32, batch_size=8, epochs=6,
+                      split_ratios=[0.5, 0.25, 0.25], out=str(tmp_path), name="r")
+    run = train(cfg, progress=False, replan=replan)
+    rows = list(csv.DictReader((run / "log.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2] and float(rows[-1]["lr"]) == 0.0
+    assert float(rows[0]["lr"]) < cfg.lr
+    assert json.loads((run / "config.json").read_text())["epochs"] == 2
+    assert [c[0] for c in calls] == [1] and calls[0][1] > 0
+
+
+def test_the_demo_report_says_what_its_training_did():
+    from lmnet.engine.demo import training_sentence
+
+    done = training_sentence(16, 16, 16, [], 0.0, 5.25)
+    assert "16 of 16 planned epochs: the cosine schedule completed" in done
+    cut = training_sentence(5, 16, 16, [], 0.00085, 5.25)
+    assert "5 of 16 planned epochs" in cut and "did **not** complete" in cut
+    assert "time cap of 5.25 minutes" in cut and "still 0.00085" in cut and "completed." not in cut
+    replanned = training_sentence(8, 16, 8, [(2, 16, 8)], 0.0, 5.25)
+    assert "8 of 8 planned epochs (re-planned from 16 to 8 epochs after epoch 2" in replanned
+    assert replanned.endswith("the cosine schedule completed.")
 
 
 def test_cpu_options_bf16_and_channels_last(disc_data, tmp_path):

@@ -159,7 +159,7 @@ def test_dry_run_beside_a_training_process_does_not_keep_its_step_times(experime
     cfg = load_experiment(experiment)
     runs = plan_runs(cfg)
     timed = []
-    monkeypatch.setattr(train_module, "step_seconds", lambda *a: timed.append(1) or 0.5)
+    monkeypatch.setattr(train_module, "step_seconds", lambda *a, **k: timed.append(1) or 0.5)
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         runs[0].run_dir.mkdir(parents=True)

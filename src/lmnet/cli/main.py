@@ -34,15 +34,41 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     keep_freed_memory()  # no page-fault storm on every forward pass (lmnet.runtime)
+    _log_to_stderr()
     try:
-        set_threads(args.threads)
+        threads = set_threads(args.threads)
+        if args.threads is not None and threads < args.threads:
+            print(f"lmnet {args.command}: note: --threads {args.threads} is more than the "
+                  f"{threads} CPUs this process may use; using {threads}", file=sys.stderr)
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as err:
-        print(f"lmnet {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, TypeError, OSError) as err:  # bad input, files: one line, no traceback
+        print(f"lmnet {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lmnet {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(err: BaseException) -> str:
+    """An error as the user needs it: an ``OSError`` with its file and reason, else its text."""
+    if isinstance(err, OSError) and err.strerror:
+        where = f"{err.filename}: " if err.filename else ""
+        return f"{where}{err.strerror}"
+    return str(err) or type(err).__name__
+
+
+def _log_to_stderr() -> None:
+    """lmnet's log lines (notes and warnings) go to standard error as plain lines."""
+    import logging
+
+    logger = logging.getLogger("lmnet")
+    if not any(getattr(h, "_lmnet_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._lmnet_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.WARNING)
 
 
 if __name__ == "__main__":  # pragma: no cover

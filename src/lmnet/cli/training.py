@@ -97,7 +97,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         checkpoint, inputs = args.items[0], args.items[1:]
     summary = predict_files(checkpoint, inputs, args.out, args.threshold, progress=not args.quiet,
                             engine=args.engine, precision=args.precision, weights=args.weights,
-                            batch_size=args.batch_size)
+                            batch_size=args.batch_size, overwrite=args.overwrite)
     if summary.note:
         print(summary.note, file=sys.stderr)
     for why, paths in summary.skipped.items():
@@ -113,22 +113,27 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from lmnet.deploy.export import export_checkpoint
+    from lmnet.deploy.checkpoint import model_source
+    from lmnet.deploy.export import check_export_target, export_checkpoint
 
     if (args.checkpoint is None) == (args.weights is None):
         raise ValueError("give a checkpoint (or run folder) or --weights NAME, not both or neither")
-    if args.format == "pretrained" and args.checkpoint is not None:
+    checkpoint, weights = model_source(args.checkpoint, args.weights)
+    check_export_target(args.format, args.out, checkpoint, weights)  # before anything is written
+    if args.format == "pretrained" and weights is not None:
+        raise ValueError(f"{weights} is already a pretrained model: copy its folder instead")
+    if args.format == "pretrained":
         from lmnet.engine.model_card import export_with_card
 
-        folder = export_with_card(args.checkpoint, args.out)
+        folder = export_with_card(checkpoint, args.out)
         print(f"wrote {folder}/ (config.json, model.safetensors, README.md model card): load it "
               f"with lmnet.from_pretrained({str(folder)!r}) or --weights {folder}")
         return 0
     if (args.data is not None or args.calibration_images is not None
             or args.no_accuracy_control) and not args.int8:
         raise ValueError("--data, --calibration-images and --no-accuracy-control are for --int8")
-    result = export_checkpoint(args.checkpoint, args.format, args.out, check=not args.no_check,
-                               weights=args.weights, int8=args.int8, data=args.data,
+    result = export_checkpoint(checkpoint, args.format, args.out, check=not args.no_check,
+                               weights=weights, int8=args.int8, data=args.data,
                                calibration_images=args.calibration_images,
                                accuracy_control=not args.no_accuracy_control)
     if args.format == "pretrained":
@@ -178,7 +183,14 @@ def cmd_check_data(args: argparse.Namespace) -> int:
         print(f"  problems: {len(report['problems'])}")
         for p in report["problems"][:20]:
             print(f"    {p}")
-    return 1 if report["problems"] else 0
+    suspicious = len(report.get("suspicious_masks", []))
+    if report["problems"]:
+        return 1
+    if suspicious and not args.allow_suspicious:
+        print(f"{suspicious} suspicious mask(s): fix them, or pass --allow-suspicious to accept "
+              "them as lmnet reads them", file=sys.stderr)
+        return 1
+    return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -225,7 +237,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a pretrained model: a shipped name (kvasir), a folder or a Hugging Face "
                         "Hub id org/name")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--threshold", type=float, default=0.5, help="lesion probability threshold")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="lesion probability threshold, in [0, 1]")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an --out that holds an earlier prediction: masks of the same "
+                        "names are replaced, areas.csv keeps the rows of the other masks")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="inference precision (torch: bf16/fp16 autocast, fp16 on CUDA only; "
                         "openvino: bf16 hint)")
@@ -267,6 +283,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("path", help="dataset folder")
     p.add_argument("--format", default=None, choices=FORMATS)
     p.add_argument("--no-read", action="store_true", help="only match files, do not decode them")
+    p.add_argument("--allow-suspicious", action="store_true",
+                   help="exit 0 even when masks look suspicious (label maps, empty after "
+                        "thresholding, all lesion), accepting them as lmnet reads them")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_check_data)

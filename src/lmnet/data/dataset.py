@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from lmnet.data.io import read_image, read_mask
+from lmnet.data.io import read_image, read_mask, warn_label_maps
 from lmnet.data.layouts import Sample
 from lmnet.data.transforms import (
     IMAGENET_MEAN,
@@ -26,12 +26,15 @@ log = logging.getLogger(__name__)
 
 
 
-def load_sample(sample: Sample, channels: int = 3) -> tuple[np.ndarray, np.ndarray]:
-    """Image ``uint8 (H, W, channels)`` and mask ``uint8 (H, W)`` in {0, 1} (union of its masks)."""
+def load_sample(sample: Sample, channels: int = 3, label_maps: list | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Image ``uint8 (H, W, channels)`` and mask ``uint8 (H, W)`` in {0, 1} (union of its masks).
+    ``label_maps`` collects the mask files that look like label maps (see
+    :func:`~lmnet.data.io.read_mask`)."""
     image = read_image(sample.image, channels)
     mask = np.zeros(image.shape[:2], dtype=bool)
     for path in sample.masks:
-        m = read_mask(path)
+        m = read_mask(path, label_maps)
         if m.shape != mask.shape:
             raise ValueError(f"{path} is {m.shape[1]}x{m.shape[0]} but its image {sample.image} is "
                              f"{mask.shape[1]}x{mask.shape[0]} (width x height)")
@@ -66,11 +69,14 @@ class SegmentationDataset(Dataset):
         self.augment = train_transform(size, seed, channels) if train else None
         self.cache: list[tuple[np.ndarray, np.ndarray]] | None = None
         if cache:
-            self.cache = [self._load_resized(s) for s in
+            label_maps: list = []
+            self.cache = [self._load_resized(s, label_maps) for s in
                           tqdm(self.samples, desc="loading", unit="img", disable=not progress)]
+            warn_label_maps(label_maps, sum(len(s.masks) for s in self.samples))
 
-    def _load_resized(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
-        image, mask = load_sample(sample, self.channels)
+    def _load_resized(self, sample: Sample, label_maps: list | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        image, mask = load_sample(sample, self.channels, label_maps)
         return resize_image(image, self.size), resize_mask(mask, self.size)
 
     def set_epoch(self, epoch: int) -> None:

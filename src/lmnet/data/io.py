@@ -1,12 +1,25 @@
 """Reading images and masks of any common format, bit depth and colour mode."""
 from __future__ import annotations
 
+import logging
+import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-__all__ = ["IMAGE_SUFFIXES", "read_array", "read_mask", "binarize_mask",
-           "mask_findings", "list_images", "read_image", "to_uint8_channels"]
+if TYPE_CHECKING:
+    from PIL import Image
+
+__all__ = ["IMAGE_SUFFIXES", "read_array", "read_mask", "binarize_mask", "label_map_values",
+           "mask_findings", "list_images", "warn_label_maps", "read_image", "to_uint8_channels", "significant_bits"]
+
+log = logging.getLogger(__name__)
+
+#: Colour modes converted to RGB when read (Pillow's names): print and scanner colour spaces.
+_TO_RGB = ("CMYK", "YCbCr", "LAB", "HSV")
+#: Bit depths already said in a note (one line per depth and process, not one per image).
+_noted_depths: set[tuple[str, int]] = set()
 
 #: File suffixes treated as images (lower case).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".ppm", ".pgm")
@@ -17,8 +30,11 @@ def read_array(path: str | Path) -> np.ndarray:
 
     Pillow reads most files; TIFFs Pillow refuses (e.g. RGB tagged BlackIsZero, as in CVC-ClinicDB)
     go through ``tifffile``. The EXIF orientation tag is applied, so the array is upright as an
-    image viewer shows it (phone and camera JPEGs store it rotated). Raises ``ValueError``
-    naming the file when nothing can read it.
+    image viewer shows it (phone and camera JPEGs store it rotated). CMYK (and YCCK JPEGs, which
+    Pillow reads as CMYK), YCbCr, LAB and HSV images are converted to RGB, through their embedded
+    ICC profile where they carry one. An image over Pillow's decompression-bomb limit
+    (``PIL.Image.MAX_IMAGE_PIXELS``) is refused. Raises ``ValueError`` naming the file when
+    nothing can read it.
     """
     path = Path(path)
     if not path.is_file():
@@ -32,7 +48,12 @@ def read_array(path: str | Path) -> np.ndarray:
                 return np.asarray(im.convert("L"))
             if im.mode == "P":
                 im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+            elif im.mode in _TO_RGB:
+                im = _to_rgb(im)
             return np.asarray(im)
+    except Image.DecompressionBombError as err:
+        raise ValueError(f"cannot read {path}: {err} (a 2-D medical image this large is "
+                         "almost certainly a mistake; downscale it first)") from None
     except (UnidentifiedImageError, OSError, ValueError) as pil_error:
         if path.suffix.lower() in (".tif", ".tiff"):
             try:
@@ -42,6 +63,23 @@ def read_array(path: str | Path) -> np.ndarray:
             except Exception as tiff_error:  # noqa: BLE001 - report both readers' reasons
                 raise ValueError(f"cannot read {path}: {pil_error}; tifffile: {tiff_error}") from None
         raise ValueError(f"cannot read {path}: {pil_error}") from None
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """An image of a print or scanner colour mode as RGB: through its ICC profile if it has one."""
+    icc = im.info.get("icc_profile")
+    if icc:
+        try:
+            import io
+
+            from PIL import ImageCms
+
+            source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            return ImageCms.profileToProfile(im, source, ImageCms.createProfile("sRGB"),
+                                             outputMode="RGB")
+        except Exception:  # noqa: BLE001 - a broken profile: fall back to Pillow's conversion
+            pass
+    return im.convert("RGB")
 
 
 def _mask_plane(arr: np.ndarray) -> np.ndarray:
@@ -93,6 +131,20 @@ def binarize_mask(arr: np.ndarray) -> np.ndarray:
     return _threshold(a)
 
 
+def label_map_values(arr: np.ndarray) -> list[int] | None:
+    """The values of a mask that looks like a label map (three or more small whole numbers, such
+    as 0/1/2 for background, lesion and another structure), else None. lmnet segments one lesion
+    class; such a mask is read by the rules of :func:`binarize_mask` (0/1/2: empty), so the
+    commands that read masks warn about it."""
+    plane = _mask_plane(arr)
+    if plane.dtype == bool or not np.issubdtype(plane.dtype, np.integer):
+        return None
+    values = np.unique(plane)
+    if 3 <= len(values) <= 32 and values[0] >= 0 and values[-1] <= 63:
+        return [int(v) for v in values]
+    return None
+
+
 def mask_findings(arr: np.ndarray) -> list[str]:
     """What looks wrong about a mask array (empty list: nothing); used by ``lmnet check-data``.
 
@@ -104,12 +156,16 @@ def mask_findings(arr: np.ndarray) -> list[str]:
     plane = _mask_plane(arr)
     binary = _threshold(plane)
     found = []
+    labels = label_map_values(plane)
+    if labels is not None:
+        found.append(f"a label map with values {', '.join(map(str, labels[:8]))}: lmnet reads one "
+                     "lesion class (values >= 128 here); merge the labels into 0/255 first")
     if not binary.any() and plane.any():
         found.append(f"non-zero values (max {plane.max()}) but empty after thresholding")
     if binary.all():
         found.append("lesion everywhere (all foreground)")
     top = float(plane.max()) if plane.dtype != bool else 1.0
-    if top > 0:
+    if top > 0 and labels is None:
         rel = plane.astype(np.float64) / top
         middle = float(((rel > 0.25) & (rel < 0.75)).mean())
         if middle > 0.05:
@@ -118,14 +174,30 @@ def mask_findings(arr: np.ndarray) -> list[str]:
     return found
 
 
-def read_mask(path: str | Path) -> np.ndarray:
-    """Read a mask file as ``bool`` ``(H, W)``; see :func:`binarize_mask`."""
+def read_mask(path: str | Path, label_maps: list[Path] | None = None) -> np.ndarray:
+    """Read a mask file as ``bool`` ``(H, W)``; see :func:`binarize_mask`. ``label_maps``: a list
+    that gets ``path`` when the mask looks like a label map (:func:`label_map_values`), so the
+    caller can warn."""
     try:
-        return binarize_mask(read_array(path))
+        arr = read_array(path)
+        if label_maps is not None and label_map_values(arr) is not None:
+            label_maps.append(Path(path))
+        return binarize_mask(arr)
     except ValueError as err:
         if str(path) in str(err):
             raise
         raise ValueError(f"{path}: {err}") from None
+
+
+def warn_label_maps(label_maps: list[Path], total: int, what: str = "masks") -> None:
+    """One warning line for the label-map masks :func:`read_mask` found, if any."""
+    if not label_maps:
+        return
+    values = label_map_values(read_array(label_maps[0])) or []
+    log.warning("warning: %d of %d %s look like label maps (e.g. %s, values %s): lmnet reads one "
+                "lesion class, so labels 1, 2, ... below 128 count as background; merge them "
+                "into 0/255 masks first (lmnet check-data lists them)", len(label_maps), total,
+                what, label_maps[0], ", ".join(map(str, values[:8])))
 
 
 def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
@@ -140,17 +212,42 @@ def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
 
 
-def to_uint8_channels(arr: np.ndarray, channels: int) -> np.ndarray:
+def significant_bits(arr: np.ndarray) -> int:
+    """The bit depth an integer image's values actually use (at least 8): 12 for a 16-bit PNG
+    holding 12-bit data (values up to 4095), 16 for full 16-bit data."""
+    top = int(np.max(arr)) if arr.size else 0
+    return max(8, math.ceil(math.log2(top + 1)) if top > 0 else 8)
+
+
+def to_uint8_channels(arr: np.ndarray, channels: int, source: str | Path | None = None
+                      ) -> np.ndarray:
     """An image array as ``uint8`` ``(H, W, channels)``.
 
-    16-bit and float images are rescaled to 0..255; grey images are repeated to 3 channels and colour
-    images averaged to 1 channel when ``channels`` asks for it; an alpha channel is dropped.
+    Integer images of more than 8 bits are scaled by the bit depth their values actually use
+    (:func:`significant_bits`: 12-bit data in a 16-bit file reads as its 8-bit version would,
+    not nearly black), with a one-line note per depth; signed images with negative values and
+    float images are scaled by their range (floats within 0..1 by 255); grey images are
+    repeated to 3 channels and colour images averaged to 1 channel when ``channels`` asks for
+    it; an alpha channel is dropped.
     """
     a = np.asarray(arr)
     if a.dtype != np.uint8:
-        if np.issubdtype(a.dtype, np.integer):
-            a = (a.astype(np.float64) * (255.0 / np.iinfo(a.dtype).max)).round().astype(np.uint8)
+        if a.dtype == bool:
+            a = a.astype(np.uint8) * 255
+        elif np.issubdtype(a.dtype, np.integer) and a.size and a.min() < 0:
+            lo, hi = float(a.min()), float(a.max())
+            a = ((a.astype(np.float64) - lo) * (255.0 / max(hi - lo, 1.0))).round().astype(np.uint8)
+            _note(str(a.dtype), 0, source, f"signed values {lo:g}..{hi:g} scaled to 0..255")
+        elif np.issubdtype(a.dtype, np.integer):
+            bits = significant_bits(a)
+            if bits > 8:
+                _note(str(arr.dtype), bits, source,
+                      f"{np.dtype(arr.dtype).itemsize * 8}-bit image holding {bits}-bit data: "
+                      f"scaled by {2**bits - 1}")
+            a = (a.astype(np.float64) * (255.0 / (2**bits - 1))).round().clip(0, 255).astype(np.uint8)
         else:
+            if a.size and not np.isfinite(a).all():
+                raise ValueError("the image holds NaN or infinite values")
             lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
             scale = 255.0 if lo >= 0 and hi <= 1 else 255.0 / max(hi - lo, 1e-12)
             a = ((a - (0 if lo >= 0 and hi <= 1 else lo)) * scale).clip(0, 255).astype(np.uint8)
@@ -170,10 +267,18 @@ def to_uint8_channels(arr: np.ndarray, channels: int) -> np.ndarray:
     raise ValueError(f"cannot turn a {c}-channel image into {channels} channels")
 
 
+def _note(dtype: str, bits: int, source: str | Path | None, text: str) -> None:
+    """Log ``text`` once per dtype and bit depth in this process."""
+    if (dtype, bits) in _noted_depths:
+        return
+    _noted_depths.add((dtype, bits))
+    log.warning("note: %s%s (said once)", f"{source}: " if source else "", text)
+
+
 def read_image(path: str | Path, channels: int = 3) -> np.ndarray:
     """Read an image as ``uint8`` ``(H, W, channels)``; see :func:`to_uint8_channels`."""
     try:
-        return to_uint8_channels(read_array(path), channels)
+        return to_uint8_channels(read_array(path), channels, path)
     except ValueError as err:
         if str(path) in str(err):
             raise

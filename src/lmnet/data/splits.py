@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from lmnet._files import atomic_write_text
 from lmnet.data.layouts import Sample
 
 __all__ = ["make_split", "make_kfold_split", "save_split", "load_split", "check_split", "SPLITS"]
@@ -100,7 +101,7 @@ def make_kfold_split(samples: Sequence[Sample], k: int = 5, fold: int = 0, seed:
 
 def save_split(split: dict[str, Any], path: str | Path) -> None:
     """Write a split as JSON."""
-    Path(path).write_text(json.dumps(split, indent=1) + "\n")
+    atomic_write_text(path, json.dumps(split, indent=1) + "\n")
 
 
 def load_split(path: str | Path, samples: Sequence[Sample] | None = None) -> dict[str, Any]:

@@ -10,10 +10,10 @@ from torch import nn
 from lmnet.config import TrainConfig
 from lmnet.models import create_model
 from lmnet.models import deploy as deploy_model
-from lmnet.models._hub import load_weights
+from lmnet.models._hub import is_pretrained_folder, load_weights
 
 __all__ = ["build_model", "resolve_checkpoint", "load_checkpoint", "load_weights",
-           "model_from_checkpoint"]
+           "model_from_checkpoint", "model_source"]
 
 
 def build_model(cfg: TrainConfig) -> nn.Module:
@@ -29,10 +29,21 @@ def resolve_checkpoint(path: str | Path) -> Path:
         for name in ("checkpoint_best.pt", "checkpoint_last.pt"):
             if (p / name).is_file():
                 return p / name
-        raise FileNotFoundError(f"no checkpoint_best.pt or checkpoint_last.pt in {p}")
+        raise FileNotFoundError(f"no checkpoint_best.pt or checkpoint_last.pt in {p}: give a run "
+                                "folder of lmnet train, a checkpoint file, or a pretrained folder "
+                                "(config.json + model.safetensors)")
     if not p.is_file():
         raise FileNotFoundError(f"no such checkpoint or run folder: {p}")
     return p
+
+
+def model_source(checkpoint: str | Path | None, weights: str | Path | None
+                 ) -> tuple[str | Path | None, str | Path | None]:
+    """``(checkpoint, weights)`` with a pretrained folder given where a checkpoint or run folder
+    goes moved to ``weights``: every command that takes a run takes a pretrained folder too."""
+    if checkpoint is not None and weights is None and is_pretrained_folder(checkpoint):
+        return None, checkpoint
+    return checkpoint, weights
 
 
 def _legacy_numpy_globals() -> list[Any]:
@@ -68,6 +79,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                          "tensors and plain values from a file, never code") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ValueError(f"{p} is not an lmnet checkpoint (no 'model' and 'config' entries)")
+    if not isinstance(ckpt["config"], dict):
+        raise ValueError(f"{p} is not an lmnet checkpoint: its 'config' is a "
+                         f"{type(ckpt['config']).__name__}, not a mapping of config keys")
     return ckpt
 
 

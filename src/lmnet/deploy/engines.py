@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmnet._files import atomic_path
 from lmnet._optional import require
 from lmnet.config import TrainConfig
 
@@ -112,13 +113,10 @@ def cached_openvino_model(model: nn.Module, in_channels: int = 3, size: int = 25
             pass
     ov_model = convert_to_openvino(model, in_channels, size)
     try:
-        import os
-
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{xml.stem}.{os.getpid()}.xml"
-        ov.save_model(ov_model, str(tmp), compress_to_fp16=False)
-        tmp.with_suffix(".bin").replace(xml.with_suffix(".bin"))
-        tmp.replace(xml)  # the .xml last: a reader never sees an .xml without its .bin
+        with atomic_path(xml, suffix_keep=True) as tmp:  # the .xml last: never one without its .bin
+            ov.save_model(ov_model, str(tmp), compress_to_fp16=False)
+            tmp.with_suffix(".bin").replace(xml.with_suffix(".bin"))
     except OSError:
         pass
     return ov_model
@@ -244,7 +242,6 @@ def cached_onnx_export(model: nn.Module, cfg: TrainConfig) -> Path:
     """The ONNX export of a deployed model, kept in ``cache_dir()/onnx`` under a digest of its
     weights (exporting takes seconds); written to a temporary folder if the cache is not
     writable (ONNX Runtime reads the whole file when its session starts)."""
-    import os
     import tempfile
 
     from lmnet.deploy.export import export_model
@@ -255,9 +252,7 @@ def cached_onnx_export(model: nn.Module, cfg: TrainConfig) -> Path:
         return path
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{path.stem}.{os.getpid()}.onnx"
-        export_model(model, cfg, "onnx", tmp, check=False)
-        tmp.replace(path)  # whole or not at all: a reader never sees half a file
+        export_model(model, cfg, "onnx", path, check=False)  # written whole or not at all
         return path
     except OSError:
         scratch = Path(tempfile.mkdtemp(prefix="lmnet-onnx-")) / "model.onnx"

@@ -11,17 +11,96 @@ import numpy as np
 import torch
 from torch import nn
 
+from lmnet._files import atomic_path, check_writable_file
 from lmnet._optional import require
 from lmnet.config import TrainConfig
-from lmnet.deploy.checkpoint import resolve_checkpoint
+from lmnet.deploy.checkpoint import model_source, resolve_checkpoint
 
-__all__ = ["EXPORT_FORMATS", "export_onnx", "export_torchscript", "export_openvino", "export_model",
+__all__ = ["EXPORT_FORMATS", "EXPORT_SUFFIXES", "check_export_target", "export_onnx", "export_torchscript", "export_openvino", "export_model",
            "export_checkpoint", "exported_config", "exported_metadata", "load_exported",
            "stored_split"]
 
 log = logging.getLogger(__name__)
 
 EXPORT_FORMATS = ("onnx", "torchscript", "openvino", "pretrained")
+#: The file endings each exported format is written with (a pretrained model is a folder).
+EXPORT_SUFFIXES = {"onnx": (".onnx",), "openvino": (".xml",), "torchscript": (".pt", ".pth", ".ts")}
+#: What a run folder of ``lmnet train`` holds besides its checkpoints: never an export's output.
+_RUN_FILES = ("config.json", "split.json", "env.json", "log.csv", "sessions.jsonl")
+
+
+def _is_run_folder(folder: Path) -> bool:
+    return folder.is_dir() and (any(folder.glob("checkpoint_*.pt"))
+                                or ((folder / "config.json").is_file()
+                                    and (folder / "log.csv").is_file()))
+
+
+def _is_training_checkpoint(path: Path) -> bool:
+    """A ``torch.save`` archive (a checkpoint), not a TorchScript module (which holds code)."""
+    import zipfile
+
+    if not path.is_file() or not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+    return (any(n.endswith("/data.pkl") or n == "data.pkl" for n in names)
+            and not any("/code/" in n or n.startswith("code/") for n in names))
+
+
+def check_export_target(fmt: str, out: str | Path, checkpoint: str | Path | None = None,
+                        weights: str | Path | None = None) -> Path:
+    """Refuse (``ValueError``, nothing written) an export output that would overwrite what the
+    export reads or a trained model: the input itself, any training checkpoint, a run folder or a
+    run folder's own files; a file ending that does not match ``fmt``; a folder given for a file
+    format; a non-empty folder that is not a pretrained folder for ``pretrained``."""
+    from lmnet.models._hub import CONFIG_NAME, WEIGHTS_NAME, is_pretrained_folder
+
+    out = Path(out)
+    inputs: list[Path] = []
+    for source in (checkpoint, weights):
+        if source is None:
+            continue
+        src = Path(source)
+        if src.is_dir():
+            inputs += [src, *(src / n for n in ("checkpoint_best.pt", "checkpoint_last.pt",
+                                                 CONFIG_NAME, WEIGHTS_NAME))]
+        elif src.exists():
+            inputs += [src, src.with_suffix(".bin")] if src.suffix == ".xml" else [src]
+    resolved = out.resolve()
+    sidecar = resolved.with_suffix(".bin") if fmt == "openvino" else None
+    for item in inputs:
+        if item.exists() and item.resolve() in (resolved, sidecar):
+            raise ValueError(f"--out {out} is the model being exported ({item}): choose another "
+                             "output name")
+    if fmt == "pretrained":
+        if out.suffix.lower() in {x for v in EXPORT_SUFFIXES.values() for x in v}:
+            raise ValueError(f"--format pretrained writes a folder; {out} ends in {out.suffix}: "
+                             "give a folder name, or the --format of that file ending")
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--format pretrained writes a folder, and {out} is a file")
+        if _is_run_folder(out):
+            raise ValueError(f"--out {out} is a training run folder: a pretrained export would "
+                             "replace its config.json; choose a new folder")
+        if out.is_dir() and any(out.iterdir()) and not is_pretrained_folder(out):
+            raise ValueError(f"--out {out} is a folder holding other files; give a new folder "
+                             "(or an earlier pretrained export, which is replaced)")
+        check_writable_file(out / CONFIG_NAME, "output")
+        return out
+    suffixes = EXPORT_SUFFIXES[fmt]
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; --format {fmt} writes a file: "
+                         f"{out / ('model' + suffixes[0])}, for instance")
+    if out.suffix.lower() not in suffixes:
+        raise ValueError(f"--format {fmt} writes a {' or '.join(suffixes)} file, got {out.name}")
+    if _is_training_checkpoint(out):
+        raise ValueError(f"--out {out} is a training checkpoint: exporting over it would lose the "
+                         "trained model; choose another name")
+    if out.name in _RUN_FILES and _is_run_folder(out.parent):
+        raise ValueError(f"--out {out} is a file of the run folder {out.parent}; choose another name")
+    check_writable_file(out, "output")
+    if sidecar is not None and sidecar.is_dir():
+        raise ValueError(f"{sidecar} is a folder; an OpenVINO IR needs that name for its weights")
+    return out
 
 
 def export_onnx(model: nn.Module, path: str | Path, in_channels: int, size: int = 256,
@@ -36,6 +115,13 @@ def export_onnx(model: nn.Module, path: str | Path, in_channels: int, size: int 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model.eval()
+    with atomic_path(path, suffix_keep=True) as tmp:  # an interrupted export leaves the old file
+        _write_onnx(model, tmp, in_channels, size, opset, metadata)
+    return path
+
+
+def _write_onnx(model: nn.Module, path: Path, in_channels: int, size: int, opset: int,
+                metadata: dict[str, str] | None) -> None:
     x = torch.randn(2, in_channels, size, size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -61,7 +147,6 @@ def export_onnx(model: nn.Module, path: str | Path, in_channels: int, size: int 
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value
         onnx.save(proto, str(path))
-    return path
 
 
 def export_torchscript(model: nn.Module, path: str | Path, in_channels: int, size: int = 256) -> Path:
@@ -73,7 +158,8 @@ def export_torchscript(model: nn.Module, path: str | Path, in_channels: int, siz
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(model, x, check_trace=False)
-    traced.save(str(path))
+    with atomic_path(path, suffix_keep=True) as tmp:
+        traced.save(str(tmp))
     return path
 
 
@@ -148,11 +234,13 @@ def export_checkpoint(checkpoint: str | Path | None, fmt: str, out: str | Path, 
 
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"format must be one of {EXPORT_FORMATS}, got {fmt!r}")
+    checkpoint, weights = model_source(checkpoint, weights)
     if int8 and fmt != "openvino":
         raise ValueError("int8 quantisation is made for OpenVINO: use --format openvino --int8")
+    check_export_target(fmt, out, checkpoint, weights)
     if fmt == "pretrained":
         if weights is not None:
-            raise ValueError("--weights is already a pretrained model: copy its folder instead")
+            raise ValueError("the model is already a pretrained folder: copy the folder instead")
         from lmnet.deploy.pretrained import export_pretrained
 
         return {"path": str(export_pretrained(checkpoint, out)), "format": fmt}
@@ -195,8 +283,22 @@ def export_openvino(model: nn.Module, path: str | Path, cfg: TrainConfig,
     for key, value in info.items():
         ov_model.set_rt_info(value, [key])
     path.parent.mkdir(parents=True, exist_ok=True)
-    ov.save_model(ov_model, str(path), compress_to_fp16=False)
+    with atomic_path(path, suffix_keep=True) as tmp:  # NAME.xml and NAME.bin, both or neither
+        try:
+            ov.save_model(ov_model, str(tmp), compress_to_fp16=False)
+            tmp.with_suffix(".bin").replace(path.with_suffix(".bin"))
+        finally:
+            tmp.with_suffix(".bin").unlink(missing_ok=True)
     return path
+
+
+def error_line(err: BaseException) -> str:
+    """The line of a runtime's error that says what is wrong (OpenVINO's first lines name only
+    its own source file: ``Exception from src/inference/src/cpp/core.cpp:84:``)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(("Exception from", "Check '"))
+              and not ln.endswith(".cpp") and not ln.startswith("[ ")]
+    return (useful or lines or [type(err).__name__])[0]
 
 
 def exported_metadata(path: str | Path) -> dict[str, str]:
@@ -208,7 +310,7 @@ def exported_metadata(path: str | Path) -> dict[str, str]:
         try:
             model = ov.Core().read_model(str(path))
         except Exception as err:  # noqa: BLE001 - any parse failure means a bad file
-            raise ValueError(f"{path} is not a readable OpenVINO IR: {str(err).splitlines()[0]}") from None
+            raise ValueError(f"{path} is not a readable OpenVINO IR: {error_line(err)}") from None
         meta = {key: model.get_rt_info([key]).astype(str)
                 for key in ("lmnet_config", "lmnet_split", "lmnet_precision", "lmnet_int8")
                 if model.has_rt_info([key])}
@@ -237,6 +339,7 @@ def stored_split(checkpoint: str | Path | None = None, weights: str | Path | Non
     """The train/val/test split a model was trained with, where its source keeps it: the run's
     ``split.json`` beside a checkpoint, ``config.json`` of a pretrained folder, or the metadata
     of an exported file; None when it has none."""
+    checkpoint, weights = model_source(checkpoint, weights)
     if weights is not None:
         from lmnet.deploy.pretrained import resolve_pretrained
         from lmnet.models._hub import read_config

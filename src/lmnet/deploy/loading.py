@@ -13,8 +13,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from lmnet._files import atomic_write_text
 from lmnet.config import TrainConfig
-from lmnet.deploy.checkpoint import model_from_checkpoint
+from lmnet.deploy.checkpoint import model_from_checkpoint, model_source
 from lmnet.deploy.engines import (
     ENGINE_FILES,
     ENGINES,
@@ -49,6 +50,7 @@ def load_model(checkpoint: str | Path | None = None, weights: str | Path | None 
     """The deployed PyTorch model and its training config, from a checkpoint (or run folder) or
     from pretrained ``weights`` (a shipped name, a folder or a Hub id; see
     :func:`lmnet.from_pretrained`). Exactly one of the two."""
+    checkpoint, weights = model_source(checkpoint, weights)
     if (checkpoint is None) == (weights is None):
         raise ValueError("give a checkpoint (or run folder) or --weights, not both or neither")
     if weights is not None:
@@ -72,6 +74,7 @@ def load_predictor(checkpoint: str | Path | None = None, engine: str = "torch",
     """
     if engine not in ENGINE_CHOICES:
         raise ValueError(f"unknown engine {engine!r}; available: {', '.join(ENGINE_CHOICES)}")
+    checkpoint, weights = model_source(checkpoint, weights)
     path = Path(checkpoint) if checkpoint is not None else None
     if path is not None and path.suffix in ENGINE_FILES:
         wanted = ENGINE_FILES[path.suffix]
@@ -82,11 +85,16 @@ def load_predictor(checkpoint: str | Path | None = None, engine: str = "torch",
         if precision not in _ENGINE_PRECISIONS[wanted]:
             raise ValueError(f"precision {precision!r} is not available with {wanted}")
         from lmnet.deploy.engines import openvino_runner
-        from lmnet.deploy.export import exported_config, load_exported
+        from lmnet.deploy.export import error_line, exported_config, load_exported
 
         cfg = exported_config(path)  # checks the file first: a clear error for files not ours
-        run = (openvino_runner(path, precision=precision, threads=threads) if wanted == "openvino"
-               else load_exported(path, "onnx", threads))
+        try:
+            run = (openvino_runner(path, precision=precision, threads=threads)
+                   if wanted == "openvino" else load_exported(path, "onnx", threads))
+        except Exception as err:  # noqa: BLE001 - the runtime's own message, first line only
+            raise ValueError(f"{path} cannot be loaded by {wanted}: {error_line(err)} (a damaged "
+                             f"or incomplete export? export it again with lmnet export)") from None
+        check_output_channels(run, cfg, path)
         return Predictor(run, cfg, wanted, f"engine: {wanted} (the file's own)")
     model, cfg = load_model(checkpoint, weights)
     if engine == "auto":
@@ -95,6 +103,28 @@ def load_predictor(checkpoint: str | Path | None = None, engine: str = "torch",
         raise ValueError(f"precision {precision!r} is available with --engine "
                          f"{' or '.join(e for e, p in _ENGINE_PRECISIONS.items() if precision in p)}")
     return Predictor(make_runner(model, cfg, engine, precision, threads), cfg, engine)
+
+
+def check_output_channels(run: Any, cfg: TrainConfig, source: str | Path) -> None:
+    """Run ``run`` once on a blank image of the config's size: its logits must be finite and have
+    the config's ``n_classes`` channels, or the masks would be meaningless (``ValueError``)."""
+    import numpy as np
+
+    from lmnet.deploy.export import error_line
+
+    x = np.zeros((1, cfg.in_channels, cfg.image_size, cfg.image_size), np.float32)
+    try:
+        logits = np.asarray(run(x))
+    except Exception as err:  # noqa: BLE001 - a model that cannot run its own input size
+        raise ValueError(f"{source} does not run on a {cfg.in_channels} x {cfg.image_size} x "
+                         f"{cfg.image_size} input as its config says: {error_line(err)}") from None
+    if logits.ndim != 4 or logits.shape[1] != cfg.n_classes:
+        raise ValueError(f"{source} gives logits of shape {tuple(logits.shape)}, but its config "
+                         f"says {cfg.n_classes} classes: the file and its lmnet metadata do not "
+                         "belong together; export it again with lmnet export")
+    if not np.isfinite(logits).all():
+        raise ValueError(f"{source} gives NaN or infinite logits on a blank image: its weights are "
+                         "damaged or diverged")
 
 
 def probe_cache_path() -> Path:
@@ -203,9 +233,7 @@ def choose_engine(model: nn.Module, cfg: TrainConfig, batch_size: int = 1, preci
     saved = f"cached in {cache_file}"
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(cache, indent=2) + "\n")
-        tmp.replace(cache_file)  # atomic: a concurrent reader sees the old or the new file
+        atomic_write_text(cache_file, json.dumps(cache, indent=2) + "\n")  # readers: old or new
     except OSError as err:
         saved = f"not cached: {err}"
     note = f"engine auto: {best[1]}, fastest of a probe at {setting} ({_fmt_ms(timings)}; {saved})"

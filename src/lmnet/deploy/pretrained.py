@@ -51,7 +51,8 @@ def resolve_pretrained(name_or_path: str | Path, revision: str | None = None) ->
         return path
     if path.exists():
         raise ValueError(f"{path} is a file; a pretrained model is a folder with {CONFIG_NAME} and "
-                         f"{WEIGHTS_NAME} (a run folder or checkpoint goes to --checkpoint)")
+                         f"{WEIGHTS_NAME} (give a checkpoint file or run folder as the positional "
+                         "argument instead of --weights)")
     if _HUB_ID.match(text):
         hub = require("huggingface_hub", "hub")
         try:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lmnet._files import atomic_write_text
 from lmnet.config import TrainConfig
 from lmnet.data.layouts import discover
 from lmnet.data.splits import save_split
@@ -18,7 +19,7 @@ from lmnet.engine.predict import predict_files
 from lmnet.engine.train import step_seconds, train
 from lmnet.metrics import markdown_table
 
-__all__ = ["sample_data_path", "run_demo"]
+__all__ = ["sample_data_path", "run_demo", "training_sentence"]
 
 
 def sample_data_path() -> Path:
@@ -36,6 +37,65 @@ def plan_epochs(cfg: TrainConfig, train_images: int, minutes: float, most: int) 
     steps = -(-train_images // cfg.batch_size)
     epoch_s = 1.2 * steps * step_seconds(cfg)
     return max(min(3, most), min(most, int(minutes * 60 / epoch_s)))
+
+
+def training_sentence(trained: int, planned: int, final: int,
+                      replans: list[tuple[int, int, int]], last_lr: float,
+                      cap_minutes: float | None) -> str:
+    """What the demo's training did, as the report says it: epochs trained of those planned,
+    re-plans, and whether the learning-rate schedule completed."""
+    text = f"LM-Net trained for {trained} of {final} planned epochs"
+    if replans:
+        text += " (" + "; ".join(f"re-planned from {a} to {b} epochs after epoch {done}, which "
+                                 "ran slower than measured" for done, a, b in replans) + ")"
+    elif final != planned:
+        text += f" (planned {planned} at first)"
+    if trained >= final:
+        return text + ": the cosine schedule completed."
+    cap = f" by the demo's time cap of {cap_minutes:g} minutes" if cap_minutes else ""
+    return (text + f": training was stopped{cap}, so the cosine schedule did **not** complete "
+            f"(learning rate still {last_lr:.2g} after the last epoch); the numbers below are those "
+            "of a model cut short.")
+
+
+def _log_rows(run_dir: Path) -> list[dict[str, str]]:
+    import csv
+
+    path = run_dir / "log.csv"
+    if not path.is_file():
+        return []
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _summary_figure(report: Path, run_dir: Path, images: list[Path], samples: list,
+                    with_shipped: bool, most: int = 4) -> Path | None:
+    """``summary.png``: image | truth | this demo's model | the shipped model (when there is one),
+    each prediction outlined over the image with the truth outlined too."""
+    from lmnet.data.dataset import load_sample
+    from lmnet.data.io import read_mask
+    from lmnet.engine.figures import plot_qualitative
+
+    by_image = {s.image: s for s in samples}
+    shown, truths, pictures = [], [], []
+    predictions: dict[str, list[np.ndarray]] = {"this demo's model": []}
+    if with_shipped:
+        predictions["shipped model (--weights kvasir)"] = []
+    folders = {"this demo's model": report / "predictions" / "masks",
+               "shipped model (--weights kvasir)": report / "predictions_shipped_model" / "masks"}
+    for path in images[:most]:
+        masks = {k: folders[k] / f"{Path(path).stem}.png" for k in predictions}
+        if not all(m.is_file() for m in masks.values()):
+            continue
+        image, truth = load_sample(by_image[path])
+        pictures.append(image)
+        truths.append(truth.astype(bool))
+        for k, m in masks.items():
+            predictions[k].append(read_mask(m))
+        shown.append(Path(path).stem)
+    if not shown:
+        return None
+    return plot_qualitative(pictures, truths, predictions, shown, report / "summary.png")
 
 
 def _shipped_split(samples: list) -> dict[str, list[str]] | None:
@@ -93,12 +153,30 @@ def run_demo(out: str | Path = "lmnet_demo", minutes: float = 3.5, image_size: i
         print(f"this machine is slower than the demo assumes: training {planned} epochs instead of "
               f"{epochs}, so that the learning-rate schedule completes within {minutes} minutes")
     cfg = cfg.replace(epochs=planned)
-    train(cfg, progress=progress)
+    replans: list[tuple[int, int, int]] = []  # (after epoch, from, to)
+
+    def replan(done: int, seconds: float) -> int | None:
+        """Fewer epochs when the first ones ran slower than measured (a busier machine now)."""
+        current = replans[-1][2] if replans else planned
+        fit = done + int(max(0.0, minutes * 60 - seconds) / (seconds / done))
+        if fit >= current:
+            return None
+        new = max(done + 1, fit)  # at least one more epoch, so the schedule ends at its minimum
+        if new >= current:
+            return None
+        replans.append((done, current, new))
+        if progress:
+            print(f"epochs {done} took {seconds / 60:.1f} min, slower than measured: training "
+                  f"{new} epochs instead of {current}, so that the schedule completes in time")
+        return new
+
+    train(cfg, progress=progress, replan=replan, resume_hint=False)
     report = out / "report"
     result, _ = evaluate_run(run_dir, split="test", out=report, progress=False)
     test = set(json.loads((run_dir / "split.json").read_text())["test"])
     images = [s.image for s in samples if s.name in test]
-    predict_files(run_dir, images, report / "predictions", progress=False, engine="torch")
+    predict_files(run_dir, images, report / "predictions", progress=False, engine="torch",
+                  overwrite=True)
     table = markdown_table(result)
     shipped_part = ("\nNo trained Kvasir-SEG model ships with this installation yet; once it does, "
                     "this report shows its predictions on the same images beside the demo's.\n")
@@ -110,8 +188,8 @@ def run_demo(out: str | Path = "lmnet_demo", minutes: float = 3.5, image_size: i
                                grid="original", out=compare / "shipped_model", progress=False,
                                weights="kvasir")
         predict_files(None, images, report / "predictions_shipped_model", progress=False,
-                      weights="kvasir", engine="torch")
-        rows = [(f"this demo's LM-Net ({cfg.epochs} epochs on {len(split['train'])} images)",
+                      weights="kvasir", engine="torch", overwrite=True)
+        rows = [(f"this demo's LM-Net ({len(_log_rows(run_dir))} epochs on {len(split['train'])} images)",
                  own["all"]),
                 ("shipped LM-Net (`--weights kvasir`)", ship["all"])]
         shipped_part = (
@@ -124,15 +202,21 @@ def run_demo(out: str | Path = "lmnet_demo", minutes: float = 3.5, image_size: i
                 f"{100 * r['paper_mdice']:.2f} |\n" for name, r in rows) +
             "\nIts masks and overlays: `predictions_shipped_model/`; its model card: "
             "`python -c \"import lmnet; print(lmnet.from_pretrained('kvasir').pretrained_cfg)\"`.\n")
+    summary = _summary_figure(report, run_dir, images, samples, split is not None)
     minutes_taken = (time.perf_counter() - t0) / 60
-    (report / "README.md").write_text(
+    rows = _log_rows(run_dir)
+    final = int(json.loads((run_dir / "config.json").read_text())["epochs"])
+    trained_line = training_sentence(len(rows), planned, final, replans,
+                                     float(rows[-1]["lr"]) if rows else cfg.lr, cfg.time_budget)
+    atomic_write_text(report / "README.md",
         "# lmnet demo report\n\n"
-        f"LM-Net trained for {cfg.epochs} epochs (a complete cosine schedule planned to fit in "
-        f"{minutes} minutes) at {image_size} x {image_size} on "
-        f"{len(samples)} Kvasir-SEG images bundled with lmnet "
-        f"({len(json.loads((run_dir / 'split.json').read_text())['train'])} for training), then "
-        "evaluated on "
+        f"{trained_line} The model is LM-Net at {image_size} x {image_size}, trained on "
+        f"{len(json.loads((run_dir / 'split.json').read_text())['train'])} of the "
+        f"{len(samples)} Kvasir-SEG images bundled with lmnet, then evaluated on "
         f"the {len(images)} test images. The whole demo took {minutes_taken:.1f} minutes.\n\n"
+        + (f"![image, truth and predictions]({summary.name})\n\n`{summary.name}`: each test "
+           "image, its ground truth, then each model's prediction outlined in yellow with the "
+           "truth outlined in green.\n\n" if summary else "") +
         "These numbers show that the pipeline works end to end; a few minutes on a tiny sample are\n"
         "not the paper's recipe (200 epochs at 256 x 256 on the full dataset): do not compare them\n"
         "with published results.\n\n" + table + shipped_part +

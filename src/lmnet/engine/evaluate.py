@@ -13,11 +13,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from lmnet._files import atomic_write_text
 from lmnet.config import TrainConfig
 from lmnet.data.dataset import SegmentationDataset, load_sample
 from lmnet.data.layouts import Sample, discover
 from lmnet.data.splits import SPLITS, check_split, load_split
-from lmnet.deploy.checkpoint import resolve_checkpoint
+from lmnet.deploy.checkpoint import model_source, resolve_checkpoint
 from lmnet.deploy.engines import (
     ENGINE_FILES,
     precision_context,
@@ -98,6 +99,7 @@ def evaluate_run(run_or_checkpoint: str | Path | None, data: str | Path | None =
     Returns:
         The aggregated metrics and the report folder.
     """
+    run_or_checkpoint, weights = model_source(run_or_checkpoint, weights)
     if engine is None:
         engine = "auto" if _exported(run_or_checkpoint) else "torch"
     if device != "cpu" and engine not in ("torch", "auto"):
@@ -154,5 +156,5 @@ def evaluate_run(run_or_checkpoint: str | Path | None, data: str | Path | None =
         if int8:  # an int8 IR: how it was quantised (the precision above is the compute hint)
             extra["int8"] = json.loads(int8)
     write_report(result, ev.rows, out_dir, extra)
-    (out_dir / "evaluated_on.json").write_text(json.dumps(extra, indent=2) + "\n")
+    atomic_write_text(out_dir / "evaluated_on.json", json.dumps(extra, indent=2) + "\n")
     return result, out_dir

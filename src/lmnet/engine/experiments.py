@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from lmnet._dataclass import dataclass_from_dict
+from lmnet._files import atomic_save, atomic_write_text
 from lmnet.config import TrainConfig, read_yaml_mapping
 from lmnet.metrics.evaluator import mean_std
 
@@ -82,6 +83,10 @@ class ExperimentConfig:
             raise ValueError(f"folds must be 0 (hold-out) or >= 2, got {self.folds}")
         if self.budget_minutes is not None and self.budget_minutes <= 0:
             raise ValueError(f"budget_minutes must be > 0, got {self.budget_minutes}")
+        for key, setting in self.settings.items():
+            if not isinstance(setting, dict):
+                raise ValueError(f"settings: {key!r} must be a mapping of recipe keys to values, "
+                                 f"got {setting!r}")
         train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
         bad = [k for k in self.recipe if k not in train_keys]
         if bad:
@@ -260,9 +265,7 @@ def _add_used_seconds(run: Run, cfg: ExperimentConfig, seconds: float) -> None:
     record = _budget_record(run)
     record = {"budget_minutes": cfg.budget_minutes,
               "seconds": round(float(record.get("seconds", 0.0)) + seconds, 1)}
-    tmp = _budget_file(run).with_suffix(".tmp")
-    tmp.write_text(json.dumps(record) + "\n")
-    tmp.replace(_budget_file(run))
+    atomic_write_text(_budget_file(run), json.dumps(record) + "\n")
 
 
 def used_seconds(run: Run) -> float:
@@ -401,7 +404,7 @@ def _cached_step_seconds(run: Run, size: int, measure: Any, keep: bool = True) -
         cache[key] = seconds
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(cache, indent=1) + "\n")
+            atomic_write_text(path, json.dumps(cache, indent=1) + "\n")
         except OSError:
             pass
     return float(cache[key])
@@ -423,7 +426,8 @@ def run_experiment(cfg: ExperimentConfig, data: str | None = None, dry_run: bool
         raise ValueError(f"time_budget must be > 0 minutes, got {time_budget}")
     from lmnet.data.layouts import discover
     from lmnet.data.splits import make_kfold_split, make_split
-    from lmnet.engine.train import step_seconds
+    from lmnet.engine.train import step_memory, step_seconds
+    from lmnet.runtime import available_memory
 
     runs = plan_runs(cfg, data)
     check_recipes(runs, cfg.budget_minutes)
@@ -439,12 +443,27 @@ def run_experiment(cfg: ExperimentConfig, data: str | None = None, dry_run: bool
     if busy is not None:
         echo(f"process {busy[0]} is training {busy[1]}: a step timed now runs beside it, so the "
              "estimate of a model not timed before is too high, and its time is not kept")
+    free = available_memory()
+    too_big: list[str] = []
     for run, status in zip(runs, statuses):
         if status in ("new", "partial") and not any(k.startswith(f"{run.label}@") for k in steps):
-            sizes = {run.config.train_size(e) for e in range(run.config.epochs)}
-            steps.update({f"{run.label}@{s}": _cached_step_seconds(run, s, step_seconds,
-                                                                   keep=busy is None)
-                          for s in sizes})
+            sizes = sorted({run.config.train_size(e) for e in range(run.config.epochs)})
+            c = run.config
+            need = step_memory(c, sizes[-1])  # one image's forward pass: nothing trained
+            if free is not None and need > 0.9 * free:
+                micro = c.batch_size // c.grad_accum
+                fits = max(1, int(micro * 0.9 * free / need))
+                accum = next((a for a in range(c.grad_accum, c.batch_size + 1)
+                              if c.batch_size % a == 0 and c.batch_size // a <= fits), c.batch_size)
+                too_big.append(f"{run.label} at {sizes[-1]} px needs about {need / 2**30:.1f} GiB "
+                               f"for a micro-batch of {micro}, and {free / 2**30:.1f} GiB are "
+                               f"available: set grad_accum: {accum} (micro-batches of "
+                               f"{c.batch_size // accum}; the same mathematics but for batch norm)")
+            # a dry run times micro-batches of 2 images and scales: never a full micro-batch's memory
+            probe = 2 if dry_run or need > 0.9 * (free or need) else None
+            measure = (lambda cfg_, size_, p=probe: step_seconds(cfg_, size_, probe_batch=p))
+            steps.update({f"{run.label}@{s}": _cached_step_seconds(
+                run, s, measure, keep=busy is None) for s in sizes})
     plan = [{"label": r.label, "seed": r.seed, "fold": r.fold, "run": str(r.run_dir), "status": s,
              "estimated_seconds": 0.0 if s in ("done", "trained") else _estimate_seconds(r, n_train, steps)}
             for r, s in zip(runs, statuses)]
@@ -455,15 +474,20 @@ def run_experiment(cfg: ExperimentConfig, data: str | None = None, dry_run: bool
     for p in plan:
         echo(f"  {p['label']:<24} seed {p['seed']}" + (f" fold {p['fold']}" if p["fold"] is not None else "")
              + f"  {p['status']:<8} ~{p['estimated_seconds'] / 60:.0f} min  {p['run']}")
+    for line in too_big:
+        echo(f"  would not fit in this machine's memory: {line}")
     if dry_run:
         return plan
+    if too_big:
+        raise ValueError(f"{len(too_big)} model(s) of the plan would not fit in this machine's "
+                         f"memory (see above), e.g. {too_big[0]}")
 
     from lmnet.engine.evaluate import evaluate_run
     from lmnet.engine.train import CLEAR, train
 
     out = Path(cfg.out) / cfg.name
     out.mkdir(parents=True, exist_ok=True)
-    (out / "experiment.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    atomic_write_text(out / "experiment.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     started, left = time.perf_counter(), total
     deadline = started + time_budget * 60 if time_budget is not None else None
     for i, (run, p) in enumerate(zip(runs, plan), 1):
@@ -825,10 +849,9 @@ def _keep_masks(path: Path, names: list[str], masks: list[Any]) -> None:
     figure can be drawn again from a run's small files alone (logs, evaluation, these masks)."""
     import numpy as np
 
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, names=np.array(names), **{f"mask{i}": np.asarray(m, dtype=bool)
-                                                       for i, m in enumerate(masks)})
-    tmp.replace(path)
+    atomic_save(path, lambda tmp: np.savez_compressed(
+        tmp, names=np.array(names), **{f"mask{i}": np.asarray(m, dtype=bool)
+                                       for i, m in enumerate(masks)}))
 
 
 def _write_md(path: Path, header: list[str], rows: list[list[str]], caption: str) -> Path:

@@ -9,6 +9,8 @@ from typing import Sequence
 
 import numpy as np
 
+from lmnet._files import atomic_save
+
 __all__ = ["plot_curves", "plot_qualitative", "seed_band"]
 
 
@@ -71,7 +73,7 @@ def plot_curves(runs_by_label: dict[str, Sequence[Path]], out: Path, metric: str
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
+    atomic_save(out, fig.savefig)
     plt.close(fig)
     return out
 
@@ -115,6 +117,6 @@ def plot_qualitative(images: Sequence[np.ndarray], truths: Sequence[np.ndarray],
     fig.suptitle("yellow: prediction, green: ground truth", fontsize=7)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
+    atomic_save(out, fig.savefig)
     plt.close(fig)
     return out

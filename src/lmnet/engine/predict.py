@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
+import threading
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from lmnet._files import atomic_path, check_writable_file
 from lmnet.data.io import IMAGE_SUFFIXES, list_images, read_image
 from lmnet.data.layouts import mask_owner
 from lmnet.deploy.engines import (
@@ -25,7 +28,13 @@ from lmnet.deploy.engines import (
 from lmnet.deploy.loading import load_predictor
 from lmnet.deploy.preprocess import preprocess
 
-__all__ = ["collect_inputs", "output_names", "overlay", "predict_files", "PredictionSummary"]
+__all__ = ["collect_inputs", "output_names", "overlay", "predict_files", "PredictionSummary",
+           "AREA_FIELDS", "OUTPUT_FOLDERS", "check_threshold"]
+
+#: Columns of ``areas.csv``.
+AREA_FIELDS = ("file", "mask", "height", "width", "lesion_area_px", "lesion_fraction")
+#: The folders ``predict`` writes inside ``--out`` (left out when ``--out`` lies inside an input).
+OUTPUT_FOLDERS = ("masks", "overlays")
 
 log = logging.getLogger(__name__)
 
@@ -46,18 +55,21 @@ def collect_inputs(inputs: Sequence[str | Path], exclude: str | Path | None = No
                    skipped: dict[str, list[Path]] | None = None) -> list[Path]:
     """Image files from a mix of files and folders (folders searched recursively), without repeats.
 
-    In folders, files under ``exclude`` (the output folder) and ground-truth mask files
-    (:func:`~lmnet.data.layouts.mask_owner`, or inside a folder named ``masks``) are left out and listed in
-    ``skipped`` under ``"output folder"`` and ``"mask files"``; files named one by one are kept.
+    In folders, files under ``exclude`` (the output folder: only the folders ``predict`` writes
+    there, :data:`OUTPUT_FOLDERS`, so ``--out .`` still reads the inputs beside them) and
+    ground-truth mask files (:func:`~lmnet.data.layouts.mask_owner`, or inside a folder named
+    ``masks``) are left out and listed in ``skipped`` under ``"output folder"`` and
+    ``"mask files"``; files named one by one are kept.
     """
     files: list[Path] = []
     skipped = skipped if skipped is not None else {}
-    excluded = Path(exclude).resolve() if exclude is not None else None
+    excluded = ([(Path(exclude) / name).resolve() for name in OUTPUT_FOLDERS]
+                if exclude is not None else [])
     for item in inputs:
         p = Path(item)
         if p.is_dir():
             for f in list_images(p, recursive=True):
-                if excluded is not None and f.resolve().is_relative_to(excluded):
+                if any(f.resolve().is_relative_to(e) for e in excluded):
                     skipped.setdefault("output folder", []).append(f)
                 elif mask_owner(f.stem) or "masks" in f.relative_to(p).parts[:-1]:
                     skipped.setdefault("mask files", []).append(f)
@@ -130,17 +142,108 @@ def _read(path: Path, channels: int, size: int, mean: Sequence[float], std: Sequ
     return image, preprocess([image], size, mean, std)[0]
 
 
-def _write(image: np.ndarray, mask: np.ndarray, mask_path: Path, overlay_path: Path) -> None:
-    Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
+def _save_png(array: np.ndarray, path: Path, **options: Any) -> None:
+    """A PNG written whole or not at all (a hidden ``.part`` file renamed when complete)."""
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG", **options)
+
+
+def check_threshold(threshold: float) -> float:
+    """``threshold`` if it is a probability in [0, 1], else ``ValueError``."""
+    if not (isinstance(threshold, (int, float)) and math.isfinite(threshold)
+            and 0.0 <= threshold <= 1.0):
+        raise ValueError(f"--threshold is a lesion probability in [0, 1], got {threshold!r}")
+    return float(threshold)
+
+
+class _AreasTable:
+    """``areas.csv``, kept consistent with ``masks/`` on disk: every row's mask file exists and
+    holds the row's numbers. A row is appended (and flushed) right after its mask is renamed into
+    place; with ``keep``, rows of an earlier prediction whose masks exist and are not predicted
+    again stay, rewritten atomically before any mask is replaced."""
+
+    def __init__(self, path: Path, keep: bool, replacing: set[str]) -> None:
+        self.path = path
+        kept = []
+        if keep and path.is_file():
+            try:
+                with path.open(newline="") as fh:
+                    kept = [r for r in csv.DictReader(fh)
+                            if r.get("mask") and r["mask"] not in replacing and Path(r["mask"]).is_file()]
+            except (OSError, csv.Error, UnicodeDecodeError):
+                kept = []
+        self.rows = len(kept)
+        with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
+            w = csv.DictWriter(fh, AREA_FIELDS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(kept)
+        self._fh = path.open("a", newline="")
+        self._writer = csv.DictWriter(self._fh, AREA_FIELDS)
+        self._lock = threading.Lock()
+
+    def add(self, row: dict[str, Any]) -> None:
+        with self._lock:
+            self._writer.writerow(row)
+            self._fh.flush()
+            self.rows += 1
+
+    def close(self, order: Sequence[Path] = ()) -> None:
+        """Close the file; with ``order`` (the inputs), rewrite it atomically with this run's
+        rows in input order (they were appended as their writes finished), earlier rows first."""
+        self._fh.close()
+        if not order:
+            return
+        rank = {str(p): i for i, p in enumerate(order)}
+        with self.path.open(newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        rows.sort(key=lambda r: rank.get(r["file"], -1))
+        with atomic_path(self.path) as tmp, tmp.open("w", newline="") as fh:
+            w = csv.DictWriter(fh, AREA_FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+
+
+def _write(image: np.ndarray, mask: np.ndarray, mask_path: Path, overlay_path: Path,
+           table: _AreasTable, row: dict[str, Any]) -> None:
     # zlib level 1: a sixth of the default's encoding time for 10 % larger files (the overlay is a
     # photograph; at level 6 encoding it took as long as the model's forward pass).
-    Image.fromarray(overlay(image, mask)).save(overlay_path, compress_level=1)
+    _save_png(overlay(image, mask), overlay_path, compress_level=1)
+    _save_png(mask.astype(np.uint8) * 255, mask_path)  # the mask last, then its row
+    table.add(row)
+
+
+def earlier_outputs(out: Path) -> list[Path]:
+    """What an earlier ``predict`` left in ``out``: ``areas.csv`` and the PNGs of its folders."""
+    found = [out / "areas.csv"] if (out / "areas.csv").is_file() else []
+    for name in OUTPUT_FOLDERS:
+        if (out / name).is_dir():
+            found += [p for p in (out / name).iterdir() if p.suffix == ".png"]
+    return found
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an ``--out`` that cannot be written, or that holds an earlier prediction unless
+    ``overwrite``: nothing is created before these checks pass."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder")
+    for name in OUTPUT_FOLDERS:
+        if (out / name).exists() and not (out / name).is_dir():
+            raise ValueError(f"{out / name} is a file; predict writes a folder of that name")
+    check_writable_file(out / "areas.csv", "output")
+    earlier = earlier_outputs(out)
+    if earlier and not overwrite:
+        n = sum(p.suffix == ".png" and p.parent.name == "masks" for p in earlier)
+        raise ValueError(f"--out {out} holds an earlier prediction ({n} masks"
+                         f"{', areas.csv' if (out / 'areas.csv').is_file() else ''}): pass "
+                         "--overwrite to add to it (files of the same name are replaced, "
+                         "areas.csv keeps the rows of the other masks), or choose a new folder")
 
 
 def predict_files(checkpoint: str | Path | None, inputs: Sequence[str | Path], out_dir: str | Path,
                   threshold: float = 0.5, progress: bool = True, engine: str = "auto",
                   precision: str = "fp32", weights: str | Path | None = None,
-                  batch_size: int = 1, io_threads: int = 2) -> PredictionSummary:
+                  batch_size: int = 1, io_threads: int = 2, overwrite: bool = False
+                  ) -> PredictionSummary:
     """Predict every image; write ``masks/NAME.png`` (0/255), ``overlays/NAME.png``, ``areas.csv``.
 
     ``checkpoint`` is a checkpoint, a run folder, or an exported ``.onnx``/``.xml`` file from
@@ -152,12 +255,20 @@ def predict_files(checkpoint: str | Path | None, inputs: Sequence[str | Path], o
     (0: all in this thread). Output files are named by :func:`output_names`; folders skip
     ground-truth masks and the output folder (``summary.skipped``). A file that cannot be read or
     predicted is reported and skipped; see ``summary.failed``.
+
+    An ``out_dir`` holding an earlier prediction is refused unless ``overwrite``; then masks of
+    the same names are replaced and ``areas.csv`` keeps the rows of the others. Every file is
+    written whole (a temporary name, renamed), and each row of ``areas.csv`` is appended right
+    after its mask: a command interrupted at any point (kill -9 included) leaves no truncated
+    PNG, and every row of ``areas.csv`` describes a mask on disk.
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     if io_threads < 0:
         raise ValueError(f"I/O threads must be 0 or more, got {io_threads}")
+    threshold = check_threshold(threshold)
     out = Path(out_dir)
+    _check_out(out, overwrite)
     summary = PredictionSummary(csv_path=out / "areas.csv")
     files = collect_inputs(inputs, exclude=out, skipped=summary.skipped)
     names = output_names(files)
@@ -167,6 +278,8 @@ def predict_files(checkpoint: str | Path | None, inputs: Sequence[str | Path], o
     autocast = precision if predictor.engine == "torch" else "fp32"
     (out / "masks").mkdir(parents=True, exist_ok=True)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
+    table = _AreasTable(summary.csv_path, keep=overwrite,
+                        replacing={str(out / "masks" / f"{n}.png") for n in names})
     pool = ThreadPoolExecutor(io_threads) if io_threads else None
 
     def submit(fn: Any, *args: Any) -> Future:
@@ -226,7 +339,7 @@ def predict_files(checkpoint: str | Path | None, inputs: Sequence[str | Path], o
                        "width": mask.shape[1], "lesion_area_px": area,
                        "lesion_fraction": round(area / mask.size, 6)}
                 writes.append((path, mask_path, row, submit(
-                    _write, image, mask, mask_path, out / "overlays" / f"{stem}.png")))
+                    _write, image, mask, mask_path, out / "overlays" / f"{stem}.png", table, row)))
                 pending.append(writes[-1][3])
                 while len(pending) > 2 * batch_size + 2:  # bounded: images wait in memory
                     wait([pending.popleft()])
@@ -235,7 +348,8 @@ def predict_files(checkpoint: str | Path | None, inputs: Sequence[str | Path], o
         if pool is not None:
             pool.shutdown(wait=True)  # every started write finishes, even on Ctrl-C
         bar.close()
-    rows = []
+        table.close()
+    table.close(files)  # finished: this run's rows in input order
     for path, mask_path, row, future in writes:
         try:
             future.result()
@@ -243,9 +357,4 @@ def predict_files(checkpoint: str | Path | None, inputs: Sequence[str | Path], o
             fail(path, err)
             continue
         summary.written.append(mask_path)
-        rows.append(row)
-    with summary.csv_path.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, ["file", "mask", "height", "width", "lesion_area_px", "lesion_fraction"])
-        w.writeheader()
-        w.writerows(rows)
     return summary

@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from lmnet.data.io import list_images, read_mask
+from lmnet.data.io import list_images, read_mask, warn_label_maps
 from lmnet.data.layouts import mask_owner
 from lmnet.metrics.evaluator import SegmentationEvaluator
 
@@ -75,14 +75,19 @@ def score_folders(pred_dir: str | Path, true_dir: str | Path,
                   progress: bool = True) -> SegmentationEvaluator:
     """Read every pair of masks, check their sizes, and score them; returns the evaluator."""
     evaluator = SegmentationEvaluator(spacing=spacing, empty_distance=empty_distance)
-    for stem, pred_path, true_paths, group in tqdm(match_by_stem(pred_dir, true_dir, recursive),
-                                                   desc="scoring", unit="img", disable=not progress):
-        pred = read_mask(pred_path)
-        true = np.logical_or.reduce([read_mask(p) for p in true_paths])
+    pairs = match_by_stem(pred_dir, true_dir, recursive)
+    pred_maps: list[Path] = []
+    true_maps: list[Path] = []
+    for stem, pred_path, true_paths, group in tqdm(pairs, desc="scoring", unit="img",
+                                                   disable=not progress):
+        pred = read_mask(pred_path, pred_maps)
+        true = np.logical_or.reduce([read_mask(p, true_maps) for p in true_paths])
         true_path = true_paths[0]
         if pred.shape != true.shape:
             raise ValueError(f"{pred_path} is {pred.shape[1]}x{pred.shape[0]} but {true_path} is "
                              f"{true.shape[1]}x{true.shape[0]} (width x height): predictions must "
                              "have the size of their truth mask")
         evaluator.update(pred[None], true[None], names=[stem], groups=[group])
+    warn_label_maps(pred_maps, len(pairs), "predicted masks")
+    warn_label_maps(true_maps, sum(len(t) for _, _, t, _ in pairs), "truth masks")
     return evaluator

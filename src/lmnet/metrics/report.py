@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from lmnet._files import atomic_path, atomic_write_text
 from lmnet.metrics.evaluator import mean_std
 
 __all__ = ["PAPER_COLUMNS", "markdown_table", "write_report", "aggregate_runs", "runs_table"]
@@ -65,16 +66,14 @@ def write_report(result: dict[str, Any], rows: Sequence[dict[str, Any]], out_dir
     payload = dict(result)
     if extra:
         payload.update(extra)
-    with paths["csv"].open("w", newline="") as fh:
+    with atomic_path(paths["csv"]) as tmp, tmp.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=PER_IMAGE_FIELDS, extrasaction="ignore")
         writer.writeheader()
         for r in rows:
             writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in PER_IMAGE_FIELDS})
-    paths["md"].write_text(markdown_table(result))
-    # metrics.json last, whole or not at all: its presence marks an evaluation as done
-    tmp = paths["json"].with_name(".metrics.json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(paths["json"])
+    atomic_write_text(paths["md"], markdown_table(result))
+    # metrics.json last: its presence marks an evaluation as done
+    atomic_write_text(paths["json"], json.dumps(payload, indent=2) + "\n")
     return paths
 
 

@@ -13,9 +13,11 @@ import torch
 from torch import nn
 
 from lmnet._defaults import IMAGENET_MEAN, IMAGENET_STD
+from lmnet._files import atomic_save, atomic_write_text
 from lmnet._version import __version__
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "CARD_NAME", "load_weights", "default_pretrained_cfg",
+           "is_pretrained_folder",
            "save_pretrained",
            "read_config", "load_pretrained"]
 
@@ -36,7 +38,20 @@ def load_weights(model: nn.Module, state: Any, source: str | Path) -> None:
                          f"{len(missing)} tensors missing, {len(unexpected)} unexpected, "
                          f"{len(reshaped)} of another shape (first: {first}); a file of another "
                          "architecture, width or number of classes?")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"the weights in {source} hold NaN or infinite values ({len(bad)} "
+                         f"tensor(s), first: {bad[0]}): a diverged or damaged model would give "
+                         "meaningless masks")
     model.load_state_dict(state)
+
+
+def is_pretrained_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a pretrained folder (``config.json`` and ``model.safetensors``) and not
+    a run folder (which holds checkpoints)."""
+    p = Path(path)
+    return (p.is_dir() and (p / CONFIG_NAME).is_file() and (p / WEIGHTS_NAME).is_file()
+            and not any(p.glob("checkpoint_*.pt")))
 
 
 def default_pretrained_cfg(in_channels: int = 3, n_classes: int = 2, size: int = 256
@@ -77,14 +92,15 @@ def save_pretrained(model: nn.Module, folder: str | Path, model_name: str,
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous().cpu()
              for k, v in model.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    # each file whole or not at all, with the user's umask (safetensors alone writes 0600)
+    atomic_save(folder / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
     config = {"model": model_name, "model_kwargs": dict(model_kwargs),
               "pretrained_cfg": dict(pretrained_cfg),
               "weights": {"form": "deployed", "dtype": str(dtype).removeprefix("torch.")},
               "lmnet_version": __version__, **(extra or {})}
-    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    atomic_write_text(folder / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
     if card is not None:
-        (folder / CARD_NAME).write_text(card)
+        atomic_write_text(folder / CARD_NAME, card)
     return folder
 
 
