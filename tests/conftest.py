@@ -14,6 +14,9 @@ SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
 
 # Engine probes (--engine auto) cache their choice per machine: the tests keep theirs apart.
 os.environ["LMNET_CACHE_DIR"] = tempfile.mkdtemp(prefix="lmnet-test-cache-")
+# ... but the native kernels' build (keyed by a digest of sources, flags, CPU and torch) is shared
+# with the user's, so that a test run compiles them at most once per machine.
+os.environ.setdefault("LMNET_NATIVE_CACHE", str(Path.home() / ".cache" / "lmnet" / "native"))
 
 
 @pytest.fixture(autouse=True)

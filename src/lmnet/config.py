@@ -52,7 +52,7 @@ class TrainConfig:
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     amp: bool = True                    # mixed precision (fp16) on CUDA
     bf16: bool = False                  # bf16 autocast on CPU
-    channels_last: bool = False         # channels-last memory format (faster on CPUs)
+    channels_last: bool = True          # channels-last memory format (faster on CPUs; lmnet's native kernels need it)
     time_budget: float | None = None    # minutes; stop (and save) after the step that exceeds it
     select_metric: str = "paper_mdice"  # validation metric that picks checkpoint_best.pt
     out: str = "runs"                   # parent folder of run folders

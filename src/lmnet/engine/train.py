@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from lmnet._files import atomic_save, atomic_write_text
+from lmnet._files import atomic_path, atomic_save, atomic_write_text
 from lmnet._version import __version__
 from lmnet.config import TrainConfig
 from lmnet.data.dataset import SegmentationDataset, load_sample
@@ -60,6 +60,9 @@ def _versions() -> dict[str, Any]:
                             "platform": platform.platform(), "cpu": cpu_name(),
                             "threads": torch.get_num_threads(),
                             "cuda": torch.version.cuda if torch.cuda.is_available() else None}
+    from lmnet.layers.native import native_status
+
+    info["native_kernels"] = native_status()
     for mod in ("monai", "albumentations", "cv2", "PIL"):
         try:
             info[mod] = __import__(mod).__version__
@@ -397,8 +400,9 @@ def _train(cfg: TrainConfig, resume: bool | str | Path, progress: bool, ctx: Dis
             with log_path.open("w", newline="") as fh:
                 csv.writer(fh).writerow(LOG_FIELDS)
         else:  # drop rows of epochs after the checkpoint (a crash mid-epoch leaves none, but be safe)
-            rows = list(csv.DictReader(log_path.open()))
-            with log_path.open("w", newline="") as fh:
+            with log_path.open(newline="") as fh:
+                rows = list(csv.DictReader(fh))
+            with atomic_path(log_path) as tmp, tmp.open("w", newline="") as fh:  # whole or not at all
                 w = csv.DictWriter(fh, LOG_FIELDS)
                 w.writeheader()
                 w.writerows(r for r in rows if int(r["epoch"]) < start_epoch + 1)

@@ -1,11 +1,13 @@
 """Building blocks of LM-Net, one concept per module."""
 from lmnet.layers.fuse import bn_scale_shift, fuse_conv_bn
+from lmnet.layers.fused_norm import batchnorm_sum
 from lmnet.layers.multibranch import (
     DEFAULT_BRANCHES,
     BranchSpec,
     MultiBranchBlock,
     parse_branches,
 )
+from lmnet.layers.native import native_status
 from lmnet.layers.neighborhood_attention import (
     NeighborhoodAttention2d,
     neighborhood_attention_2d,
@@ -25,5 +27,5 @@ __all__ = [
     "parse_branches", "NeighborhoodAttention2d", "neighborhood_attention_2d",
     "neighborhood_window_index", "ConvBnAct", "LocalPyramidSkip", "Up2Conv", "up2",
     "SqueezeExcite", "GlobalFeatureTransformer", "LocalFeatureTransformer", "Mlp",
-    "MultiHeadSelfAttention",
+    "MultiHeadSelfAttention", "batchnorm_sum", "native_status",
 ]

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from lmnet.layers.fuse import bn_scale_shift, fuse_conv_bn
+from lmnet.layers.fused_norm import batchnorm_sum
 from lmnet.layers.squeeze_excite import SqueezeExcite
 
 __all__ = ["BranchSpec", "parse_branches", "MultiBranchBlock", "DEFAULT_BRANCHES"]
@@ -115,12 +116,19 @@ class MultiBranchBlock(nn.Module):
         return self.fused is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.expand_act(self.expand_bn(self.expand(x)))
+        h = self.expand(x)
+        # batchnorm_sum: BN and activation (of the expand conv; of the branches, summed) as one
+        # native operation in training on a CPU, the modules themselves elsewhere
+        if isinstance(self.expand_bn, nn.BatchNorm2d):
+            h = batchnorm_sum([h], [self.expand_bn], self.expand_act)
+        else:  # deployed: the BN is folded into the expand conv
+            h = self.expand_act(self.expand_bn(h))
         if self.fused is not None:
-            h = self.fused(h)
+            h = self.act(self.fused(h))
         else:
-            h = sum(branch(h) for branch in self.branches)
-        h = self.se(self.act(h))
+            h = batchnorm_sum([branch[0](h) for branch in self.branches],
+                              [branch[1] for branch in self.branches], self.act)
+        h = self.se(h)
         return self.pointwise(h) + self.shortcut(x)
 
     @torch.no_grad()

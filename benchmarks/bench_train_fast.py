@@ -1,0 +1,121 @@
+"""Issue 28: LM-Net's training step on the fast path against the stock path, interleaved in one
+run (run by hand, not in CI).
+
+    python benchmarks/bench_train_fast.py [--size 256] [--batch 8] [--rounds 4] [--bf16]
+                                          [--out benchmarks/results/train_fast.json]
+
+The stock path is lmnet's training as it was at b5568b3: autograd's backward of neighborhood
+attention (``lmnet.layers.neighborhood_attention.FAST_BACKWARD = False``) and PyTorch's
+BatchNorm modules, summed (``lmnet.layers.fused_norm.NATIVE = False``). The fast path is
+today's default. Both train the same model (LM-Net, channels-last, fp32, AdamW, the paper's loss)
+on the same random batch; each round takes one step of every variant in turn, so that a noisy
+period of this shared machine slows them alike. The native kernels are built first (their build
+time, on a fresh cache, is reported: it is paid once per machine). ``--bf16`` adds the fast path
+under bf16 autocast.
+
+Prints a table (median seconds per step, images per second, speed-up against stock) and writes
+the JSON with the command, the machine and every step's time.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch  # noqa: E402
+from _common import interleaved_times, machine, report  # noqa: E402  (first: oneDNN's cache)
+
+import lmnet  # noqa: E402
+import lmnet.layers.fused_norm as bn_sum  # noqa: E402
+import lmnet.layers.neighborhood_attention as na  # noqa: E402
+from lmnet.losses import SegmentationLoss  # noqa: E402
+from lmnet.runtime import keep_freed_memory  # noqa: E402
+
+
+@contextlib.contextmanager
+def path(fast: bool):
+    """The fast or the stock path for the duration of a step."""
+    before = na.FAST_BACKWARD, bn_sum.NATIVE
+    na.FAST_BACKWARD = bn_sum.NATIVE = fast
+    try:
+        yield
+    finally:
+        na.FAST_BACKWARD, bn_sum.NATIVE = before
+
+
+def make_step(fast: bool, bf16: bool, size: int, batch: int):
+    torch.manual_seed(0)
+    model = lmnet.create_model("lmnet").to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    loss_fn = SegmentationLoss(torch.tensor([0.8, 1.2]), dice_weight=1.0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, size, size, generator=g).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 2, (batch, size, size), generator=g)
+
+    def step() -> None:
+        ac = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        with path(fast), ac:
+            loss = loss_fn(model(x), y)
+        with path(fast):
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return step
+
+
+def build_seconds() -> float:
+    """Build the native kernels into a fresh cache: what a machine's first use costs."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as cache:
+        code = ("import time; t = time.perf_counter(); from lmnet.layers.native import native_status; "
+                "s = native_status(); assert s['available'], s; print(time.perf_counter() - t)")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env={**os.environ, "LMNET_CACHE_DIR": cache}, check=True)
+    return float(done.stdout.split()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--bf16", action="store_true", help="also the fast path under bf16 autocast")
+    p.add_argument("--out", default="benchmarks/results/train_fast.json")
+    args = p.parse_args()
+    keep_freed_memory()
+    torch.set_num_threads(args.threads)
+    built = build_seconds()
+    from lmnet.layers.native import native_status
+
+    status = native_status()  # loads the cached build in this process
+    print(f"native kernels: {status}; a fresh build took {built:.1f} s")
+    variants = {"stock (b5568b3 path)": (False, False), "fast": (True, False)}
+    if args.bf16:
+        variants["fast, bf16 autocast"] = (True, True)
+    steps = {name: make_step(fast, bf16, args.size, args.batch)
+             for name, (fast, bf16) in variants.items()}
+    t0 = time.perf_counter()
+    times = interleaved_times(steps, repeats=args.rounds, per_round=1, warmup=2)
+    base = sorted(times["stock (b5568b3 path)"])[len(times["stock (b5568b3 path)"]) // 2]
+    rows = []
+    for name, ts in times.items():
+        med = sorted(ts)[len(ts) // 2]
+        rows.append({"variant": name, "s_per_step": round(med, 3),
+                     "images_per_second": round(args.batch / med, 3),
+                     "speedup": round(base / med, 3), "steps": [round(t, 3) for t in ts]})
+    cols = [("variant", "variant"), ("s / step (median)", "s_per_step"),
+            ("img/s", "images_per_second"), ("x stock", "speedup")]
+    report(rows, cols, args.out, machine(), size=args.size, batch=args.batch,
+           native=status, native_build_seconds_fresh=round(built, 1),
+           wall_seconds=round(time.perf_counter() - t0, 1))
+
+
+if __name__ == "__main__":
+    main()

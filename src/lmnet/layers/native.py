@@ -1,0 +1,98 @@
+"""lmnet's native CPU kernels: C++ sources in ``layers/_native/``, compiled once per machine with
+PyTorch's extension tools (``torch.utils.cpp_extension``, a C++ compiler needed) and registered as
+``torch.ops.lmnet_native.*`` through ``TORCH_LIBRARY``.
+
+The build is cached (``$LMNET_NATIVE_CACHE``, else ``$LMNET_CACHE_DIR/native``, else
+``~/.cache/lmnet/native``) under a name that
+holds a digest of the sources, the compiler flags, the processor and PyTorch's version, so a
+build made on another machine is never loaded here. The first use on a machine compiles (about
+30 s on two cores; :func:`native_status` reports it); later processes load the cached library in a
+fraction of a second. Where it cannot be built (no compiler, another OS), or with
+``LMNET_NATIVE=0``, :func:`native_ops` returns None after a one-line notice and every caller runs
+its pure-PyTorch path, which gives the same numbers.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["native_ops", "native_status", "SOURCES"]
+
+log = logging.getLogger(__name__)
+
+#: The C++ sources, compiled into one library.
+SOURCES = (Path(__file__).with_name("_native") / "batchnorm_sum.cpp",)
+_FLAGS = ["-O3", "-march=native", "-fopenmp-simd"]
+_state: dict[str, Any] = {}
+_lock = threading.Lock()
+
+
+def _cache_root() -> Path:
+    if os.environ.get("LMNET_NATIVE_CACHE"):
+        return Path(os.environ["LMNET_NATIVE_CACHE"])
+    root = os.environ.get("LMNET_CACHE_DIR")
+    if root:
+        return Path(root) / "native"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmnet" / "native"
+
+
+def _build_name() -> str:
+    from lmnet.runtime import cpu_name
+
+    h = hashlib.sha256(f"{torch.__version__}|{cpu_name()}|{' '.join(_FLAGS)}".encode())
+    for source in SOURCES:
+        h.update(source.read_bytes())
+    return "lmnet_native_" + h.hexdigest()[:16]
+
+
+def native_ops() -> Any | None:
+    """``torch.ops.lmnet_native`` once the library is built and loaded (built on first call),
+    or None where it cannot be (see the module docstring)."""
+    with _lock:
+        if "ops" in _state:
+            return _state["ops"]
+        ops = None
+        if os.environ.get("LMNET_NATIVE", "1") == "0":
+            _state["reason"] = "turned off by LMNET_NATIVE=0"
+        else:
+            t0 = time.perf_counter()
+            try:
+                from torch.utils import cpp_extension
+
+                name = _build_name()
+                folder = _cache_root() / name
+                if not any(folder.glob("*.so")):
+                    log.warning("note: building lmnet's native CPU kernels (once per machine, "
+                                "about half a minute on two cores)")
+                folder.mkdir(parents=True, exist_ok=True)
+                cpp_extension.load(name=name, sources=[str(s) for s in SOURCES],
+                                   build_directory=str(folder), extra_cflags=_FLAGS,
+                                   verbose=False, is_python_module=False)
+                ops = torch.ops.lmnet_native
+                ops.bn_sum_forward  # noqa: B018 - fails here if the library registered nothing
+                _state["seconds"] = time.perf_counter() - t0
+            except Exception as err:  # noqa: BLE001 - no compiler, another OS: the PyTorch path
+                lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+                _state["reason"] = f"{type(err).__name__}: {lines[-1] if lines else ''}"[:300]
+                ops = None
+                log.warning("note: lmnet's native CPU kernels could not be built (%s); using "
+                            "PyTorch's own operations (the same results, slower on a CPU)",
+                            _state["reason"])
+        _state["ops"] = ops
+        return ops
+
+
+def native_status() -> dict[str, Any]:
+    """``{"available": bool, "build_seconds" | "reason": ...}``: whether the kernels load here,
+    and how long building (first use on a machine) or loading (later) took."""
+    ops = native_ops()
+    if ops is None:
+        return {"available": False, "reason": _state.get("reason", "")}
+    return {"available": True, "build_seconds": round(float(_state.get("seconds", 0.0)), 2)}

@@ -1,0 +1,181 @@
+"""The fast training path (issue 28) computes the same mathematics as the stock one: forward
+outputs, every parameter's gradient and BatchNorm's running statistics agree within fp32
+rounding, for every multi-branch configuration of Table 6 and for the attention layers; where
+the native kernels cannot be built, the stock path runs after a one-line notice."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import lmnet
+import lmnet.layers.fused_norm as bn_sum
+import lmnet.layers.neighborhood_attention as na
+from lmnet.layers import MultiBranchBlock, batchnorm_sum, native_status
+from lmnet.layers.fused_norm import reference_batchnorm_sum
+from lmnet.layers.neighborhood_attention import neighborhood_attention_2d
+from lmnet.models import list_models
+from tests.conftest import randomize_batchnorm
+
+#: fp32 rounding: other summation orders (statistics in double, gradients accumulated in place);
+#: ATOL is relative to the largest value of the tensor compared (sums of a thousand terms that
+#: cancel, such as BatchNorm's weight gradient, differ by a few 1e-5 of it). A wrong formula
+#: differs by the size of the values.
+RTOL, ATOL = 1e-4, 2e-4
+
+
+@contextlib.contextmanager
+def stock_path():
+    before = na.FAST_BACKWARD, bn_sum.NATIVE
+    na.FAST_BACKWARD = bn_sum.NATIVE = False
+    try:
+        yield
+    finally:
+        na.FAST_BACKWARD, bn_sum.NATIVE = before
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    """``a`` equals ``b`` within fp32 rounding of values of ``b``'s size."""
+    scale = float(b.abs().max()) or 1.0
+    assert torch.allclose(a, b, rtol=RTOL, atol=ATOL * scale), (what, float((a - b).abs().max()), scale)
+
+
+def _train_step(module: nn.Module, x: torch.Tensor, fast: bool) -> tuple[torch.Tensor, dict]:
+    """Output, gradients and buffers after one forward and backward in training mode."""
+    module = copy.deepcopy(module).train()
+    x = x.detach().clone().requires_grad_()
+    with contextlib.nullcontext() if fast else stock_path():
+        out = module(x)
+        out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    grads["input"] = x.grad.clone()
+    grads.update({f"buffer:{n}": b.clone() for n, b in module.named_buffers()})
+    return out.detach(), grads
+
+
+def _biases_before_batchnorm(module: nn.Module) -> set[str]:
+    """Names of conv biases that feed a training-mode BatchNorm straight away (a block's expand
+    conv, a ConvBnAct's conv): their gradient is exactly zero in exact arithmetic."""
+    from lmnet.layers import ConvBnAct
+
+    names = set()
+    for prefix, m in module.named_modules():
+        pairs = {MultiBranchBlock: ("expand", "expand_bn"), ConvBnAct: ("conv", "bn")}.get(type(m))
+        if pairs and isinstance(getattr(m, pairs[1]), nn.BatchNorm2d):
+            names.add(f"{prefix}.{pairs[0]}.bias".lstrip("."))
+    return names
+
+
+def _compare(module: nn.Module, x: torch.Tensor) -> None:
+    out_fast, fast = _train_step(module, x, True)
+    out_stock, stock = _train_step(module, x, False)
+    _close(out_fast, out_stock, "output")
+    assert fast.keys() == stock.keys()
+    assert len([k for k in stock if not k.startswith(("buffer", "input"))]) == len(
+        list(module.parameters()))  # every parameter got a gradient on both paths
+    largest = max(float(g.abs().max()) for n, g in stock.items() if not n.startswith("buffer"))
+    for name in stock:
+        if name in _biases_before_batchnorm(module):  # zero in exact arithmetic: rounding noise
+            for grad in (fast[name], stock[name]):  # on both paths
+                assert float(grad.abs().max()) < 1e-3 * largest, name
+            continue
+        _close(fast[name], stock[name], name)
+
+
+def test_the_native_kernels_build_here():
+    status = native_status()
+    assert status["available"], status  # CI has a compiler: the fast path must be tested
+
+
+TABLE6 = [lmnet.create_model(n).config.branches for n in list_models("lmnet_mb_*")]
+
+
+@pytest.mark.parametrize("branches", [("5x5", "3x3", "3x1", "1x3"), *TABLE6],
+                         ids=lambda b: "+".join(b))
+def test_multibranch_block_fast_equals_stock(branches):
+    torch.manual_seed(0)
+    block = randomize_batchnorm(MultiBranchBlock(6, 12, 8, branches))
+    x = (torch.randn(3, 6, 20, 24) * 2 + 1).contiguous(memory_format=torch.channels_last)
+    _compare(block, x)
+
+
+def test_batchnorm_sum_matches_the_modules_with_each_activation():
+    torch.manual_seed(0)
+    for k, act in ((1, nn.Hardswish()), (4, nn.GELU()), (3, None)):
+        bns = nn.ModuleList(nn.BatchNorm2d(5) for _ in range(k))
+        randomize_batchnorm(bns)
+        bns.train()
+        zs = [(torch.randn(2, 5, 7, 9) * 3 + 4).contiguous(memory_format=torch.channels_last)
+              .requires_grad_() for _ in range(k)]
+        ref_bns, ref_zs = copy.deepcopy(bns), [z.detach().clone().requires_grad_() for z in zs]
+        y = batchnorm_sum(zs, list(bns), act)
+        with stock_path():
+            y_ref = batchnorm_sum(ref_zs, list(ref_bns), act)
+        _close(y, y_ref, "output")
+        g = torch.randn_like(y)
+        y.backward(g)
+        y_ref.backward(g)
+        for z, zr in zip(zs, ref_zs):
+            _close(z.grad, zr.grad, "dz")
+        for bn, ref in zip(bns, ref_bns):
+            _close(bn.weight.grad, ref.weight.grad, "dgamma")
+            _close(bn.bias.grad, ref.bias.grad, "dbeta")
+            _close(bn.running_mean, ref.running_mean, "running_mean")
+            _close(bn.running_var, ref.running_var, "running_var")
+            assert int(bn.num_batches_tracked) == int(ref.num_batches_tracked) == 1
+
+
+def test_batchnorm_sum_falls_back_outside_training_on_cpu_fp32():
+    bns = [nn.BatchNorm2d(4).eval()]
+    z = torch.randn(2, 4, 5, 5).contiguous(memory_format=torch.channels_last)
+    assert torch.equal(batchnorm_sum([z], bns), reference_batchnorm_sum([z], bns))
+    bns[0].train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: PyTorch's own path
+        assert batchnorm_sum([z], bns).dtype == reference_batchnorm_sum([z], bns).dtype
+
+
+@pytest.mark.parametrize("heads,channels,bias", [(12, 12, True), (2, 8, True), (4, 8, False)])
+def test_neighborhood_attention_fast_backward_equals_autograd(heads, channels, bias):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, channels, 12, 15, requires_grad=True) for _ in range(3))
+    rpb = torch.randn(heads, 5, 5, requires_grad=True) if bias else None
+    inputs = [t for t in (q, k, v, rpb) if t is not None]
+
+    def run() -> tuple[torch.Tensor, tuple]:
+        out = neighborhood_attention_2d(q, k, v, heads, 3, rpb)
+        return out, torch.autograd.grad(out, inputs, torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+
+    out_fast, grads_fast = run()
+    with stock_path():
+        out_stock, grads_stock = run()
+    assert torch.equal(out_fast, out_stock)  # the forward pass is the same operations
+    for a, b in zip(grads_fast, grads_stock):
+        _close(a, b, "gradient")
+
+
+def test_whole_lmnet_fast_equals_stock():
+    torch.manual_seed(0)
+    model = randomize_batchnorm(lmnet.create_model("lmnet", drop=0.0))
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    model = model.to(memory_format=torch.channels_last)
+    _compare(model, x)
+
+
+def test_without_a_compiler_the_stock_path_runs_after_one_notice(tmp_path):
+    code = ("import torch, lmnet; from lmnet.layers import native_status; "
+            "m = lmnet.create_model('lmnet').to(memory_format=torch.channels_last); "
+            "x = torch.randn(1, 3, 32, 32).contiguous(memory_format=torch.channels_last); "
+            "m(x).sum().backward(); print('status', native_status()['available'])")
+    env = {**os.environ, "LMNET_NATIVE_CACHE": str(tmp_path / "cache"), "CXX": "no-such-compiler-x"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "status False" in done.stdout
+    notices = [ln for ln in done.stderr.splitlines() if "native CPU kernels could not be built" in ln]
+    assert len(notices) == 1 and "Traceback" not in done.stderr, done.stderr
