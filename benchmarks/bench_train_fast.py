@@ -2,16 +2,18 @@
 run (run by hand, not in CI).
 
     python benchmarks/bench_train_fast.py [--size 256] [--batch 8] [--rounds 4] [--bf16]
-                                          [--out benchmarks/results/train_fast.json]
+                                          [--profile] [--out benchmarks/results/train_fast.json]
 
 The stock path is lmnet's training as it was at b5568b3: autograd's backward of neighborhood
 attention (``lmnet.layers.neighborhood_attention.FAST_BACKWARD = False``) and PyTorch's
-BatchNorm modules, summed (``lmnet.layers.fused_norm.NATIVE = False``). The fast path is
+BatchNorm modules, summed (``lmnet.layers.fused_norm.NATIVE = False``); both switched by
+``lmnet.layers.fast_path.fast_path``. The fast path is
 today's default. Both train the same model (LM-Net, channels-last, fp32, AdamW, the paper's loss)
 on the same random batch; each round takes one step of every variant in turn, so that a noisy
 period of this shared machine slows them alike. The native kernels are built first (their build
 time, on a fresh cache, is reported: it is paid once per machine). ``--bf16`` adds the fast path
-under bf16 autocast.
+under bf16 autocast. ``--profile`` then profiles one step of the fast path
+(``torch.profiler``, self CPU time per operation) and keeps the 15 largest in the JSON.
 
 Prints a table (median seconds per step, images per second, speed-up against stock) and writes
 the JSON with the command, the machine and every step's time.
@@ -31,21 +33,9 @@ import torch  # noqa: E402
 from _common import interleaved_times, machine, report  # noqa: E402  (first: oneDNN's cache)
 
 import lmnet  # noqa: E402
-import lmnet.layers.fused_norm as bn_sum  # noqa: E402
-import lmnet.layers.neighborhood_attention as na  # noqa: E402
+from lmnet.layers.fast_path import fast_path as path  # noqa: E402
 from lmnet.losses import SegmentationLoss  # noqa: E402
 from lmnet.runtime import keep_freed_memory  # noqa: E402
-
-
-@contextlib.contextmanager
-def path(fast: bool):
-    """The fast or the stock path for the duration of a step."""
-    before = na.FAST_BACKWARD, bn_sum.NATIVE
-    na.FAST_BACKWARD = bn_sum.NATIVE = fast
-    try:
-        yield
-    finally:
-        na.FAST_BACKWARD, bn_sum.NATIVE = before
 
 
 def make_step(fast: bool, bf16: bool, size: int, batch: int):
@@ -87,6 +77,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--bf16", action="store_true", help="also the fast path under bf16 autocast")
+    p.add_argument("--profile", action="store_true", help="profile one step of the fast path")
     p.add_argument("--out", default="benchmarks/results/train_fast.json")
     args = p.parse_args()
     keep_freed_memory()
@@ -112,9 +103,23 @@ def main() -> None:
                      "speedup": round(base / med, 3), "steps": [round(t, 3) for t in ts]})
     cols = [("variant", "variant"), ("s / step (median)", "s_per_step"),
             ("img/s", "images_per_second"), ("x stock", "speedup")]
+    extra = {}
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            steps["fast"]()
+        events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+        total = sum(e.self_cpu_time_total for e in events)
+        extra["profile_fast_step"] = {
+            "self_cpu_seconds_total": round(total / 1e6, 3),
+            "top": [{"op": e.key, "self_cpu_seconds": round(e.self_cpu_time_total / 1e6, 3),
+                     "share": round(e.self_cpu_time_total / total, 3), "calls": e.count}
+                    for e in events[:15]]}
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
     report(rows, cols, args.out, machine(), size=args.size, batch=args.batch,
            native=status, native_build_seconds_fresh=round(built, 1),
-           wall_seconds=round(time.perf_counter() - t0, 1))
+           wall_seconds=round(time.perf_counter() - t0, 1), **extra)
 
 
 if __name__ == "__main__":

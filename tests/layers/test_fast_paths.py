@@ -15,9 +15,8 @@ import torch
 from torch import nn
 
 import lmnet
-import lmnet.layers.fused_norm as bn_sum
-import lmnet.layers.neighborhood_attention as na
 from lmnet.layers import MultiBranchBlock, batchnorm_sum, native_status
+from lmnet.layers.fast_path import fast_path
 from lmnet.layers.fused_norm import reference_batchnorm_sum
 from lmnet.layers.neighborhood_attention import neighborhood_attention_2d
 from lmnet.models import list_models
@@ -30,20 +29,14 @@ from tests.conftest import randomize_batchnorm
 RTOL, ATOL = 1e-4, 2e-4
 
 
-@contextlib.contextmanager
 def stock_path():
-    before = na.FAST_BACKWARD, bn_sum.NATIVE
-    na.FAST_BACKWARD = bn_sum.NATIVE = False
-    try:
-        yield
-    finally:
-        na.FAST_BACKWARD, bn_sum.NATIVE = before
+    return fast_path(False)
 
 
-def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+def _close(a: torch.Tensor, b: torch.Tensor, what: str, atol: float = ATOL) -> None:
     """``a`` equals ``b`` within fp32 rounding of values of ``b``'s size."""
     scale = float(b.abs().max()) or 1.0
-    assert torch.allclose(a, b, rtol=RTOL, atol=ATOL * scale), (what, float((a - b).abs().max()), scale)
+    assert torch.allclose(a, b, rtol=RTOL, atol=atol * scale), (what, float((a - b).abs().max()), scale)
 
 
 def _train_step(module: nn.Module, x: torch.Tensor, fast: bool) -> tuple[torch.Tensor, dict]:
@@ -72,7 +65,7 @@ def _biases_before_batchnorm(module: nn.Module) -> set[str]:
     return names
 
 
-def _compare(module: nn.Module, x: torch.Tensor) -> None:
+def _compare(module: nn.Module, x: torch.Tensor, atol: float = ATOL) -> None:
     out_fast, fast = _train_step(module, x, True)
     out_stock, stock = _train_step(module, x, False)
     _close(out_fast, out_stock, "output")
@@ -85,7 +78,7 @@ def _compare(module: nn.Module, x: torch.Tensor) -> None:
             for grad in (fast[name], stock[name]):  # on both paths
                 assert float(grad.abs().max()) < 1e-3 * largest, name
             continue
-        _close(fast[name], stock[name], name)
+        _close(fast[name], stock[name], name, atol)
 
 
 def test_the_native_kernels_build_here():
@@ -164,7 +157,9 @@ def test_whole_lmnet_fast_equals_stock():
     model = randomize_batchnorm(lmnet.create_model("lmnet", drop=0.0))
     x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
     model = model.to(memory_format=torch.channels_last)
-    _compare(model, x)
+    # seventy layers deep, rounding differences grow on the way back: 1e-3 of each tensor's
+    # largest value (a wrong formula differs by the size of the values)
+    _compare(model, x, atol=1e-3)
 
 
 def test_without_a_compiler_the_stock_path_runs_after_one_notice(tmp_path):

@@ -166,7 +166,7 @@ def run_demo(out: str | Path = "lmnet_demo", minutes: float = 3.5, image_size: i
             return None
         replans.append((done, current, new))
         if progress:
-            print(f"epochs {done} took {seconds / 60:.1f} min, slower than measured: training "
+            print(f"{done} epoch(s) took {seconds / 60:.1f} min, slower than measured: training "
                   f"{new} epochs instead of {current}, so that the schedule completes in time")
         return new
 

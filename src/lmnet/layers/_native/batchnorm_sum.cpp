@@ -42,6 +42,36 @@ inline float activate_grad(float u, int64_t act) {
   return act == 1 ? (u < -3.f ? 0.f : (u <= 3.f ? u / 3.f + 0.5f : 1.f)) : 1.f;
 }
 
+// u = sum_b scale_b * z_b + shift, the coefficients from the float statistics the forward
+// returned (the backward's u equals the forward's up to the rounding of those statistics)
+void coefficients(const float* g, const float* be, const float* mu, const float* rs, int64_t K,
+                  int64_t C, std::vector<float>& scale, std::vector<float>& shift) {
+  scale.assign(K * C, 0.f);
+  shift.assign(C, 0.f);
+  for (int64_t b = 0; b < K; ++b)
+    for (int64_t c = 0; c < C; ++c) {
+      const double r = rs[b * C + c];
+      scale[b * C + c] = static_cast<float>(g[b * C + c] * r);
+      shift[c] += static_cast<float>(be[b * C + c] - g[b * C + c] * r * mu[b * C + c]);
+    }
+}
+
+// u of pixel p (C values, written to out)
+inline void normalized_sum(float* out, const std::vector<const float*>& zp, int64_t p,
+                           const std::vector<float>& scale, const std::vector<float>& shift,
+                           int64_t C) {
+  const float* z0 = zp[0] + p * C;
+  const float* s0 = scale.data();
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) out[c] = z0[c] * s0[c] + shift[c];
+  for (size_t b = 1; b < zp.size(); ++b) {
+    const float* z = zp[b] + p * C;
+    const float* s = scale.data() + b * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) out[c] += z[c] * s[c];
+  }
+}
+
 }  // namespace
 
 // Returns (y, mean (K, C), invstd (K, C), var (K, C), unbiased): var is the biased variance
@@ -102,9 +132,9 @@ std::vector<at::Tensor> bn_sum_forward(const std::vector<at::Tensor>& zs, const 
   });
   auto opts = gamma.options();
   auto mean = at::empty({K, C}, opts), invstd = at::empty({K, C}, opts), var = at::empty({K, C}, opts);
-  std::vector<float> scale(K * C), shift(C, 0.f);
   const float* g = gamma.data_ptr<float>();
   const float* be = beta.data_ptr<float>();
+  std::vector<float> scale(K * C, 0.f), shift(C, 0.f);
   for (int64_t b = 0; b < K; ++b) {
     for (int64_t c = 0; c < C; ++c) {
       double s1 = 0.0, s2 = 0.0;
@@ -119,7 +149,7 @@ std::vector<at::Tensor> bn_sum_forward(const std::vector<at::Tensor>& zs, const 
       mean.data_ptr<float>()[b * C + c] = static_cast<float>(m);
       var.data_ptr<float>()[b * C + c] = static_cast<float>(v);
       invstd.data_ptr<float>()[b * C + c] = static_cast<float>(r);
-      scale[b * C + c] = static_cast<float>(g[b * C + c] * r);
+      scale[b * C + c] = static_cast<float>(g[b * C + c] * r);  // from the double statistics
       shift[c] += static_cast<float>(be[b * C + c] - g[b * C + c] * r * m);
     }
   }
@@ -128,16 +158,7 @@ std::vector<at::Tensor> bn_sum_forward(const std::vector<at::Tensor>& zs, const 
   at::parallel_for(0, P, 256, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       float* out = yp + p * C;
-      const float* z0 = zp[0] + p * C;
-      const float* s0 = scale.data();
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) out[c] = z0[c] * s0[c] + shift[c];
-      for (int64_t b = 1; b < K; ++b) {
-        const float* z = zp[b] + p * C;
-        const float* s = scale.data() + b * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) out[c] += z[c] * s[c];
-      }
+      normalized_sum(out, zp, p, scale, shift, C);
       if (act != 0) {
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) out[c] = activate(out[c], act);
@@ -171,27 +192,14 @@ std::vector<at::Tensor> bn_sum_backward(const at::Tensor& dy_in, const std::vect
   at::Tensor du = dy;
   if (act != 0) {
     du = at::empty_like(dy, dy.options().memory_format(at::MemoryFormat::ChannelsLast));
-    std::vector<float> scale(K * C), shift(C, 0.f);
-    for (int64_t b = 0; b < K; ++b)
-      for (int64_t c = 0; c < C; ++c) {
-        const double r = rs[b * C + c];
-        scale[b * C + c] = static_cast<float>(g[b * C + c] * r);
-        shift[c] += static_cast<float>(be[b * C + c] - g[b * C + c] * r * mu[b * C + c]);
-      }
+    std::vector<float> scale, shift;
+    coefficients(g, be, mu, rs, K, C, scale, shift);
     const float* dyp0 = dy.data_ptr<float>();
     float* dup = du.data_ptr<float>();
     at::parallel_for(0, P, 256, [&](int64_t begin, int64_t end) {
       std::vector<float> u(C);
       for (int64_t p = begin; p < end; ++p) {
-        const float* z0 = zp[0] + p * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) u[c] = z0[c] * scale[c] + shift[c];
-        for (int64_t b = 1; b < K; ++b) {
-          const float* z = zp[b] + p * C;
-          const float* s = scale.data() + b * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) u[c] += z[c] * s[c];
-        }
+        normalized_sum(u.data(), zp, p, scale, shift, C);
         const float* d = dyp0 + p * C;
         float* o = dup + p * C;
 #pragma omp simd
