@@ -323,7 +323,10 @@ def test_the_demo_report_says_what_its_training_did():
     assert "5 of 16 planned epochs" in cut and "did **not** complete" in cut
     assert "time cap of 5.25 minutes" in cut and "still 0.00085" in cut and "completed." not in cut
     replanned = training_sentence(8, 16, 8, [(2, 16, 8)], 0.0, 5.25)
-    assert "8 of 8 planned epochs (re-planned from 16 to 8 epochs after epoch 2" in replanned
+    assert "8 of 8 planned epochs (re-planned after epoch 2, which ran slower than measured: " \
+           "16 -> 8 epochs)" in replanned
+    twice = training_sentence(9, 25, 9, [(3, 25, 12), (5, 12, 9)], 0.0, 5.25)
+    assert "re-planned after epochs 3, 5, which ran slower than measured: 25 -> 12 -> 9" in twice
     assert replanned.endswith("the cosine schedule completed.")
 
 

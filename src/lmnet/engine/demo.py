@@ -46,8 +46,10 @@ def training_sentence(trained: int, planned: int, final: int,
     re-plans, and whether the learning-rate schedule completed."""
     text = f"LM-Net trained for {trained} of {final} planned epochs"
     if replans:
-        text += " (" + "; ".join(f"re-planned from {a} to {b} epochs after epoch {done}, which "
-                                 "ran slower than measured" for done, a, b in replans) + ")"
+        after = ", ".join(str(done) for done, _, _ in replans)
+        lengths = " -> ".join([str(replans[0][1]), *(str(b) for _, _, b in replans)])
+        text += (f" (re-planned after epoch{'s' if len(replans) > 1 else ''} {after}, which ran "
+                 f"slower than measured: {lengths} epochs)")
     elif final != planned:
         text += f" (planned {planned} at first)"
     if trained >= final:
