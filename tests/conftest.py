@@ -17,6 +17,8 @@ os.environ["LMNET_CACHE_DIR"] = tempfile.mkdtemp(prefix="lmnet-test-cache-")
 # ... but the native kernels' build (keyed by a digest of sources, flags, CPU and torch) is shared
 # with the user's, so that a test run compiles them at most once per machine.
 os.environ.setdefault("LMNET_NATIVE_CACHE", str(Path.home() / ".cache" / "lmnet" / "native"))
+# The thread governor would follow other processes' load: runs compared for exactness keep theirs.
+os.environ["LMNET_THREAD_GOVERNOR"] = "0"
 
 
 @pytest.fixture(autouse=True)

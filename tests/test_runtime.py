@@ -72,3 +72,87 @@ def test_threads_default_to_the_usable_cpus_and_follow_flag_and_env(monkeypatch)
         assert main(["list-models", "--threads", "0"]) == 2
     finally:
         torch.set_num_threads(before)
+
+
+def _stat(path, busy_jiffies):
+    """A /proc/stat with two CPUs, each busy for the given jiffies (user time) so far."""
+    lines = ["cpu  0 0 0 0 0 0 0 0 0 0"]
+    lines += [f"cpu{i} {b} 0 0 1000 0 0 0 0 0 0" for i, b in enumerate(busy_jiffies)]
+    path.write_text("\n".join(lines) + "\nintr 0\n")
+    return str(path)
+
+
+def test_cpu_busy_seconds_reads_the_chosen_cpus(tmp_path):
+    import os
+
+    from lmnet.runtime import cpu_busy_seconds
+
+    hz = os.sysconf("SC_CLK_TCK")
+    stat = _stat(tmp_path / "stat", [3 * hz, 5 * hz])
+    assert cpu_busy_seconds(None, stat) == 8.0
+    assert cpu_busy_seconds({1}, stat) == 5.0
+    assert cpu_busy_seconds(None, str(tmp_path / "missing")) is None
+
+
+def test_thread_governor_gives_the_free_cores_and_takes_them_back(monkeypatch):
+    """Another process keeping one of two cores busy: one thread; gone again: two."""
+    import os
+
+    import lmnet.runtime as runtime
+    from lmnet.runtime import ThreadGovernor
+
+    before = torch.get_num_threads()
+    clock, busy, own = [100.0], [0.0], [0.0]
+    monkeypatch.setattr("time.perf_counter", lambda: clock[0])
+    monkeypatch.setattr(runtime, "cpu_busy_seconds", lambda cpus=None, stat=None: busy[0])
+    monkeypatch.setattr(os, "times", lambda: os.times_result((own[0], 0.0, 0.0, 0.0, 0.0)))
+    try:
+        torch.set_num_threads(2)
+        gov = ThreadGovernor(max_threads=2, interval=5.0, enabled=True)
+        gov.cpus = {0, 1}
+
+        def advance(seconds, ours, others):
+            clock[0] += seconds
+            own[0] += ours * seconds
+            busy[0] += (ours + others) * seconds
+            return gov.update()
+
+        assert advance(1.0, 2.0, 1.0) is None           # before the interval: no look
+        assert advance(5.0, 1.0, 1.0) == 1 and torch.get_num_threads() == 1  # one core taken
+        assert advance(6.0, 1.0, 1.0) is None           # still taken: unchanged
+        assert advance(6.0, 1.0, 0.05) == 2 and torch.get_num_threads() == 2  # free again
+        assert [c[1] for c in gov.changes] == [2 - 1, 2]
+        assert gov.target(0.3) == 1 and gov.target(0.1) == 2 and gov.target(3.0) == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_thread_governor_is_off_where_the_user_chose_threads(monkeypatch):
+    import os
+
+    import lmnet.runtime as runtime
+    from lmnet.runtime import (
+        ThreadGovernor,
+        available_cpus,
+        cgroup_cpu_quota,
+        govern_threads,
+        set_threads,
+    )
+
+    monkeypatch.setenv("LMNET_THREAD_GOVERNOR", "1")
+    monkeypatch.delenv("LMNET_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        runtime._state.pop("threads_chosen", None)
+        runtime._state.pop("govern", None)
+        assert ThreadGovernor(max_threads=2).enabled is False  # a library call: not opted in
+        govern_threads()
+        machine_fits = cgroup_cpu_quota() is None and len(os.sched_getaffinity(0)) == available_cpus()
+        assert ThreadGovernor(max_threads=2).enabled is machine_fits  # the lmnet command
+        set_threads(1)
+        assert ThreadGovernor(max_threads=2).enabled is False  # --threads 1: left alone
+    finally:
+        runtime._state.pop("threads_chosen", None)
+        runtime._state.pop("govern", None)
+        torch.set_num_threads(before)

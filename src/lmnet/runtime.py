@@ -21,7 +21,7 @@ import os
 import sys
 
 __all__ = ["keep_freed_memory", "available_cpus", "available_memory", "cgroup_cpu_quota", "cpu_name",
-           "set_threads"]
+           "set_threads", "threads_were_chosen", "ThreadGovernor", "cpu_busy_seconds", "govern_threads"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -126,22 +126,134 @@ def set_threads(threads: int | None = None) -> int:
     """
     import torch
 
+    chosen = threads is not None or int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1
     if threads is None:
         env = os.environ.get("LMNET_THREADS", "").strip()
         if env:
+            chosen = True
             try:
                 threads = int(env)
             except ValueError:
                 raise ValueError(f"LMNET_THREADS must be a whole number, got {env!r}") from None
         elif os.environ.get("OMP_NUM_THREADS", "").strip():
+            _state["threads_chosen"] = True
             return torch.get_num_threads()  # the user's own limit, already applied by torch
         else:
             threads = max(1, available_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
     threads = min(threads, available_cpus())  # more threads than cores only wait on each other
+    _state["threads_chosen"] = chosen
     torch.set_num_threads(threads)
     return threads
+
+
+def govern_threads() -> None:
+    """Let :class:`ThreadGovernor` adapt the thread count of the work that follows (the ``lmnet``
+    command calls it; a program that imports lmnet may)."""
+    _state["govern"] = True
+
+
+def threads_were_chosen() -> bool:
+    """Whether the user fixed the thread count (``--threads``, ``LMNET_THREADS`` or
+    ``OMP_NUM_THREADS``): then :class:`ThreadGovernor` leaves it alone."""
+    return bool(_state.get("threads_chosen"))
+
+
+def cpu_busy_seconds(cpus: set[int] | None = None, stat: str = "/proc/stat") -> float | None:
+    """Seconds the given CPUs (default: every CPU of ``stat``) have spent busy since boot: user,
+    nice, system, irq, softirq and steal (a hypervisor running something else on them); None
+    where ``/proc/stat`` cannot be read."""
+    try:
+        hz = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for line in open(stat):
+            if not line.startswith("cpu") or line.startswith("cpu "):
+                continue
+            name, *fields = line.split()
+            if cpus is not None and int(name[3:]) not in cpus:
+                continue
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+            total += user + nice + system + irq + softirq + steal
+        return total / hz
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class ThreadGovernor:
+    """Fewer compute threads while other processes keep this machine's cores busy.
+
+    Every parallel region of PyTorch waits for its slowest thread: with 2 threads on 2 cores and
+    another process on one of them, a training step took 3-4x as long as on a quiet machine, one
+    thread 1.6x (``docs/performance.md``). :meth:`update`, called often (every training step),
+    looks every ``interval`` seconds at how much CPU time the machine's other processes took
+    since the last look (``/proc/stat`` less this process's own CPU time) and sets PyTorch's
+    threads to the cores left free (at least 1, at most ``max_threads``); when they leave, the
+    threads come back. It is on in the ``lmnet`` command (:func:`govern_threads`; a program
+    using lmnet as a library calls it to opt in) and does nothing where the user chose the
+    threads, where ``/proc/stat`` does not describe this process's CPUs (an affinity mask or
+    cgroup quota smaller than the machine), or with ``LMNET_THREAD_GOVERNOR=0``.
+    """
+
+    def __init__(self, max_threads: int | None = None, interval: float = 5.0,
+                 enabled: bool | None = None) -> None:
+        import time
+
+        import torch
+
+        self.max_threads = int(max_threads or torch.get_num_threads())
+        self.interval = interval
+        try:
+            self.cpus: set[int] | None = set(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            self.cpus = None
+        if enabled is None:
+            enabled = (bool(_state.get("govern")) and not threads_were_chosen()
+                       and self.max_threads > 1
+                       and os.environ.get("LMNET_THREAD_GOVERNOR", "1") != "0"
+                       and cgroup_cpu_quota() is None
+                       and self.cpus is not None and len(self.cpus) == available_cpus())
+        self.enabled = enabled
+        self.threads = self.max_threads
+        self.changes: list[tuple[float, int, float]] = []  # (time, threads, other processes' cores)
+        self._last = (time.perf_counter(), cpu_busy_seconds(self.cpus), self._own())
+        if self._last[1] is None:
+            self.enabled = False
+
+    @staticmethod
+    def _own() -> float:
+        t = os.times()
+        return t.user + t.system
+
+    def target(self, other_cores: float) -> int:
+        """Threads for the cores left by other processes using ``other_cores`` of them."""
+        free = (len(self.cpus) if self.cpus else self.max_threads) - other_cores
+        return max(1, min(self.max_threads, int(free + 0.25)))
+
+    def update(self) -> int | None:
+        """Look again if ``interval`` has passed; returns the new thread count when it changed."""
+        import time
+
+        if not self.enabled:
+            return None
+        now = time.perf_counter()
+        if now - self._last[0] < self.interval:
+            return None
+        busy, own = cpu_busy_seconds(self.cpus), self._own()
+        if busy is None:
+            return None
+        wall = now - self._last[0]
+        other = max(0.0, (busy - self._last[1]) - (own - self._last[2])) / wall
+        self._last = (now, busy, own)
+        threads = self.target(other)
+        if threads == self.threads:
+            return None
+        import torch
+
+        torch.set_num_threads(threads)
+        self.threads = threads
+        self.changes.append((now, threads, round(other, 2)))
+        return threads
 
 
 def cpu_name() -> str:

@@ -6,7 +6,7 @@ import sys
 
 from lmnet._version import __version__
 from lmnet.cli import demo, experiment, models, scoring, training
-from lmnet.runtime import keep_freed_memory, set_threads
+from lmnet.runtime import govern_threads, keep_freed_memory, set_threads
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     _log_to_stderr()
     try:
         threads = set_threads(args.threads)
+        govern_threads()  # fewer threads while other processes hold cores (lmnet.runtime)
         if args.threads is not None and threads < args.threads:
             print(f"lmnet {args.command}: note: --threads {args.threads} is more than the "
                   f"{threads} CPUs this process may use; using {threads}", file=sys.stderr)

@@ -27,6 +27,7 @@ from lmnet.deploy.engines import (
 )
 from lmnet.deploy.loading import load_predictor
 from lmnet.deploy.preprocess import preprocess
+from lmnet.runtime import ThreadGovernor
 
 __all__ = ["collect_inputs", "output_names", "overlay", "predict_files", "PredictionSummary",
            "AREA_FIELDS", "OUTPUT_FOLDERS", "check_threshold"]
@@ -281,6 +282,7 @@ def predict_files(checkpoint: str | Path | None, inputs: Sequence[str | Path], o
     table = _AreasTable(summary.csv_path, keep=overwrite,
                         replacing={str(out / "masks" / f"{n}.png") for n in names})
     pool = ThreadPoolExecutor(io_threads) if io_threads else None
+    governor = ThreadGovernor(enabled=None if predictor.engine == "torch" else False)
 
     def submit(fn: Any, *args: Any) -> Future:
         if pool is not None:
@@ -344,6 +346,7 @@ def predict_files(checkpoint: str | Path | None, inputs: Sequence[str | Path], o
                 while len(pending) > 2 * batch_size + 2:  # bounded: images wait in memory
                     wait([pending.popleft()])
             bar.update(len(batch))
+            governor.update()  # fewer threads while other processes hold cores
     finally:
         if pool is not None:
             pool.shutdown(wait=True)  # every started write finishes, even on Ctrl-C

@@ -33,7 +33,7 @@ from lmnet.deploy.checkpoint import build_model, load_checkpoint, load_weights
 from lmnet.engine.distributed import DistContext, resolve_device
 from lmnet.engine.evaluate import evaluate_samples
 from lmnet.losses import SegmentationLoss, class_balanced_weights
-from lmnet.runtime import cpu_name
+from lmnet.runtime import ThreadGovernor, cpu_name
 
 __all__ = ["train", "run_folder", "step_seconds", "step_memory", "LOG_FIELDS", "RESUME_OVERRIDABLE"]
 
@@ -174,6 +174,15 @@ def _check_readable(samples: list[Sample], channels: int) -> None:
             bad.append(str(err) if str(s.image) in str(err) else f"{s.image}: {err}")
     if bad:
         raise DatasetError(f"{len(bad)} file(s) of the test split cannot be read:\n  " + "\n  ".join(bad[:10]))
+
+
+def _threads_note(threads: int, governor: ThreadGovernor) -> str:
+    other = governor.changes[-1][2]
+    if threads < governor.max_threads:
+        return (f"note: other processes are using about {other:.1f} core(s): training with "
+                f"{threads} thread(s) until they stop (faster than {governor.max_threads} that "
+                "wait on each other)")
+    return f"note: the cores are free again: training with {threads} threads"
 
 
 def _seed_everything(seed: int) -> None:
@@ -419,6 +428,7 @@ def _train(cfg: TrainConfig, resume: bool | str | Path, progress: bool, ctx: Dis
 
     t_run = time.perf_counter()
     budget_s = cfg.time_budget * 60 if cfg.time_budget else None
+    governor = ThreadGovernor(enabled=None if ctx.world == 1 and device.type == "cpu" else False)
     stop = _GracefulStop(enabled=ctx.is_main and ctx.world == 1)
     epoch, steps, stop_reason = start_epoch, 0, None
     try:
@@ -457,6 +467,9 @@ def _train(cfg: TrainConfig, resume: bool | str | Path, progress: bool, ctx: Dis
                 scaler.step(optimizer)
                 scaler.update()
                 steps += 1
+                changed = governor.update()
+                if changed is not None and show:
+                    tqdm.write(_threads_note(changed, governor))
                 seen += len(x) * ctx.world
                 loss_sum += step_loss
                 rate = (seen - (done["seen"] if done else 0)) / (time.perf_counter() - t0)
