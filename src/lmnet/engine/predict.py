@@ -213,6 +213,22 @@ def _write(image: np.ndarray, mask: np.ndarray, mask_path: Path, overlay_path: P
     table.add(row)
 
 
+def _remove_stale_parts(out: Path) -> None:
+    """Delete the hidden ``.NAME.PID.*.part`` files a killed earlier run left (never under a final
+    name; their process is gone)."""
+    import os
+
+    for name in OUTPUT_FOLDERS:
+        for part in (out / name).glob(".*.part"):
+            try:
+                pid = int(part.name.split(".")[-4])
+                os.kill(pid, 0)  # still running: its write may yet finish
+            except ProcessLookupError:
+                part.unlink(missing_ok=True)
+            except (ValueError, IndexError, PermissionError, OSError):
+                continue
+
+
 def earlier_outputs(out: Path) -> list[Path]:
     """What an earlier ``predict`` left in ``out``: ``areas.csv`` and the PNGs of its folders."""
     found = [out / "areas.csv"] if (out / "areas.csv").is_file() else []
@@ -279,6 +295,7 @@ def predict_files(checkpoint: str | Path | None, inputs: Sequence[str | Path], o
     autocast = precision if predictor.engine == "torch" else "fp32"
     (out / "masks").mkdir(parents=True, exist_ok=True)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
+    _remove_stale_parts(out)
     table = _AreasTable(summary.csv_path, keep=overwrite,
                         replacing={str(out / "masks" / f"{n}.png") for n in names})
     pool = ThreadPoolExecutor(io_threads) if io_threads else None
