@@ -19,6 +19,7 @@ import ctypes
 import ctypes.util
 import os
 import sys
+import time
 
 __all__ = ["keep_freed_memory", "available_cpus", "available_memory", "cgroup_cpu_quota", "cpu_name",
            "set_threads", "threads_were_chosen", "ThreadGovernor", "cpu_busy_seconds", "govern_threads"]
@@ -197,8 +198,6 @@ class ThreadGovernor:
 
     def __init__(self, max_threads: int | None = None, interval: float = 5.0,
                  enabled: bool | None = None) -> None:
-        import time
-
         import torch
 
         self.max_threads = int(max_threads or torch.get_num_threads())
@@ -232,8 +231,6 @@ class ThreadGovernor:
 
     def update(self) -> int | None:
         """Look again if ``interval`` has passed; returns the new thread count when it changed."""
-        import time
-
         if not self.enabled:
             return None
         now = time.perf_counter()

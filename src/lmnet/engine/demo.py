@@ -16,7 +16,7 @@ from lmnet.data.layouts import discover
 from lmnet.data.splits import save_split
 from lmnet.engine.evaluate import evaluate_run
 from lmnet.engine.predict import predict_files
-from lmnet.engine.train import step_seconds, train
+from lmnet.engine.train import read_log, step_seconds, train
 from lmnet.metrics import markdown_table
 
 __all__ = ["sample_data_path", "run_demo", "training_sentence"]
@@ -58,16 +58,6 @@ def training_sentence(trained: int, planned: int, final: int,
     return (text + f": training was stopped{cap}, so the cosine schedule did **not** complete "
             f"(learning rate still {last_lr:.2g} after the last epoch); the numbers below are those "
             "of a model cut short.")
-
-
-def _log_rows(run_dir: Path) -> list[dict[str, str]]:
-    import csv
-
-    path = run_dir / "log.csv"
-    if not path.is_file():
-        return []
-    with path.open(newline="") as fh:
-        return list(csv.DictReader(fh))
 
 
 def _summary_figure(report: Path, run_dir: Path, images: list[Path], samples: list,
@@ -191,7 +181,7 @@ def run_demo(out: str | Path = "lmnet_demo", minutes: float = 3.5, image_size: i
                                weights="kvasir")
         predict_files(None, images, report / "predictions_shipped_model", progress=False,
                       weights="kvasir", engine="torch", overwrite=True)
-        rows = [(f"this demo's LM-Net ({len(_log_rows(run_dir))} epochs on {len(split['train'])} images)",
+        rows = [(f"this demo's LM-Net ({len(read_log(run_dir))} epochs on {len(split['train'])} images)",
                  own["all"]),
                 ("shipped LM-Net (`--weights kvasir`)", ship["all"])]
         shipped_part = (
@@ -206,7 +196,7 @@ def run_demo(out: str | Path = "lmnet_demo", minutes: float = 3.5, image_size: i
             "`python -c \"import lmnet; print(lmnet.from_pretrained('kvasir').pretrained_cfg)\"`.\n")
     summary = _summary_figure(report, run_dir, images, samples, split is not None)
     minutes_taken = (time.perf_counter() - t0) / 60
-    rows = _log_rows(run_dir)
+    rows = read_log(run_dir)
     final = int(json.loads((run_dir / "config.json").read_text())["epochs"])
     trained_line = training_sentence(len(rows), planned, final, replans,
                                      float(rows[-1]["lr"]) if rows else cfg.lr, cfg.time_budget)

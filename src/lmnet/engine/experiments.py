@@ -244,8 +244,9 @@ def _eval_dir(run: Run, cfg: ExperimentConfig) -> Path:
 
 
 def _log_rows(run: Run) -> list[dict[str, str]]:
-    path = run.run_dir / "log.csv"
-    return list(csv.DictReader(path.open())) if path.is_file() else []
+    from lmnet.engine.train import read_log
+
+    return read_log(run.run_dir)
 
 
 def _budget_file(run: Run) -> Path:

@@ -4,7 +4,6 @@ terms, split, recipe, training time and machine, test metrics in both convention
 number is read from the run folder; nothing is typed in by hand."""
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from lmnet.deploy.checkpoint import load_checkpoint, resolve_checkpoint
 from lmnet.deploy.export import stored_split
 from lmnet.deploy.pretrained import export_pretrained
 from lmnet.engine.figures import plot_curves
-from lmnet.engine.train import read_sessions
+from lmnet.engine.train import read_log, read_sessions
 
 __all__ = ["DATASETS", "model_card", "export_with_card"]
 
@@ -42,8 +41,7 @@ DATASETS: dict[str, dict[str, str]] = {
 
 
 def _log(run: Path) -> list[dict[str, str]]:
-    path = run / "log.csv"
-    return list(csv.DictReader(path.open())) if path.is_file() else []
+    return read_log(run)
 
 
 def _metrics_rows(run: Path) -> list[tuple[str, str, dict[str, Any]]]:

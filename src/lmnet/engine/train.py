@@ -35,7 +35,7 @@ from lmnet.engine.evaluate import evaluate_samples
 from lmnet.losses import SegmentationLoss, class_balanced_weights
 from lmnet.runtime import ThreadGovernor, cpu_name
 
-__all__ = ["train", "run_folder", "step_seconds", "step_memory", "LOG_FIELDS", "RESUME_OVERRIDABLE"]
+__all__ = ["train", "run_folder", "read_log", "step_seconds", "step_memory", "LOG_FIELDS", "RESUME_OVERRIDABLE"]
 
 log = logging.getLogger(__name__)
 
@@ -285,6 +285,15 @@ def _prepare_run(cfg: TrainConfig, resume: bool | str | Path, overrides: dict[st
         raise ValueError(f"{run_dir} already holds a run: continue it with --resume, or choose "
                          "another --name")
     return cfg, fmt, samples, run_dir
+
+
+def read_log(run_dir: str | Path) -> list[dict[str, str]]:
+    """The rows of ``run_dir/log.csv`` (one per finished epoch; empty before the first)."""
+    path = Path(run_dir) / "log.csv"
+    if not path.is_file():
+        return []
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
 
 
 def read_sessions(run_dir: str | Path) -> list[dict[str, Any]]:
