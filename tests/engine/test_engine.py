@@ -286,7 +286,8 @@ def test_demo_plans_its_epochs_from_measured_speed(tmp_path, monkeypatch):
     assert plan_epochs(cfg, 28, minutes=1e-6, most=2) == 2
     assert plan_epochs(cfg, 28, minutes=60, most=25) == 25
     monkeypatch.setattr(demo, "plan_epochs", lambda cfg, n, minutes, most: 4)  # a slow machine
-    report = run_demo(tmp_path / "demo", minutes=0.5, image_size=32, epochs=25, progress=False)
+    # minutes: far more than 4 epochs at 32 px take, so that no re-plan shortens them on a busy machine
+    report = run_demo(tmp_path / "demo", minutes=3.0, image_size=32, epochs=25, progress=False)
     rows = list(csv.DictReader((tmp_path / "demo" / "run" / "log.csv").open()))
     assert len(rows) == 4 and float(rows[-1]["lr"]) == 0.0  # the cosine schedule ended
     text = (report / "README.md").read_text()
