@@ -22,7 +22,7 @@ import sys
 import time
 
 __all__ = ["keep_freed_memory", "available_cpus", "available_memory", "cgroup_cpu_quota", "cpu_name",
-           "set_threads", "threads_were_chosen", "ThreadGovernor", "cpu_busy_seconds", "govern_threads"]
+           "native_bf16", "set_threads", "threads_were_chosen", "ThreadGovernor", "cpu_busy_seconds", "govern_threads"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -253,9 +253,9 @@ class ThreadGovernor:
         return threads
 
 
-def cpu_name() -> str:
-    """The processor's model name (``/proc/cpuinfo``), with its widest vector and matrix
-    instruction sets, e.g. ``AMD EPYC (avx2)`` or ``... (avx512, avx512_bf16, amx)``."""
+def _cpuinfo() -> tuple[str, set[str]]:
+    """The processor's model name and instruction-set flags from ``/proc/cpuinfo`` (Linux; elsewhere
+    the platform's name and no flags)."""
     import platform
     from pathlib import Path
 
@@ -268,8 +268,30 @@ def cpu_name() -> str:
                 flags = set(line.split(":", 1)[1].split())
                 break
     except OSError:
-        return name
+        pass
+    return name, flags
+
+
+def cpu_name() -> str:
+    """The processor's model name (``/proc/cpuinfo``), with its widest vector and matrix
+    instruction sets, e.g. ``AMD EPYC (avx2)`` or ``... (avx512, avx512_bf16, amx)``."""
+    name, flags = _cpuinfo()
     shown = [f for f in ("avx512f", "avx512_bf16", "avx512_vnni", "amx_tile") if f in flags]
     if not shown and "avx2" in flags:
         shown = ["avx2"]
     return f"{name} ({', '.join(shown)})" if shown else name
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX-BF16), where bf16 inference
+    can be faster than fp32; elsewhere it is emulated and slower. Where ``/proc/cpuinfo`` is
+    missing, oneDNN's own check decides."""
+    _, flags = _cpuinfo()
+    if flags:
+        return bool(flags & {"avx512_bf16", "amx_bf16"})
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False

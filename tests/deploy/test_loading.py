@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from lmnet.cli.main import main
@@ -117,6 +118,77 @@ def test_bf16_leaves_out_engines_without_it(tiny_checkpoint, cache, fake_timer):
     assert "onnx" not in timed and "torch" in timed
     with pytest.raises(ValueError, match="precision 'bf16' is available with --engine torch"):
         load_predictor(tiny_checkpoint, "onnx", precision="bf16")
+
+
+def _auto_timer(monkeypatch, ms: dict[str, float], agreement: float | None, bf16_cpu: bool = True):
+    """Stand-ins for ``precision="auto"``: (engine, precision) pairs take ``ms["engine precision"]``,
+    bf16 masks agree with fp32's at ``agreement``; returns the pairs timed and the agreement calls."""
+    timed, checked = [], []
+
+    def fake(run, engine, x, precision, **_):
+        timed.append(f"{engine} {precision}")
+        return ms[f"{engine} {precision}"] / 1000
+
+    def agree(reference, run, engine, precision, cfg, count=None):
+        checked.append(f"{engine} {precision}")
+        return agreement
+
+    monkeypatch.setattr(loading, "_time_runner", fake)
+    monkeypatch.setattr(loading, "make_runner", lambda model, cfg, engine, precision="fp32", threads=None: model)
+    monkeypatch.setattr(loading, "mask_agreement", agree)
+    monkeypatch.setattr(loading, "native_bf16", lambda: bf16_cpu)
+    return timed, checked
+
+
+def test_auto_precision_takes_bf16_only_where_it_is_faster_and_agrees(tiny_checkpoint, cache,
+                                                                       monkeypatch):
+    model, cfg = load_model(tiny_checkpoint)
+    ms = {"torch fp32": 100.0, "torch bf16": 90.0, "onnx fp32": 80.0, "openvino fp32": 70.0,
+          "openvino bf16": 40.0}
+    timed, checked = _auto_timer(monkeypatch, ms, agreement=0.999)
+    chosen = choose_engine(model, cfg, precision="auto", engines=("torch",))
+    assert (chosen.engine, chosen.precision) == ("torch", "bf16")
+    assert sorted(timed) == ["torch bf16", "torch fp32"] and checked == ["torch bf16"]
+    assert "engine auto: torch bf16" in chosen.note and "Dice 0.9990" in chosen.note
+    entry = next(iter(json.loads(cache.read_text()).values()))
+    assert entry["precision"] == "bf16" and entry["bf16_agreement"] == {"torch bf16": 0.999}
+    again = choose_engine(model, cfg, precision="auto", engines=("torch",))  # cached, with its reason
+    assert again.precision == "bf16" and "cached in" in again.note and "Dice 0.9990" in again.note
+
+    # Masks that disagree: the fastest bf16 candidate is dropped, every bf16 one checked, fp32 wins.
+    timed, checked = _auto_timer(monkeypatch, ms, agreement=0.99)
+    chosen = choose_engine(model, cfg, precision="auto", refresh=True, engines=("torch",))
+    assert (chosen.engine, chosen.precision) == ("torch", "fp32") and checked == ["torch bf16"]
+    assert "too low: not used" in chosen.note
+
+    # A CPU without bf16 in hardware: bf16 is not even measured.
+    timed, checked = _auto_timer(monkeypatch, ms, agreement=1.0, bf16_cpu=False)
+    chosen = choose_engine(model, cfg, precision="auto", refresh=True, engines=("torch",))
+    assert chosen.precision == "fp32" and checked == [] and "only candidate" in chosen.note
+
+
+@several_engines
+def test_auto_precision_over_every_engine(tiny_checkpoint, cache, monkeypatch):
+    model, cfg = load_model(tiny_checkpoint)
+    ms = {"torch fp32": 100.0, "torch bf16": 30.0, "onnx fp32": 80.0, "openvino fp32": 70.0,
+          "openvino bf16": 40.0}
+    timed, checked = _auto_timer(monkeypatch, ms, agreement=0.999)
+    chosen = choose_engine(model, cfg, precision="auto")
+    assert (chosen.engine, chosen.precision) == ("torch", "bf16") and "onnx bf16" not in timed
+    assert set(timed) == {k for k in ms if k.split()[0] in INSTALLED}
+    # An explicit precision is taken as it is: no agreement check.
+    timed, checked = _auto_timer(monkeypatch, ms, agreement=0.5)
+    assert choose_engine(model, cfg, precision="bf16", refresh=True).precision == "bf16"
+    assert checked == []
+
+
+def test_mask_agreement_measures_the_masks(tiny_checkpoint):
+    model, cfg = load_model(tiny_checkpoint)
+    model.eval()
+    assert loading.mask_agreement(model, model, "torch", "fp32", cfg, count=3) == 1.0
+    # Negated logits: every mask is the complement of the reference's, no pixel in common.
+    inverted = lambda x: -model(torch.from_numpy(x)).detach().numpy()  # noqa: E731
+    assert loading.mask_agreement(model, inverted, "onnx", "fp32", cfg, count=3) == 0.0
 
 
 def _images(folder: Path, n: int) -> Path:

@@ -19,20 +19,31 @@ from lmnet.deploy.checkpoint import model_from_checkpoint, model_source
 from lmnet.deploy.engines import (
     ENGINE_FILES,
     ENGINES,
+    PRECISIONS,
     cache_dir,
     engine_available,
     make_runner,
     precision_context,
+    predict_probabilities,
+    probabilities_to_mask,
 )
-from lmnet.runtime import cpu_name
+from lmnet.runtime import cpu_name, native_bf16
 
-__all__ = ["ENGINE_CHOICES", "Predictor", "choose_engine", "load_model", "load_predictor",
-           "probe_cache_path"]
+__all__ = ["ENGINE_CHOICES", "PRECISION_CHOICES", "BF16_AGREEMENT", "Predictor", "choose_engine",
+           "load_model", "load_predictor", "mask_agreement", "probe_cache_path"]
 
 #: What ``--engine`` accepts: ``auto`` (measured) or one engine.
 ENGINE_CHOICES = ("auto", *ENGINES)
 #: Precisions each engine runs on a CPU.
 _ENGINE_PRECISIONS = {"torch": ("fp32", "bf16"), "onnx": ("fp32",), "openvino": ("fp32", "bf16")}
+#: What ``lmnet predict --precision`` accepts: ``auto`` lets the probe consider bf16 too
+#: (:func:`choose_engine`).
+PRECISION_CHOICES = ("auto", *PRECISIONS)
+#: A bf16 candidate of ``precision="auto"`` is used only if its masks of the shipped sample agree
+#: with fp32 PyTorch's at least this well (mean Dice over the images).
+BF16_AGREEMENT = 0.995
+#: Sample images the agreement is measured on (None: all 40).
+AGREEMENT_IMAGES: int | None = None
 
 
 class Predictor(NamedTuple):
@@ -43,6 +54,8 @@ class Predictor(NamedTuple):
     cfg: TrainConfig
     engine: str
     note: str = ""
+    #: ``fp32`` or ``bf16``: what the engine computes in (PyTorch: the autocast the caller applies)
+    precision: str = "fp32"
 
 
 def load_model(checkpoint: str | Path | None = None, weights: str | Path | None = None
@@ -82,6 +95,8 @@ def load_predictor(checkpoint: str | Path | None = None, engine: str = "torch",
             raise ValueError(f"{path} is an exported {wanted} file: use --engine {wanted}")
         if not path.is_file():
             raise FileNotFoundError(f"no such {wanted} file: {path}")
+        if precision == "auto":
+            precision = "fp32"
         if precision not in _ENGINE_PRECISIONS[wanted]:
             raise ValueError(f"precision {precision!r} is not available with {wanted}")
         from lmnet.deploy.engines import openvino_runner
@@ -95,14 +110,16 @@ def load_predictor(checkpoint: str | Path | None = None, engine: str = "torch",
             raise ValueError(f"{path} cannot be loaded by {wanted}: {error_line(err)} (a damaged "
                              f"or incomplete export? export it again with lmnet export)") from None
         check_output_channels(run, cfg, path)
-        return Predictor(run, cfg, wanted, f"engine: {wanted} (the file's own)")
+        return Predictor(run, cfg, wanted, f"engine: {wanted} (the file's own), {precision}",
+                         precision)
     model, cfg = load_model(checkpoint, weights)
-    if engine == "auto":
-        return choose_engine(model, cfg, batch_size, precision, threads)
+    if engine == "auto" or precision == "auto":
+        return choose_engine(model, cfg, batch_size, precision, threads,
+                             engines=None if engine == "auto" else (engine,))
     if precision not in _ENGINE_PRECISIONS[engine] and not (engine == "torch" and precision == "fp16"):
         raise ValueError(f"precision {precision!r} is available with --engine "
                          f"{' or '.join(e for e, p in _ENGINE_PRECISIONS.items() if precision in p)}")
-    return Predictor(make_runner(model, cfg, engine, precision, threads), cfg, engine)
+    return Predictor(make_runner(model, cfg, engine, precision, threads), cfg, engine, "", precision)
 
 
 def check_output_channels(run: Any, cfg: TrainConfig, source: str | Path) -> None:
@@ -182,25 +199,71 @@ def _time_runner(run: Any, engine: str, x: torch.Tensor, precision: str,
     return statistics.median(times)
 
 
+def _candidates(precision: str, engines: tuple[str, ...] | None) -> list[tuple[str, str]]:
+    """(engine, precision) pairs worth measuring: installed engines that run ``precision``; for
+    ``auto`` every engine's fp32, and its bf16 where the CPU has bf16 in hardware."""
+    names = [e for e in (engines or ENGINES) if engine_available(e)]
+    if precision != "auto":
+        return [(e, precision) for e in names if precision in _ENGINE_PRECISIONS[e]]
+    wanted = ("fp32", "bf16") if native_bf16() else ("fp32",)
+    return [(e, p) for p in wanted for e in names if p in _ENGINE_PRECISIONS[e]]
+
+
+def _label(engine: str, precision: str, auto: bool) -> str:
+    return f"{engine} {precision}" if auto else engine
+
+
+def mask_agreement(reference: Any, run: Any, engine: str, precision: str, cfg: TrainConfig,
+                   count: int | None = AGREEMENT_IMAGES) -> float:
+    """Mean Dice between the lesion masks of ``reference`` (a deployed model or runner computing in
+    fp32) and those of ``run`` (``engine`` at ``precision``) on the shipped sample's images (the
+    first ``count``; all: None), one at a time at the model's input size; two empty masks agree
+    fully."""
+    from lmnet.data.io import read_image
+    from lmnet.data.sample import sample_images
+    from lmnet.deploy.preprocess import preprocess
+
+    dice = []
+    for path in sample_images(count):
+        x = preprocess([read_image(path, cfg.in_channels)], cfg.image_size, cfg.mean, cfg.std)
+        with torch.inference_mode():
+            a = probabilities_to_mask(predict_probabilities(reference, x))
+            with precision_context(precision if engine == "torch" else "fp32"):
+                b = probabilities_to_mask(predict_probabilities(run, x))
+        size = int(a.sum()) + int(b.sum())
+        dice.append(1.0 if size == 0 else 2 * int((a & b).sum()) / size)
+    return sum(dice) / len(dice)
+
+
 def choose_engine(model: nn.Module, cfg: TrainConfig, batch_size: int = 1, precision: str = "fp32",
-                  threads: int | None = None, refresh: bool = False) -> Predictor:
+                  threads: int | None = None, refresh: bool = False,
+                  engines: tuple[str, ...] | None = None) -> Predictor:
     """The deployed ``model`` on the fastest installed engine that runs ``precision``, measured:
     each candidate runs a batch of ``batch_size`` random images at the model's input size a few
     times, the median decides. The choice is cached per machine and setting
     (:func:`probe_cache_path`), so later calls build only the chosen engine; ``refresh`` measures
-    again. The :class:`Predictor`'s ``note`` says what was chosen and why."""
+    again. The :class:`Predictor`'s ``note`` says what was chosen and why.
+
+    ``precision="auto"``: fp32 in every engine and, on a CPU with bf16 in hardware
+    (:func:`~lmnet.runtime.native_bf16`), bf16 where the engine has it; a bf16 candidate that
+    is fastest is taken only if its masks agree with fp32's (:func:`mask_agreement` at least
+    :data:`BF16_AGREEMENT`), else the next fastest. ``engines``: only these engines."""
     threads = int(threads or torch.get_num_threads())
+    auto = precision == "auto"
     param = next(model.parameters(), None)
     if param is not None and param.device.type != "cpu":
-        return Predictor(model, cfg, "torch", f"engine: torch (the model is on {param.device})")
-    candidates = [e for e in ENGINES if precision in _ENGINE_PRECISIONS[e] and engine_available(e)]
+        return Predictor(model, cfg, "torch", f"engine: torch (the model is on {param.device})",
+                         "fp32" if auto else precision)
+    candidates = _candidates(precision, engines)
     if not candidates:
         raise ValueError(f"no installed engine runs precision {precision!r} on a CPU")
     if len(candidates) == 1:
-        return Predictor(make_runner(model, cfg, candidates[0], precision, threads), cfg,
-                         candidates[0], f"engine auto: {candidates[0]}, the only engine installed "
-                         f"for {precision} (OpenVINO is often faster: pip install 'lmnet[openvino]')")
-    key = _probe_key(cfg, batch_size, precision, threads, candidates)
+        engine, prec = candidates[0]
+        hint = "" if engines else " (OpenVINO is often faster: pip install 'lmnet[openvino]')"
+        return Predictor(make_runner(model, cfg, engine, prec, threads), cfg, engine,
+                         f"engine auto: {_label(engine, prec, auto)}, the only candidate installed "
+                         f"for {precision}{hint}", prec)
+    key = _probe_key(cfg, batch_size, precision, threads, [_label(*c, True) for c in candidates])
     cache_file = probe_cache_path()
     try:
         cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
@@ -210,34 +273,56 @@ def choose_engine(model: nn.Module, cfg: TrainConfig, batch_size: int = 1, preci
         cache = {}  # unreadable or corrupt: measure again and rewrite it
     setting = f"batch {batch_size}, {cfg.image_size} x {cfg.image_size}, {precision}, {threads} threads"
     entry = cache.get(key)
-    if not refresh and isinstance(entry, dict) and entry.get("engine") in candidates:
-        engine = entry["engine"]
-        timings = entry.get("ms", {})
-        note = (f"engine auto: {engine}, measured fastest on this machine for {setting} "
-                f"({_fmt_ms(timings)}; cached in {cache_file})")
-        return Predictor(make_runner(model, cfg, engine, precision, threads), cfg, engine, note)
+    if (not refresh and isinstance(entry, dict)
+            and (entry.get("engine"), entry.get("precision", precision)) in candidates):
+        engine, prec = entry["engine"], entry.get("precision", precision)
+        note = (f"engine auto: {_label(engine, prec, auto)}, measured fastest on this machine for "
+                f"{setting} ({_fmt_ms(entry.get('ms', {}))}{_fmt_agreement(entry)}; cached in {cache_file})")
+        return Predictor(make_runner(model, cfg, engine, prec, threads), cfg, engine, note, prec)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, cfg.in_channels, cfg.image_size, cfg.image_size, generator=gen)
-    best: tuple[float, str, Any] | None = None
+    measured: list[tuple[float, str, str, Any]] = []
     timings = {}
-    for engine in candidates:
-        run = make_runner(model, cfg, engine, precision, threads)
-        seconds = _time_runner(run, engine, x, precision)
-        timings[engine] = round(seconds * 1000, 2)
-        if best is None or seconds < best[0]:
-            best = (seconds, engine, run)
-        else:
-            del run
-    assert best is not None
-    cache[key] = {"engine": best[1], "ms": timings, "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for engine, prec in candidates:
+        run = make_runner(model, cfg, engine, prec, threads)
+        seconds = _time_runner(run, engine, x, prec)
+        timings[_label(engine, prec, auto)] = round(seconds * 1000, 2)
+        measured.append((seconds, engine, prec, run))
+    measured.sort(key=lambda m: m[0])
+    # the reference of the agreement: the fastest fp32 candidate (fp32 in any engine)
+    reference = next((m[3] for m in measured if m[2] == "fp32"), model)
+    agreement: dict[str, float] = {}
+    for _, engine, prec, run in measured:
+        if prec != "bf16" or not auto:
+            break
+        agreement[_label(engine, prec, auto)] = round(mask_agreement(reference, run, engine, prec, cfg), 5)
+        if agreement[_label(engine, prec, auto)] >= BF16_AGREEMENT:
+            break
+    del measured  # the engines not chosen
+    entry = {"engine": engine, "precision": prec, "ms": timings,
+             "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if agreement:
+        entry["bf16_agreement"] = agreement
+    cache[key] = entry
     saved = f"cached in {cache_file}"
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(cache_file, json.dumps(cache, indent=2) + "\n")  # readers: old or new
     except OSError as err:
         saved = f"not cached: {err}"
-    note = f"engine auto: {best[1]}, fastest of a probe at {setting} ({_fmt_ms(timings)}; {saved})"
-    return Predictor(best[2], cfg, best[1], note)
+    note = (f"engine auto: {_label(engine, prec, auto)}, fastest of a probe at {setting} "
+            f"({_fmt_ms(timings)}{_fmt_agreement(entry)}; {saved})")
+    return Predictor(run, cfg, engine, note, prec)
+
+
+def _fmt_agreement(entry: dict[str, Any]) -> str:
+    """``; bf16 masks vs fp32: openvino bf16 Dice 0.998 (8 sample images)``, if measured."""
+    found = entry.get("bf16_agreement") or {}
+    if not isinstance(found, dict) or not found:
+        return ""
+    parts = ", ".join(f"{k} Dice {v:.4f}{'' if v >= BF16_AGREEMENT else ' (too low: not used)'}"
+                      for k, v in found.items())
+    return f"; bf16 masks vs fp32's on the shipped sample: {parts}"
 
 
 def _fmt_ms(timings: dict[str, float]) -> str:

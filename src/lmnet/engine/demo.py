@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ import numpy as np
 from lmnet._files import atomic_write_text
 from lmnet.config import TrainConfig
 from lmnet.data.layouts import discover
+from lmnet.data.sample import sample_data_path
 from lmnet.data.splits import save_split
 from lmnet.engine.evaluate import evaluate_run
 from lmnet.engine.predict import predict_files
@@ -20,11 +20,6 @@ from lmnet.engine.train import read_log, step_seconds, train
 from lmnet.metrics import markdown_table
 
 __all__ = ["sample_data_path", "run_demo", "training_sentence"]
-
-
-def sample_data_path() -> Path:
-    """Folder of the bundled Kvasir-SEG sample (40 images and masks)."""
-    return Path(str(resources.files("lmnet") / "sample_data" / "kvasir_sample"))
 
 
 def plan_epochs(cfg: TrainConfig, train_images: int, minutes: float, most: int) -> int:

@@ -292,7 +292,7 @@ def predict_files(checkpoint: str | Path | None, inputs: Sequence[str | Path], o
     predictor = load_predictor(checkpoint, engine, weights, precision, batch_size)
     model, cfg = predictor.model, predictor.cfg
     summary.engine, summary.note = predictor.engine, predictor.note
-    autocast = precision if predictor.engine == "torch" else "fp32"
+    autocast = predictor.precision if predictor.engine == "torch" else "fp32"
     (out / "masks").mkdir(parents=True, exist_ok=True)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     _remove_stale_parts(out)
