@@ -70,6 +70,32 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _post_flags(p: argparse.ArgumentParser, predict: bool) -> None:
+    """Test-time augmentation and mask clean-up (:class:`~lmnet.deploy.postprocess.PostProcess`).
+    ``predict`` averages the flips by default (measured on the shipped model's test split: +2.1
+    points of foreground Dice for 3.8x the time, its model card); ``evaluate`` scores without,
+    as the paper, unless told."""
+    from lmnet.deploy.postprocess import TTA_CHOICES
+
+    p.add_argument("--tta", default="flips" if predict else "none", choices=TTA_CHOICES,
+                   help="test-time augmentation: hflip (2 passes) or flips (4: identity, horizontal, "
+                        "vertical, both), lesion probabilities averaged; none: one pass")
+    p.add_argument("--keep-largest", action="store_true",
+                   help="keep only the largest connected lesion (8-connected) of each mask")
+    p.add_argument("--min-lesion-pixels", type=int, default=0, metavar="N",
+                   help="drop lesions of fewer than N pixels (of the mask as scored or written)")
+    if predict:
+        p.add_argument("--threshold", type=float, default=0.5,
+                       help="lesion probability threshold, in [0, 1]")
+
+
+def _post(args: argparse.Namespace) -> "PostProcess":  # noqa: F821 - imported when called
+    from lmnet.deploy.postprocess import PostProcess
+
+    return PostProcess(args.tta, getattr(args, "threshold", 0.5), args.keep_largest,
+                       args.min_lesion_pixels)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from lmnet.engine.evaluate import evaluate_run
     from lmnet.metrics import markdown_table
@@ -79,7 +105,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise ValueError("give a run folder (or checkpoint) or --weights NAME, not both or neither")
     result, out = evaluate_run(args.run, args.data, args.split, args.split_file, args.grid, args.out,
                                spacing, args.device, progress=not args.quiet,
-                               precision=args.precision, weights=args.weights, engine=args.engine)
+                               precision=args.precision, weights=args.weights, engine=args.engine,
+                               post=_post(args))
     print(markdown_table(result))
     print(f"wrote {out / 'metrics.json'}, {out / 'per_image.csv'} and {out / 'metrics.md'}")
     return 0
@@ -97,9 +124,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
         checkpoint, inputs = args.items[0], args.items[1:]
     summary = predict_files(checkpoint, inputs, args.out, args.threshold, progress=not args.quiet,
                             engine=args.engine, precision=args.precision, weights=args.weights,
-                            batch_size=args.batch_size, overwrite=args.overwrite)
+                            batch_size=args.batch_size, overwrite=args.overwrite,
+                            tta=args.tta, keep_largest=args.keep_largest,
+                            min_lesion_pixels=args.min_lesion_pixels,
+                            save_probabilities=args.save_probabilities)
     if summary.note:
         print(summary.note, file=sys.stderr)
+    if summary.post is not None and summary.post.sentence():
+        print(summary.post.sentence(), file=sys.stderr)
     for why, paths in summary.skipped.items():
         print(f"skipped {len(paths)} file(s) in the {why} (e.g. {paths[0]})", file=sys.stderr)
     print(f"wrote {len(summary.written)} masks to {args.out}/masks, overlays to {args.out}/overlays, "
@@ -225,6 +257,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "auto: the fastest here, measured (default: torch; an exported .onnx or .xml "
                         "RUN runs on its own engine)")
     p.add_argument("--out", default=None, help="report folder (default: RUN/eval_<split>_<grid>)")
+    _post_flags(p, predict=False)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 
@@ -237,8 +270,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a pretrained model: a shipped name (kvasir), a folder or a Hugging Face "
                         "Hub id org/name")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--threshold", type=float, default=0.5,
-                   help="lesion probability threshold, in [0, 1]")
+    _post_flags(p, predict=True)
+    p.add_argument("--save-probabilities", nargs="?", const="png", default=None,
+                   choices=("png", "npy"), metavar="{png,npy}",
+                   help="also write probabilities/NAME.png (16-bit, lesion probability x 65535) or "
+                        ".npy (float32), at the image's size, before threshold and clean-up")
     p.add_argument("--overwrite", action="store_true",
                    help="write into an --out that holds an earlier prediction: masks of the same "
                         "names are replaced, areas.csv keeps the rows of the other masks")

@@ -3,6 +3,7 @@ run on a split of its dataset, at the training size or at each image's own size.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -19,18 +20,17 @@ from lmnet.data.dataset import SegmentationDataset, load_sample
 from lmnet.data.layouts import Sample, discover
 from lmnet.data.splits import SPLITS, check_split, load_split
 from lmnet.deploy.checkpoint import model_source, resolve_checkpoint
-from lmnet.deploy.engines import (
-    ENGINE_FILES,
-    precision_context,
-    predict_probabilities,
-    probabilities_to_mask,
-)
+from lmnet.deploy.engines import ENGINE_FILES, precision_context
 from lmnet.deploy.export import exported_metadata, stored_split
 from lmnet.deploy.loading import load_predictor
+from lmnet.deploy.postprocess import PostProcess
 from lmnet.deploy.preprocess import preprocess
 from lmnet.metrics import SegmentationEvaluator, write_report
+from lmnet.metrics.evaluator import summarize
 
 __all__ = ["evaluate_samples", "evaluate_run", "GRIDS"]
+
+log = logging.getLogger(__name__)
 
 #: ``resized``: score at image_size x image_size, as the paper; ``original``: at each image's size.
 GRIDS = ("resized", "original")
@@ -40,10 +40,14 @@ GRIDS = ("resized", "original")
 def evaluate_samples(model: nn.Module | Callable[[np.ndarray], np.ndarray], samples: Sequence[Sample], cfg: TrainConfig,
                      grid: str = "resized", boundary: bool = True, batch_size: int = 8,
                      dataset: SegmentationDataset | None = None, progress: bool = False,
-                     spacing: tuple[float, float] | None = None) -> SegmentationEvaluator:
+                     spacing: tuple[float, float] | None = None,
+                     post: PostProcess | None = None) -> SegmentationEvaluator:
     """Predict every sample and score it; returns the filled evaluator (rows carry names, groups).
 
-    ``model``: a PyTorch module or an engine's function (numpy batch -> numpy logits)."""
+    ``model``: a PyTorch module or an engine's function (numpy batch -> numpy logits). ``post``:
+    test-time augmentation and mask clean-up (:class:`~lmnet.deploy.postprocess.PostProcess`;
+    default none: the probabilities thresholded at 0.5)."""
+    post = post or PostProcess()
     if grid not in GRIDS:
         raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
     if isinstance(model, nn.Module):
@@ -54,7 +58,7 @@ def evaluate_samples(model: nn.Module | Callable[[np.ndarray], np.ndarray], samp
                                             cfg.mean, cfg.std, cache=False)
         loader = DataLoader(ds, batch_size=batch_size, shuffle=False)
         for x, y, idx in tqdm(loader, desc="evaluating", unit="batch", disable=not progress):
-            mask = probabilities_to_mask(predict_probabilities(model, x))
+            mask = post.mask(post.probabilities(model, x))
             names = [ds.samples[i].name for i in idx.tolist()]
             groups = [ds.samples[i].group for i in idx.tolist()]
             ev.update(mask, y.numpy().astype(bool), names, groups)
@@ -62,10 +66,35 @@ def evaluate_samples(model: nn.Module | Callable[[np.ndarray], np.ndarray], samp
     for s in tqdm(samples, desc="evaluating", unit="img", disable=not progress):
         image, true = load_sample(s, cfg.in_channels)
         x = preprocess([image], cfg.image_size, cfg.mean, cfg.std)
-        mask = probabilities_to_mask(predict_probabilities(model, x, true.shape))[0]
+        mask = post.mask(post.probabilities(model, x, true.shape))[0]
         ev.update(mask, true.astype(bool), [s.name], [s.group])
     return ev
 
+
+
+def _post_suffix(post: PostProcess) -> str:
+    """``_tta-flips_largest_min50``: the report folder of a non-default post-processing."""
+    return ((f"_tta-{post.tta}" if post.tta != "none" else "") + ("_largest" if post.largest else "")
+            + (f"_min{post.min_pixels}" if post.min_pixels else "")
+            + (f"_t{post.threshold:g}" if post.threshold != 0.5 else ""))
+
+
+def _seen_in_training(samples: Sequence[Sample], stored: dict[str, Any] | None, source: str
+                      ) -> dict[str, str]:
+    """``name -> "train" | "val"`` for the samples the model's own split trained or selected it
+    on (matched by name), with a warning that says how many; empty if none or no split stored."""
+    if not stored:
+        return {}
+    parts = {n: part for part in ("val", "train") for n in stored.get(part, ())}
+    seen = {s.name: parts[s.name] for s in samples if s.name in parts}
+    if seen:
+        n_train = sum(v == "train" for v in seen.values())
+        log.warning("%d of the %d images scored are images %s was trained on (%d) or selected on "
+                    "(%d, its validation split), matched by name: the score over all of them is not "
+                    "a held-out score; the %d held-out images are reported apart ('held out')",
+                    len(seen), len(samples), source, n_train, len(seen) - n_train,
+                    len(samples) - len(seen))
+    return seen
 
 
 def _exported(path: str | Path | None) -> bool:
@@ -76,8 +105,8 @@ def evaluate_run(run_or_checkpoint: str | Path | None, data: str | Path | None =
                  split: str = "test", split_file: str | Path | None = None, grid: str = "resized",
                  out: str | Path | None = None, spacing: tuple[float, float] | None = None,
                  device: str = "cpu", progress: bool = True, precision: str = "fp32",
-                 weights: str | Path | None = None, engine: str | None = None
-                 ) -> tuple[dict[str, Any], Path]:
+                 weights: str | Path | None = None, engine: str | None = None,
+                 post: PostProcess | None = None) -> tuple[dict[str, Any], Path]:
     """Score the ``split`` images of the checkpoint's dataset; write the reports.
 
     Args:
@@ -95,6 +124,13 @@ def evaluate_run(run_or_checkpoint: str | Path | None, data: str | Path | None =
         engine: ``torch``, ``onnx``, ``openvino`` (``precision`` is then OpenVINO's hint) or
             ``auto`` (the fastest here, measured; see :func:`~lmnet.deploy.loading.choose_engine`);
             None: an exported file's own engine, else ``torch``.
+        post: test-time augmentation and mask clean-up
+            (:class:`~lmnet.deploy.postprocess.PostProcess`); the report folder's name and
+            ``evaluated_on.json`` say which.
+
+    Images that the model's own split (the one it stores) puts in its training or validation
+    part, scored with ``split="all"`` or another ``split_file``, are named in a warning and the
+    held-out ones are reported apart (a group ``held out`` and one per part they came from).
 
     Returns:
         The aggregated metrics and the report folder.
@@ -134,11 +170,27 @@ def evaluate_run(run_or_checkpoint: str | Path | None, data: str | Path | None =
         chosen = [s for s in samples if s.name in names]
         if not chosen:
             raise ValueError(f"the {split} split of {split_file or source} is empty")
+    seen = _seen_in_training(chosen, stored_split(run_or_checkpoint, weights), source) \
+        if split == "all" or split_file is not None else {}
+    post = post or PostProcess()
+    if post.sentence() and progress:
+        print(post.sentence(), file=sys.stderr)
     with precision_context(precision if engine == "torch" else "fp32", torch.device(device).type):
         ev = evaluate_samples(model, chosen, cfg, grid, boundary=True, progress=progress,
-                              spacing=spacing)
+                              spacing=spacing, post=post)
     result = ev.aggregate()
-    suffix = "" if precision == "fp32" else f"_{precision}"
+    if seen:
+        for part in ("train", "val"):
+            rows = [r for r in ev.rows if seen.get(r["name"]) == part]
+            if rows:
+                result["groups"][f"in the model's {part} split"] = summarize(rows)
+        held = [r for r in ev.rows if r["name"] not in seen]
+        if held:
+            result["groups"]["held out"] = summarize(held)
+        result["seen_in_training"] = {"train": sum(v == "train" for v in seen.values()),
+                                      "val": sum(v == "val" for v in seen.values()),
+                                      "held_out": len(held), "matched_by": "image name"}
+    suffix = ("" if precision == "fp32" else f"_{precision}") + _post_suffix(post)
     if out:
         out_dir = Path(out)
     elif weights is not None:
@@ -150,7 +202,7 @@ def evaluate_run(run_or_checkpoint: str | Path | None, data: str | Path | None =
         out_dir = resolve_checkpoint(run_or_checkpoint).parent / f"eval_{split}_{grid}{suffix}"
     extra = {"checkpoint": source, "data": str(data), "format": fmt, "split": split,
              "grid": grid, "image_size": cfg.image_size, "model": cfg.model, "precision": precision,
-             "engine": engine}
+             "engine": engine, **post.describe()}
     if _exported(run_or_checkpoint) and Path(run_or_checkpoint).suffix == ".xml":
         int8 = exported_metadata(run_or_checkpoint).get("lmnet_int8")
         if int8:  # an int8 IR: how it was quantised (the precision above is the compute hint)

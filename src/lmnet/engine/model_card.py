@@ -59,6 +59,36 @@ def _pct(value: Any) -> str:
     return "" if value is None else f"{100 * float(value):.1f}"
 
 
+#: Measured test-time augmentation and clean-up of a run, if kept in the run folder:
+#: ``python benchmarks/bench_postprocess.py --run RUN --out RUN/postprocess.json``.
+POSTPROCESS_NAME = "postprocess.json"
+
+
+def postprocess_section(path: str | Path) -> list[str]:
+    """The card's lines on what ``--tta`` and the clean-up options did to the test scores and
+    what they cost, from the JSON of ``benchmarks/bench_postprocess.py``; none if it is missing."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    rows = data.get("rows", [])
+    if not rows:
+        return []
+    lines = ["## Test-time augmentation and clean-up", "",
+             f"The same {rows[0].get('n_images', '')} test images scored by `lmnet evaluate ... "
+             "SETTING` (grid " + str(data.get("grid", "resized")) + "; engine "
+             + str(data.get("engine", "torch")) + "; machine: "
+             + str(data.get("machine", {}).get("cpu", "?")) + "), time relative to no setting. "
+             f"Command: `{data.get('command', '')}`.", "",
+             "| setting | Dice (fg) | change | mDice (paper) | HD95 (px) | time |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['setting']} | {r['fg_dice_mean']:.2f} | {r['dice_change']:+.2f} | "
+                     f"{r['paper_mdice']:.2f} | {r['hd95_mean']:.1f} | {r['time_x']:.2f}x |")
+    lines.append("")
+    return lines
+
+
 def model_card(run: str | Path, title: str | None = None, curve: bool = True,
                load_name: str = "PATH") -> str:
     """The card of ``run``'s best checkpoint (see the module's docstring); ``load_name`` is what
@@ -184,6 +214,7 @@ def model_card(run: str | Path, title: str | None = None, curve: bool = True,
     else:
         lines += ["Not measured yet: run `lmnet evaluate RUN --split test` (and `--grid original`)"
                   " before exporting.", ""]
+    lines += postprocess_section(run / POSTPROCESS_NAME)
     if curve and log:
         lines += ["## Validation curve", "",
                   f"![validation Dice per epoch]({CURVE_NAME})", ""]

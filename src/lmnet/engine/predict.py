@@ -20,22 +20,21 @@ from tqdm import tqdm
 from lmnet._files import atomic_path, check_writable_file
 from lmnet.data.io import IMAGE_SUFFIXES, list_images, read_image
 from lmnet.data.layouts import mask_owner
-from lmnet.deploy.engines import (
-    precision_context,
-    predict_probabilities,
-    probabilities_to_mask,
-)
+from lmnet.deploy.engines import precision_context
 from lmnet.deploy.loading import load_predictor
+from lmnet.deploy.postprocess import PostProcess, count_lesions
 from lmnet.deploy.preprocess import preprocess
 from lmnet.runtime import ThreadGovernor
 
 __all__ = ["collect_inputs", "output_names", "overlay", "predict_files", "PredictionSummary",
-           "AREA_FIELDS", "OUTPUT_FOLDERS", "check_threshold"]
+           "AREA_FIELDS", "OUTPUT_FOLDERS", "PROBABILITY_FORMATS", "check_threshold"]
 
 #: Columns of ``areas.csv``.
-AREA_FIELDS = ("file", "mask", "height", "width", "lesion_area_px", "lesion_fraction")
+AREA_FIELDS = ("file", "mask", "height", "width", "lesion_area_px", "lesion_fraction", "n_lesions")
 #: The folders ``predict`` writes inside ``--out`` (left out when ``--out`` lies inside an input).
-OUTPUT_FOLDERS = ("masks", "overlays")
+OUTPUT_FOLDERS = ("masks", "overlays", "probabilities")
+#: ``--save-probabilities`` formats: a 16-bit PNG (probability x 65535) or a float32 ``.npy``.
+PROBABILITY_FORMATS = ("png", "npy")
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +49,7 @@ class PredictionSummary:
     skipped: dict[str, list[Path]] = field(default_factory=dict)  # why -> files left out
     engine: str = ""  # the engine that ran
     note: str = ""  # how it was chosen (engine auto)
+    post: PostProcess | None = None  # test-time augmentation and clean-up used
 
 
 def collect_inputs(inputs: Sequence[str | Path], exclude: str | Path | None = None,
@@ -205,7 +205,14 @@ class _AreasTable:
 
 
 def _write(image: np.ndarray, mask: np.ndarray, mask_path: Path, overlay_path: Path,
-           table: _AreasTable, row: dict[str, Any]) -> None:
+           table: _AreasTable, row: dict[str, Any], prob: np.ndarray | None = None,
+           prob_path: Path | None = None) -> None:
+    if prob is not None and prob_path is not None:  # before the mask: a row means all files exist
+        if prob_path.suffix == ".npy":
+            with atomic_path(prob_path) as tmp, tmp.open("wb") as fh:
+                np.save(fh, prob.astype(np.float32))
+        else:
+            _save_png(np.round(prob * 65535).astype(np.uint16), prob_path)
     # zlib level 1: a sixth of the default's encoding time for 10 % larger files (the overlay is a
     # photograph; at level 6 encoding it took as long as the model's forward pass).
     _save_png(overlay(image, mask), overlay_path, compress_level=1)
@@ -234,7 +241,7 @@ def earlier_outputs(out: Path) -> list[Path]:
     found = [out / "areas.csv"] if (out / "areas.csv").is_file() else []
     for name in OUTPUT_FOLDERS:
         if (out / name).is_dir():
-            found += [p for p in (out / name).iterdir() if p.suffix == ".png"]
+            found += [p for p in (out / name).iterdir() if p.suffix in (".png", ".npy")]
     return found
 
 
@@ -259,8 +266,9 @@ def _check_out(out: Path, overwrite: bool) -> None:
 def predict_files(checkpoint: str | Path | None, inputs: Sequence[str | Path], out_dir: str | Path,
                   threshold: float = 0.5, progress: bool = True, engine: str = "auto",
                   precision: str = "fp32", weights: str | Path | None = None,
-                  batch_size: int = 1, io_threads: int = 2, overwrite: bool = False
-                  ) -> PredictionSummary:
+                  batch_size: int = 1, io_threads: int = 2, overwrite: bool = False,
+                  tta: str = "none", keep_largest: bool = False, min_lesion_pixels: int = 0,
+                  save_probabilities: str | None = None) -> PredictionSummary:
     """Predict every image; write ``masks/NAME.png`` (0/255), ``overlays/NAME.png``, ``areas.csv``.
 
     ``checkpoint`` is a checkpoint, a run folder, or an exported ``.onnx``/``.xml`` file from
@@ -278,12 +286,24 @@ def predict_files(checkpoint: str | Path | None, inputs: Sequence[str | Path], o
     written whole (a temporary name, renamed), and each row of ``areas.csv`` is appended right
     after its mask: a command interrupted at any point (kill -9 included) leaves no truncated
     PNG, and every row of ``areas.csv`` describes a mask on disk.
+
+    ``tta``: test-time augmentation (``none``, ``hflip``, ``flips``: the lesion probabilities of
+    flipped copies averaged); ``keep_largest``, ``min_lesion_pixels``: mask clean-up at the
+    image's own size (:class:`~lmnet.deploy.postprocess.PostProcess`). ``save_probabilities``
+    (``png`` or ``npy``): also ``probabilities/NAME.png`` (16-bit, probability x 65535) or
+    ``.npy`` (float32), the lesion probability at the image's size before threshold and clean-up.
+    ``precision``: ``fp32``, ``bf16``, ``fp16`` (CUDA) or ``auto`` (see
+    :func:`~lmnet.deploy.loading.choose_engine`).
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     if io_threads < 0:
         raise ValueError(f"I/O threads must be 0 or more, got {io_threads}")
     threshold = check_threshold(threshold)
+    post = PostProcess(tta, threshold, keep_largest, min_lesion_pixels)
+    if save_probabilities not in (None, *PROBABILITY_FORMATS):
+        raise ValueError(f"--save-probabilities takes {' or '.join(PROBABILITY_FORMATS)}, "
+                         f"got {save_probabilities!r}")
     out = Path(out_dir)
     _check_out(out, overwrite)
     summary = PredictionSummary(csv_path=out / "areas.csv")
@@ -292,9 +312,12 @@ def predict_files(checkpoint: str | Path | None, inputs: Sequence[str | Path], o
     predictor = load_predictor(checkpoint, engine, weights, precision, batch_size)
     model, cfg = predictor.model, predictor.cfg
     summary.engine, summary.note = predictor.engine, predictor.note
+    summary.post = post
     autocast = predictor.precision if predictor.engine == "torch" else "fp32"
     (out / "masks").mkdir(parents=True, exist_ok=True)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
+    if save_probabilities:
+        (out / "probabilities").mkdir(parents=True, exist_ok=True)
     _remove_stale_parts(out)
     table = _AreasTable(summary.csv_path, keep=overwrite,
                         replacing={str(out / "masks" / f"{n}.png") for n in names})
@@ -340,7 +363,7 @@ def predict_files(checkpoint: str | Path | None, inputs: Sequence[str | Path], o
                 continue
             try:
                 with precision_context(autocast):
-                    probs = predict_probabilities(model, torch.stack([b[3] for b in batch]))
+                    probs = post.probabilities(model, torch.stack([b[3] for b in batch]))
             except Exception as err:  # noqa: BLE001 - the batch's files fail, the rest go on
                 for path, *_ in batch:
                     fail(path, err)
@@ -351,14 +374,18 @@ def predict_files(checkpoint: str | Path | None, inputs: Sequence[str | Path], o
                 if tuple(prob.shape) != tuple(size):
                     prob = F.interpolate(prob[None, None], size=size, mode="bilinear",
                                          align_corners=False)[0, 0]
-                mask = probabilities_to_mask(prob, threshold)
+                mask = post.mask(prob)
                 mask_path = out / "masks" / f"{stem}.png"
                 area = int(mask.sum())  # the row now: no mask is kept after its writing
                 row = {"file": str(path), "mask": str(mask_path), "height": mask.shape[0],
                        "width": mask.shape[1], "lesion_area_px": area,
-                       "lesion_fraction": round(area / mask.size, 6)}
+                       "lesion_fraction": round(area / mask.size, 6),
+                       "n_lesions": count_lesions(mask)}
+                keep_prob = prob.numpy() if save_probabilities else None
+                prob_path = out / "probabilities" / f"{stem}.{save_probabilities or 'png'}"
                 writes.append((path, mask_path, row, submit(
-                    _write, image, mask, mask_path, out / "overlays" / f"{stem}.png", table, row)))
+                    _write, image, mask, mask_path, out / "overlays" / f"{stem}.png", table, row,
+                    keep_prob, prob_path)))
                 pending.append(writes[-1][3])
                 while len(pending) > 2 * batch_size + 2:  # bounded: images wait in memory
                     wait([pending.popleft()])
