@@ -127,8 +127,8 @@ def test_evaluate_all_names_the_overlap_with_training(tiny_checkpoint, kvasir_mi
     run, names = _run_with_split(tiny_checkpoint, kvasir_mini, tmp_path)
     with caplog.at_level(logging.WARNING, logger="lmnet"):
         result, out = evaluate_run(run, kvasir_mini, split="all", progress=False)
-    assert "8 of the 12 images scored are images" in caplog.text
-    assert "(6) or selected on (2" in caplog.text
+    assert "8 of the 12 images scored were used to make this model" in caplog.text
+    assert "6 in its training split, 2 in its validation split" in caplog.text
     groups = result["groups"]
     assert groups["held out"]["n_images"] == len(names) - 8
     assert groups["in the model's train split"]["n_images"] == 6
@@ -140,7 +140,7 @@ def test_evaluate_all_names_the_overlap_with_training(tiny_checkpoint, kvasir_mi
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="lmnet"):
         result, _ = evaluate_run(run, kvasir_mini, split="test", progress=False)
-    assert "trained on" not in caplog.text and "held out" not in result["groups"]
+    assert "used to make" not in caplog.text and "held out" not in result["groups"]
 
 
 def test_evaluate_tta_is_named_in_the_report(tiny_checkpoint, kvasir_mini, tmp_path):

@@ -89,11 +89,11 @@ def _seen_in_training(samples: Sequence[Sample], stored: dict[str, Any] | None, 
     seen = {s.name: parts[s.name] for s in samples if s.name in parts}
     if seen:
         n_train = sum(v == "train" for v in seen.values())
-        log.warning("%d of the %d images scored are images %s was trained on (%d) or selected on "
-                    "(%d, its validation split), matched by name: the score over all of them is not "
-                    "a held-out score; the %d held-out images are reported apart ('held out')",
-                    len(seen), len(samples), source, n_train, len(seen) - n_train,
-                    len(samples) - len(seen))
+        log.warning("%d of the %d images scored were used to make this model (%s): %d in its "
+                    "training split, %d in its validation split (model selection), matched by "
+                    "name. The score over all of them is not a held-out score; the %d held-out "
+                    "images are reported apart ('held out')", len(seen), len(samples), source,
+                    n_train, len(seen) - n_train, len(samples) - len(seen))
     return seen
 
 
