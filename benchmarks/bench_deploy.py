@@ -35,7 +35,7 @@ from _common import interleaved_times, machine, report, scratch_dir, summarize_t
 
 import lmnet  # noqa: E402
 from lmnet.config import TrainConfig  # noqa: E402
-from lmnet.deploy.engines import make_runner, openvino_runner, precision_context  # noqa: E402
+from lmnet.deploy.backends import make_runner, openvino_runner, precision_context  # noqa: E402
 from lmnet.deploy.loading import load_model  # noqa: E402
 from lmnet.runtime import keep_freed_memory  # noqa: E402
 
@@ -57,7 +57,7 @@ def engine_rows(model: torch.nn.Module, cfg: TrainConfig, label: str, int8: str 
     def int8_run():
         if int8:
             return openvino_runner(int8, threads=threads)
-        from lmnet.deploy.engines import convert_to_openvino
+        from lmnet.deploy.convert import convert_to_openvino
         from lmnet.deploy.quantize import quantize_openvino
 
         rng = np.random.default_rng(0)

@@ -36,7 +36,7 @@ from _common import (  # noqa: E402  (first: sets oneDNN's cache before torch lo
 )
 
 import lmnet  # noqa: E402
-from lmnet.deploy.export import export_onnx  # noqa: E402
+from lmnet.deploy.convert import export_onnx  # noqa: E402
 from lmnet.runtime import keep_freed_memory  # noqa: E402
 
 BASELINES = ("unet", "basic_unet", "unet_plusplus", "attention_unet", "dynunet", "swin_unetr")

@@ -27,13 +27,12 @@ import torch  # noqa: E402
 from _common import machine, report, time_call  # noqa: E402
 
 from lmnet.data.dataset import SegmentationDataset  # noqa: E402
-from lmnet.deploy.engines import (  # noqa: E402
-    cached_openvino_model,
-    predict_probabilities,
-    probabilities_to_mask,
+from lmnet.deploy.convert import cached_openvino_model
+from lmnet.deploy.loading import (
+    load_model,  # noqa: E402
+    stored_split,  # noqa: E402
 )
-from lmnet.deploy.export import stored_split  # noqa: E402
-from lmnet.deploy.loading import load_model  # noqa: E402
+from lmnet.deploy.postprocess import predict_probabilities, probabilities_to_mask
 from lmnet.deploy.quantize import calibration_samples, model_inputs  # noqa: E402
 
 VARIANTS = {  # name -> (help, nncf.quantize keyword arguments, built from the nncf module)

@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from _common import interleaved_times, machine, write_json  # noqa: E402
 
-from lmnet.deploy.engines import cached_openvino_model  # noqa: E402
+from lmnet.deploy.convert import cached_openvino_model  # noqa: E402
 from lmnet.deploy.loading import load_model  # noqa: E402
 
 

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from _common import machine, scratch_dir, time_call, write_json  # noqa: E402  (oneDNN cache first)
 
 import lmnet  # noqa: E402
-from lmnet.deploy.export import export_onnx  # noqa: E402
+from lmnet.deploy.convert import export_onnx  # noqa: E402
 from lmnet.layers import neighborhood_attention_2d  # noqa: E402
 
 VIEW_OPS = {"aten::slice", "aten::select", "aten::reshape", "aten::view", "aten::flatten",
@@ -141,7 +141,7 @@ def openvino_profile(model, size, repeats, precision="fp32", xml=None):
     e.g. ``lfts.3`` or ``stage2``)."""
     import openvino as ov
 
-    from lmnet.deploy.engines import convert_to_openvino
+    from lmnet.deploy.convert import convert_to_openvino
 
     core = ov.Core()
     ov_model = core.read_model(xml) if xml else convert_to_openvino(model, 3, size)

@@ -1,6 +1,7 @@
 """lmnet.runtime: keeping freed memory in the process (no page-fault storm per forward pass)."""
 from __future__ import annotations
 
+import json
 import resource
 import sys
 
@@ -156,3 +157,26 @@ def test_thread_governor_is_off_where_the_user_chose_threads(monkeypatch):
         runtime._state.pop("threads_chosen", None)
         runtime._state.pop("govern", None)
         torch.set_num_threads(before)
+
+
+def test_run_folder_owns_the_names_and_the_small_files(tmp_path):
+    from lmnet.run_folder import RunFolder
+
+    run = RunFolder(tmp_path / "r")
+    assert not RunFolder.holds_run(run.path) and run.checkpoint() is None
+    assert run.read_config() is None and run.read_split() is None and run.read_env() == {}
+    run.path.mkdir()
+    run.write_config({"epochs": 3})
+    assert not RunFolder.holds_run(run.path)  # a config alone is not a run
+    run.log.write_text("epoch\n")
+    assert RunFolder.holds_run(run.path) and run.read_config() == {"epochs": 3}
+    run.write_env({"cpu": "x"})
+    run.add_session({"epochs_done": 0})
+    run.add_session({"epochs_done": 2})
+    assert run.read_env() == {"cpu": "x"}
+    assert [json.loads(x)["epochs_done"] for x in run.sessions.read_text().splitlines()] == [0, 2]
+    run.last.write_bytes(b"")
+    assert run.checkpoint() == run.last
+    run.best.write_bytes(b"")
+    assert run.checkpoint() == run.best  # the best is preferred
+    assert run / "tb" == run.tensorboard

@@ -103,3 +103,14 @@ def check_writable_file(path: str | Path, what: str = "output") -> Path:
         raise ValueError(f"cannot write the {what} {path}: {parent}: "
                          f"{err.strerror or err}") from None
     return path
+
+
+def cache_dir() -> Path:
+    """lmnet's cache folder (measured engine choices, converted OpenVINO models):
+    ``$LMNET_CACHE_DIR``, else ``$XDG_CACHE_HOME/lmnet``, else ``~/.cache/lmnet``. Safe to delete."""
+    import os
+
+    root = os.environ.get("LMNET_CACHE_DIR")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmnet"

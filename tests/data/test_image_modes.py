@@ -27,7 +27,7 @@ def shipped():
 
 def _mask(model, image: np.ndarray) -> np.ndarray:
     from lmnet.deploy import preprocess
-    from lmnet.deploy.engines import predict_probabilities, probabilities_to_mask
+    from lmnet.deploy.postprocess import predict_probabilities, probabilities_to_mask
     from lmnet.deploy.pretrained import pretrained_train_config
 
     cfg = pretrained_train_config(model)

@@ -9,9 +9,11 @@ from lmnet.cli.main import main
 from lmnet.config import TrainConfig
 from lmnet.data.io import read_image
 from lmnet.deploy import preprocess
+from lmnet.deploy.backends import load_exported
 from lmnet.deploy.checkpoint import model_from_checkpoint
-from lmnet.deploy.engines import predict_probabilities, probabilities_to_mask
-from lmnet.deploy.export import export_checkpoint, exported_config, load_exported
+from lmnet.deploy.export import export_checkpoint
+from lmnet.deploy.metadata import exported_config
+from lmnet.deploy.postprocess import predict_probabilities, probabilities_to_mask
 from lmnet.engine.train import train
 from tests.conftest import ROOT
 
@@ -82,7 +84,7 @@ def _inputs_and_torch_masks(kvasir_run, tmp_path):
     inputs.mkdir()
     for p in KVASIR_IMAGES[:3]:
         (inputs / p.name).write_bytes(p.read_bytes())
-    assert main(["predict", str(kvasir_run), str(inputs), "--engine", "torch", "--out",
+    assert main(["predict", str(kvasir_run), str(inputs), "--backend", "torch", "--out",
                  str(tmp_path / "t"), "--quiet"]) == 0
     return inputs
 
@@ -100,13 +102,13 @@ def test_predict_with_both_engines_gives_identical_masks(kvasir_run, tmp_path, c
     inputs = _inputs_and_torch_masks(kvasir_run, tmp_path)
     assert main(["export", str(kvasir_run), "--out", str(tmp_path / "m.onnx")]) == 0
     assert "largest logit difference" in capsys.readouterr().out
-    assert main(["predict", str(tmp_path / "m.onnx"), str(inputs), "--engine", "onnx", "--out",
+    assert main(["predict", str(tmp_path / "m.onnx"), str(inputs), "--backend", "onnx", "--out",
                  str(tmp_path / "o"), "--quiet"]) == 0
     differ = _pixels_differing(tmp_path / "t", tmp_path / "o")
     assert differ <= 10, f"{differ} mask pixels differ"  # ties at 0.5 only (see above)
-    # A checkpoint with --engine onnx is exported to a temporary file: nothing left behind.
+    # A checkpoint with --backend onnx is exported to a temporary file: nothing left behind.
     before = sorted(kvasir_run.iterdir())
-    assert main(["predict", str(kvasir_run), str(inputs), "--engine", "onnx", "--out",
+    assert main(["predict", str(kvasir_run), str(inputs), "--backend", "onnx", "--out",
                  str(tmp_path / "c"), "--quiet"]) == 0
     assert sorted(kvasir_run.iterdir()) == before and not list(kvasir_run.glob("*.onnx"))
     assert len(list((tmp_path / "c" / "masks").iterdir())) == len(list(inputs.iterdir()))
@@ -119,7 +121,7 @@ def test_export_errors(tmp_path, capsys):
     (tmp_path / "junk.onnx").write_bytes(b"junk")
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / KVASIR_IMAGES[0].name).write_bytes(KVASIR_IMAGES[0].read_bytes())
-    assert main(["predict", str(tmp_path / "junk.onnx"), str(tmp_path / "imgs"), "--engine", "onnx",
+    assert main(["predict", str(tmp_path / "junk.onnx"), str(tmp_path / "imgs"), "--backend", "onnx",
                  "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "not a readable" in err and "Traceback" not in err
@@ -135,22 +137,22 @@ def test_openvino_matches_pytorch_on_real_images(kvasir_run, tmp_path, capsys):
     assert diff < LOGIT_ATOL, out
     import openvino as ov
 
-    from lmnet.deploy.engines import _ir_image_size  # the size the runner compiles the IR for
+    from lmnet.deploy.backends import _ir_image_size  # the size the runner compiles the IR for
     assert _ir_image_size(ov.Core().read_model(str(tmp_path / "m.xml"))) == exported_config(
         tmp_path / "m.xml").image_size
     before = sorted(kvasir_run.iterdir())
     for name, model in (("ov", str(kvasir_run)), ("ir", str(tmp_path / "m.xml"))):
-        assert main(["predict", model, str(inputs), "--engine", "openvino", "--out",
+        assert main(["predict", model, str(inputs), "--backend", "openvino", "--out",
                      str(tmp_path / name), "--quiet"]) == 0
         differ = _pixels_differing(tmp_path / "t", tmp_path / name)
         assert differ <= 10, (name, differ)  # ties at 0.5 only
     assert sorted(kvasir_run.iterdir()) == before  # nothing written beside the run
-    assert main(["predict", str(tmp_path / "m.xml"), str(inputs), "--engine", "torch", "--out",
+    assert main(["predict", str(tmp_path / "m.xml"), str(inputs), "--backend", "torch", "--out",
                  str(tmp_path / "x")]) == 2
-    assert "use --engine openvino" in capsys.readouterr().err
+    assert "use --backend openvino" in capsys.readouterr().err
     assert main(["predict", str(tmp_path / "m.xml"), str(inputs), "--out", str(tmp_path / "x")]) == 0
     assert "engine: openvino (the file's own)" in capsys.readouterr().err  # auto: the file's engine
-    assert main(["evaluate", str(kvasir_run), "--engine", "openvino", "--out", str(tmp_path / "ev"),
+    assert main(["evaluate", str(kvasir_run), "--backend", "openvino", "--out", str(tmp_path / "ev"),
                  "--quiet"]) == 0
     assert main(["evaluate", str(kvasir_run), "--out", str(tmp_path / "et"), "--quiet"]) == 0
     import json

@@ -124,7 +124,7 @@ def test_a_pretrained_folder_works_where_a_run_does(run_copy, tmp_path, capsys):
     images.mkdir()
     shutil.copy(next((tiny_data := Path(_data_of(run_copy))).glob("images/*")), images / "a.jpg")
     assert main(["predict", str(folder), str(images), "--out", str(tmp_path / "p"),
-                 "--engine", "torch", "--quiet"]) == 0
+                 "--backend", "torch", "--quiet"]) == 0
     assert (tmp_path / "p" / "masks" / "a.png").is_file()
     assert main(["evaluate", str(folder), "--data", str(tiny_data), "--quiet",
                  "--out", str(tmp_path / "ev")]) == 0

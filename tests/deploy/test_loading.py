@@ -12,7 +12,7 @@ from PIL import Image
 
 from lmnet.cli.main import main
 from lmnet.deploy import loading
-from lmnet.deploy.engines import ENGINES, engine_available
+from lmnet.deploy.backends import ENGINES, engine_available
 from lmnet.deploy.loading import choose_engine, load_model, load_predictor, probe_cache_path
 from lmnet.engine.predict import predict_files
 from tests.conftest import ROOT
@@ -116,7 +116,7 @@ def test_bf16_leaves_out_engines_without_it(tiny_checkpoint, cache, fake_timer):
     timed = fake_timer({e: 1.0 for e in INSTALLED})
     choose_engine(model, cfg, precision="bf16")
     assert "onnx" not in timed and "torch" in timed
-    with pytest.raises(ValueError, match="precision 'bf16' is available with --engine torch"):
+    with pytest.raises(ValueError, match="precision 'bf16' is available with --backend torch"):
         load_predictor(tiny_checkpoint, "onnx", precision="bf16")
 
 
@@ -242,14 +242,15 @@ def test_openvino_conversion_is_cached_per_model(cache, monkeypatch):
     (A small convolutional model: the cache does not depend on the architecture.)"""
     import torch
 
-    from lmnet.deploy import engines
+    from lmnet.deploy import backends as engines
+    from lmnet.deploy import convert as conversion
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
                                 torch.nn.Conv2d(4, 2, 1)).eval()
     calls = []
-    convert = engines.convert_to_openvino
-    monkeypatch.setattr(engines, "convert_to_openvino", lambda *a: calls.append(1) or convert(*a))
+    convert = conversion.convert_to_openvino
+    monkeypatch.setattr(conversion, "convert_to_openvino", lambda *a: calls.append(1) or convert(*a))
     x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
     first = engines.openvino_runner(model, 3, 32)(x)
     second = engines.openvino_runner(model, 3, 32)(x)
@@ -268,7 +269,7 @@ def test_openvino_runs_any_size_though_compiled_for_one(cache):
     runs (the dynamic model, compiled on first use), every output equal to PyTorch's."""
     import torch
 
-    from lmnet.deploy import engines
+    from lmnet.deploy import backends as engines
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
@@ -282,12 +283,13 @@ def test_openvino_runs_any_size_though_compiled_for_one(cache):
 
 
 def test_onnx_export_is_cached_per_model(tiny_checkpoint, cache, monkeypatch):
-    from lmnet.deploy import engines, export
+    from lmnet.deploy import backends as engines
+    from lmnet.deploy import convert
 
     model, cfg = load_model(tiny_checkpoint)
     calls = []
-    real = export.export_model
-    monkeypatch.setattr(export, "export_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = convert.export_onnx
+    monkeypatch.setattr(convert, "export_onnx", lambda *a, **k: calls.append(1) or real(*a, **k))
     x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
     first = engines.make_runner(model, cfg, "onnx")(x)
     second = engines.make_runner(model, cfg, "onnx")(x)

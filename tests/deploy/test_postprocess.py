@@ -103,13 +103,13 @@ def test_predict_tta_cleanup_and_probabilities(tiny_checkpoint, kvasir_mini, tmp
 def test_predict_cli_names_the_post_processing(tiny_checkpoint, kvasir_mini, tmp_path, capsys):
     images = _copy_images(kvasir_mini, tmp_path / "in", 2)
     code = main(["predict", str(tiny_checkpoint), str(images), "--out", str(tmp_path / "o"),
-                 "--engine", "torch", "--precision", "fp32", "--tta", "hflip",
+                 "--backend", "torch", "--precision", "fp32", "--tta", "hflip",
                  "--min-lesion-pixels", "10", "--quiet"])
     err = capsys.readouterr().err
     assert code == 0
     assert "test-time augmentation: identity, hflip" in err and "lesions under 10 pixels" in err
     assert main(["predict", str(tiny_checkpoint), str(images), "--out", str(tmp_path / "o2"),
-                 "--engine", "torch", "--min-lesion-pixels", "-1", "--quiet"]) == 2
+                 "--backend", "torch", "--min-lesion-pixels", "-1", "--quiet"]) == 2
     assert "0 pixels or more" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()  # a refused command writes nothing
 

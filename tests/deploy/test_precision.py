@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmnet.deploy.engines import PRECISIONS, precision_context
+from lmnet.deploy.backends import PRECISIONS, precision_context
 
 
 def test_bf16_autocast_runs_convolutions_in_bf16_on_cpu():
@@ -23,6 +23,7 @@ def test_fp16_on_cpu_is_a_clear_error():
         precision_context("int4", "cpu")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 autocast needs a CUDA GPU")
 def test_fp16_autocast_on_cuda():
     conv = torch.nn.Conv2d(3, 4, 3).cuda()

@@ -36,7 +36,7 @@ def test_predict_keeps_every_input_and_its_row(tiny_checkpoint, tmp_path, capsys
         _image(src / f"dup.{ext}", 40 * i)
     _image(src / "other.png", 200)
     out = tmp_path / "out"
-    assert main(["predict", str(tiny_checkpoint), str(src), "--engine", "torch", "--out", str(out), "--quiet"]) == 0
+    assert main(["predict", str(tiny_checkpoint), str(src), "--backend", "torch", "--out", str(out), "--quiet"]) == 0
     masks = sorted(p.name for p in (out / "masks").iterdir())
     assert masks == ["dup_bmp.png", "dup_jpg.png", "dup_png.png", "other.png"]
     rows = list(csv.DictReader((out / "areas.csv").open()))
@@ -52,7 +52,7 @@ def test_an_output_folder_inside_the_input_is_not_predicted_again(tiny_checkpoin
     _image(src / "b.png", 150)
     out = src / "pred"
     for again in ([], ["--overwrite"]):
-        assert main(["predict", str(tiny_checkpoint), str(src), "--engine", "torch", "--out",
+        assert main(["predict", str(tiny_checkpoint), str(src), "--backend", "torch", "--out",
                      str(out), "--quiet", *again]) == 0
     assert sorted(p.name for p in (out / "masks").iterdir()) == ["a.png", "b.png"]
     assert len(list(csv.DictReader((out / "areas.csv").open()))) == 2
@@ -66,7 +66,7 @@ def test_ground_truth_masks_are_skipped(tiny_checkpoint, tmp_path, capsys):
     _image(busi / "benign (1)_mask_1.png", 255)
     _image(busi / "benign (2).png", 120)
     out = tmp_path / "out"
-    assert main(["predict", str(tiny_checkpoint), str(busi), "--engine", "torch", "--out", str(out), "--quiet"]) == 0
+    assert main(["predict", str(tiny_checkpoint), str(busi), "--backend", "torch", "--out", str(out), "--quiet"]) == 0
     assert sorted(p.name for p in (out / "masks").iterdir()) == ["benign (1).png", "benign (2).png"]
     assert "skipped 2 file(s) in the mask files" in capsys.readouterr().err
     # images/ + masks/ folder pairs: the masks folder is skipped too

@@ -51,7 +51,7 @@ def test_a_second_prediction_into_one_folder_is_refused_or_added(tiny_checkpoint
     for i, p in enumerate(sorted(second.iterdir())):  # other names than the first run's
         p.rename(second / f"other{i}.png")
     out = tmp_path / "out"
-    args = [str(tiny_checkpoint), "--engine", "torch", "--out", str(out), "--quiet"]
+    args = [str(tiny_checkpoint), "--backend", "torch", "--out", str(out), "--quiet"]
     assert main(["predict", args[0], str(first), *args[1:]]) == 0
     before = (out / "areas.csv").read_bytes()
     assert main(["predict", args[0], str(second), *args[1:]]) == 2
@@ -70,7 +70,7 @@ def test_kill_9_mid_prediction_leaves_no_truncated_png(tiny_checkpoint, tmp_path
     src = _images(tmp_path / "in", 50, size=(600, 700))  # large enough that writing takes time
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "lmnet", "predict", str(tiny_checkpoint), str(src), "--out",
-           str(out), "--engine", "torch", "--quiet", "--threads", "1"]
+           str(out), "--backend", "torch", "--quiet", "--threads", "1"]
     assert subprocess.run(cmd, capture_output=True, timeout=300).returncode == 0  # an earlier run
     before = {p.name: p.read_bytes() for p in (out / "masks").iterdir()}
     proc = subprocess.Popen([*cmd, "--overwrite", "--threshold", "0.45"],
@@ -118,10 +118,10 @@ def test_bad_output_folders_are_one_line(tiny_checkpoint, tmp_path, capsys):
 def test_out_dot_still_reads_the_inputs_beside_it(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     _images(tmp_path / "cases", 2)
     monkeypatch.chdir(tmp_path)
-    assert main(["predict", str(tiny_checkpoint), "cases", "--out", ".", "--engine", "torch",
+    assert main(["predict", str(tiny_checkpoint), "cases", "--out", ".", "--backend", "torch",
                  "--quiet"]) == 0
     assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == ["im000.png", "im001.png"]
-    assert main(["predict", str(tiny_checkpoint), ".", "--out", ".", "--engine", "torch",
+    assert main(["predict", str(tiny_checkpoint), ".", "--out", ".", "--backend", "torch",
                  "--quiet", "--overwrite"]) == 0  # its own masks/ and overlays/ are left out
     assert "skipped 4 file(s) in the output folder" in capsys.readouterr().err
     assert len(_check_consistent(tmp_path)) == 2

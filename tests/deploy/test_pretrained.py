@@ -131,7 +131,7 @@ def test_shipped_kvasir_model_segments_sample_images_it_never_saw(tmp_path):
             shutil.copy(p, images / p.name)
     assert len(list(images.iterdir())) >= 5
     assert main(["predict", "--weights", "kvasir", str(images), "--out", str(tmp_path / "out"),
-                 "--engine", "torch", "--quiet"]) == 0
+                 "--backend", "torch", "--quiet"]) == 0
     dice = []
     for p in sorted(images.iterdir()):
         pred = np.array(Image.open(tmp_path / "out" / "masks" / f"{p.stem}.png")) > 0

@@ -347,5 +347,5 @@ def test_evaluate_and_predict_in_bf16(trained_run, tmp_path, disc_data):
     assert main(["predict", str(trained_run), str(src), "--precision", "bf16", "--out",
                  str(tmp_path / "p"), "--quiet"]) == 0
     assert (tmp_path / "p" / "masks" / f"{src.stem}.png").is_file()
-    assert main(["predict", str(trained_run), str(src), "--precision", "bf16", "--engine", "onnx",
+    assert main(["predict", str(trained_run), str(src), "--precision", "bf16", "--backend", "onnx",
                  "--out", str(tmp_path / "q"), "--quiet"]) == 2

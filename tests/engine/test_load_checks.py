@@ -34,7 +34,7 @@ def test_nan_weights_are_refused(tiny_checkpoint, tmp_path, capsys):
     (tmp_path / "img").mkdir()
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "img" / "a.png")
     assert main(["predict", str(tmp_path / "nan.pt"), str(tmp_path / "img"), "--out",
-                 str(tmp_path / "o"), "--engine", "torch"]) == 2
+                 str(tmp_path / "o"), "--backend", "torch"]) == 2
     _one_line_error(capsys, "NaN or infinite", first)
     assert not (tmp_path / "o").exists()
 
@@ -50,13 +50,13 @@ def test_zero_std_in_a_pretrained_config_is_refused(tmp_path, capsys):
     (tmp_path / "img").mkdir()
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "img" / "a.png")
     assert main(["predict", "--weights", str(folder), str(tmp_path / "img"), "--out",
-                 str(tmp_path / "o"), "--engine", "torch"]) == 2
+                 str(tmp_path / "o"), "--backend", "torch"]) == 2
     _one_line_error(capsys, "std must be > 0")
 
 
 def test_an_export_whose_outputs_differ_from_its_config_is_refused(tmp_path, capsys):
     """An ONNX file of a 1-class model carrying the metadata of a 2-class config."""
-    from lmnet.deploy.export import export_onnx
+    from lmnet.deploy.convert import export_onnx
     from lmnet.models import create_model, deploy
 
     cfg = TrainConfig(data="x", image_size=32, n_classes=2)

@@ -80,8 +80,11 @@ def test_checkpoints_load_without_pickle_and_old_ones_still_load(real_run, tmp_p
     old = dict(ckpt, rng=dict(ckpt["rng"], numpy=np.random.get_state()))
     torch.save(old, tmp_path / "old.pt")
     assert load_checkpoint(tmp_path / "old.pt")["rng"]["numpy"][0] == "MT19937"
-    model, _ = model_from_checkpoint(tmp_path / "old.pt")
-    assert model is not None
+    model, cfg = model_from_checkpoint(tmp_path / "old.pt")
+    reference, _ = model_from_checkpoint(real_run / "checkpoint_last.pt")
+    x = torch.randn(1, cfg.in_channels, cfg.image_size, cfg.image_size)
+    with torch.no_grad():  # the same weights as the checkpoint it was made from
+        torch.testing.assert_close(model(x), reference(x))
 
 
 def test_weights_of_another_model_are_a_short_clear_error(real_run, tmp_path, capsys):

@@ -177,4 +177,4 @@ def test_training_after_inference_at_the_same_size():
     with torch.inference_mode():
         m(x)
     m(x).sum().backward()
-    assert m.qkv.weight.grad is not None
+    assert m.qkv.weight.grad.abs().sum() > 0

@@ -6,6 +6,7 @@ import sys
 
 from lmnet._version import __version__
 from lmnet.cli import demo, experiment, models, scoring, training
+from lmnet.cli._flags import old_spelling_notes
 from lmnet.runtime import govern_threads, keep_freed_memory, set_threads
 
 
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads is not None and threads < args.threads:
             print(f"lmnet {args.command}: note: --threads {args.threads} is more than the "
                   f"{threads} CPUs this process may use; using {threads}", file=sys.stderr)
+        for note in old_spelling_notes(args):
+            print(f"lmnet {args.command}: {note}", file=sys.stderr)
         return int(args.func(args) or 0)
     except (ValueError, TypeError, OSError) as err:  # bad input, files: one line, no traceback
         print(f"lmnet {args.command}: error: {_one_line(err)}", file=sys.stderr)

@@ -7,6 +7,7 @@ from typing import Any
 
 import yaml
 
+from lmnet.cli._flags import old_spelling
 from lmnet.models import create_model, get_model_entry, list_models
 from lmnet.models._size import count_parameters, size_report
 
@@ -21,7 +22,7 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+            raise ValueError(f"expected KEY=VALUE, got {item!r}")
         out[key.strip().replace("-", "_")] = yaml.safe_load(value) if value else ""
     return out
 
@@ -29,8 +30,10 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--in-channels", type=int, default=3, help="input image channels")
     p.add_argument("--n-classes", type=int, default=2, help="output classes")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a model option, e.g. --set width=24 --set branches=3x3,5x5")
+    p.add_argument("--model-option", dest="set", action="append", metavar="KEY=VALUE",
+                   help="a model option, e.g. --model-option width=24 --model-option "
+                        "branches=3x3,5x5 (in train: --set model.KEY=VALUE)")
+    old_spelling(p, "--set", "--model-option", "set", append=True, metavar="KEY=VALUE")
 
 
 def _fmt_g(macs: int) -> str:

@@ -5,15 +5,16 @@ import argparse
 import json
 import sys
 
+from lmnet.cli._flags import old_spelling
 from lmnet.cli.models import parse_overrides
 from lmnet.config import TrainConfig, field_help, load_config
 from lmnet.data.layouts import FORMATS
-from lmnet.deploy.engines import PRECISIONS
+from lmnet.deploy.backends import PRECISIONS
 from lmnet.deploy.export import EXPORT_FORMATS
 from lmnet.deploy.loading import BF16_AGREEMENT, ENGINE_CHOICES, PRECISION_CHOICES
 
 #: Config keys whose flag has another name, and keys set only through ``--set`` (mappings).
-_FLAG_NAMES = {"split_file": "split"}
+_FLAG_NAMES: dict[str, str] = {}
 _NO_FLAG = ("model_args",)
 
 
@@ -46,6 +47,7 @@ def _config_flags(p: argparse.ArgumentParser) -> list[str]:
             kwargs["choices"] = FORMATS
         p.add_argument(flag, **kwargs)
         keys.append(f.name)
+    old_spelling(p, "--split", "--split-file", "split_file")  # renamed: evaluate's --split is a part
     return keys
 
 
@@ -248,11 +250,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grid", default="resized", choices=("resized", "original"),
                    help="score at the training size (paper) or at each image's own size")
     p.add_argument("--spacing", type=float, nargs=2, default=None, metavar=("SY", "SX"))
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto",
+                   help="auto (a CUDA GPU if there is one, else the CPU), cpu, cuda or cuda:N")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="inference precision (torch: bf16/fp16 autocast, fp16 on CUDA only; "
                         "openvino: bf16 hint)")
-    p.add_argument("--engine", default=None, choices=ENGINE_CHOICES,
+    old_spelling(p, "--engine", "--backend", "engine", choices=ENGINE_CHOICES)
+    p.add_argument("--backend", dest="engine", default=None, choices=ENGINE_CHOICES,
                    help="PyTorch, ONNX Runtime or OpenVINO (the model is converted on the fly), or "
                         "auto: the fastest here, measured (default: torch; an exported .onnx or .xml "
                         "RUN runs on its own engine)")
@@ -284,7 +288,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "hardware, it is faster and its masks of the shipped sample agree with "
                         f"fp32's at Dice >= {BF16_AGREEMENT} (mean over the shipped sample's 40 images; measured "
                         "once, with the engine probe)")
-    p.add_argument("--engine", default="auto", choices=ENGINE_CHOICES,
+    old_spelling(p, "--engine", "--backend", "engine", choices=ENGINE_CHOICES)
+    p.add_argument("--backend", dest="engine", default="auto", choices=ENGINE_CHOICES,
                    help="auto: the fastest installed engine for this machine and batch size, "
                         "measured once and cached (delete ~/.cache/lmnet/engines.json to measure "
                         "again); or PyTorch, ONNX Runtime, OpenVINO (CHECKPOINT may then be an "

@@ -11,6 +11,7 @@ from lmnet.config import TrainConfig
 from lmnet.models import create_model
 from lmnet.models import deploy as deploy_model
 from lmnet.models._hub import is_pretrained_folder, load_weights
+from lmnet.run_folder import RunFolder
 
 __all__ = ["build_model", "resolve_checkpoint", "load_checkpoint", "load_weights",
            "model_from_checkpoint", "model_source"]
@@ -26,10 +27,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint file, or a run folder (its ``checkpoint_best.pt``, else ``checkpoint_last.pt``)."""
     p = Path(path)
     if p.is_dir():
-        for name in ("checkpoint_best.pt", "checkpoint_last.pt"):
-            if (p / name).is_file():
-                return p / name
-        raise FileNotFoundError(f"no checkpoint_best.pt or checkpoint_last.pt in {p}: give a run "
+        found = RunFolder(p).checkpoint()
+        if found is not None:
+            return found
+        raise FileNotFoundError(f"no {RunFolder.BEST} or {RunFolder.LAST} in {p}: give a run "
                                 "folder of lmnet train, a checkpoint file, or a pretrained folder "
                                 "(config.json + model.safetensors)")
     if not p.is_file():

@@ -13,26 +13,32 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from lmnet._files import atomic_write_text
+from lmnet._files import atomic_write_text, cache_dir
 from lmnet.config import TrainConfig
-from lmnet.deploy.checkpoint import model_from_checkpoint, model_source
-from lmnet.deploy.engines import (
+from lmnet.data.io import read_image
+from lmnet.data.sample import sample_images
+from lmnet.deploy.backends import (
     ENGINE_FILES,
     ENGINES,
     PRECISIONS,
-    cache_dir,
     engine_available,
+    load_exported,
     make_runner,
+    openvino_runner,
     precision_context,
-    predict_probabilities,
-    probabilities_to_mask,
 )
+from lmnet.deploy.checkpoint import model_from_checkpoint, model_source
+from lmnet.deploy.metadata import checkpoint_split, error_line, exported_config
+from lmnet.deploy.postprocess import predict_probabilities, probabilities_to_mask
+from lmnet.deploy.preprocess import preprocess
+from lmnet.deploy.pretrained import from_pretrained, pretrained_train_config, resolve_pretrained
+from lmnet.models._hub import read_config
 from lmnet.runtime import cpu_name, native_bf16
 
 __all__ = ["ENGINE_CHOICES", "PRECISION_CHOICES", "BF16_AGREEMENT", "Predictor", "choose_engine",
-           "load_model", "load_predictor", "mask_agreement", "probe_cache_path"]
+           "load_model", "load_predictor", "mask_agreement", "probe_cache_path", "stored_split"]
 
-#: What ``--engine`` accepts: ``auto`` (measured) or one engine.
+#: What ``--backend`` accepts: ``auto`` (measured) or one backend.
 ENGINE_CHOICES = ("auto", *ENGINES)
 #: Precisions each engine runs on a CPU.
 _ENGINE_PRECISIONS = {"torch": ("fp32", "bf16"), "onnx": ("fp32",), "openvino": ("fp32", "bf16")}
@@ -67,11 +73,21 @@ def load_model(checkpoint: str | Path | None = None, weights: str | Path | None 
     if (checkpoint is None) == (weights is None):
         raise ValueError("give a checkpoint (or run folder) or --weights, not both or neither")
     if weights is not None:
-        from lmnet.deploy.pretrained import from_pretrained, pretrained_train_config
-
         model = from_pretrained(weights)
         return model, pretrained_train_config(model)
     return model_from_checkpoint(checkpoint)
+
+
+def stored_split(checkpoint: str | Path | None = None, weights: str | Path | None = None
+                 ) -> dict[str, Any] | None:
+    """The train/val/test split a model was trained with, where its source keeps it: the run's
+    ``split.json`` beside a checkpoint, ``config.json`` of a pretrained folder, or the metadata
+    of an exported file; None when it has none."""
+    checkpoint, weights = model_source(checkpoint, weights)
+    if weights is not None:
+        return read_config(resolve_pretrained(weights)).get("split") or None
+    return None if checkpoint is None else checkpoint_split(checkpoint)
+
 
 
 def load_predictor(checkpoint: str | Path | None = None, engine: str = "torch",
@@ -83,7 +99,7 @@ def load_predictor(checkpoint: str | Path | None = None, engine: str = "torch",
     (OpenVINO) file; or ``weights``: a pretrained model (:func:`load_model`). ``engine``: one of
     :data:`ENGINE_CHOICES`; ``auto`` takes an exported file's own engine, else measures
     (:func:`choose_engine`) at ``batch_size``. ``precision`` is OpenVINO's inference precision
-    hint; PyTorch's autocast is applied by the caller (:func:`~lmnet.deploy.engines.precision_context`).
+    hint; PyTorch's autocast is applied by the caller (:func:`~lmnet.deploy.backends.precision_context`).
     """
     if engine not in ENGINE_CHOICES:
         raise ValueError(f"unknown engine {engine!r}; available: {', '.join(ENGINE_CHOICES)}")
@@ -92,16 +108,13 @@ def load_predictor(checkpoint: str | Path | None = None, engine: str = "torch",
     if path is not None and path.suffix in ENGINE_FILES:
         wanted = ENGINE_FILES[path.suffix]
         if engine not in ("auto", wanted):
-            raise ValueError(f"{path} is an exported {wanted} file: use --engine {wanted}")
+            raise ValueError(f"{path} is an exported {wanted} file: use --backend {wanted}")
         if not path.is_file():
             raise FileNotFoundError(f"no such {wanted} file: {path}")
         if precision == "auto":
             precision = "fp32"
         if precision not in _ENGINE_PRECISIONS[wanted]:
             raise ValueError(f"precision {precision!r} is not available with {wanted}")
-        from lmnet.deploy.engines import openvino_runner
-        from lmnet.deploy.export import error_line, exported_config, load_exported
-
         cfg = exported_config(path)  # checks the file first: a clear error for files not ours
         try:
             run = (openvino_runner(path, precision=precision, threads=threads)
@@ -117,7 +130,7 @@ def load_predictor(checkpoint: str | Path | None = None, engine: str = "torch",
         return choose_engine(model, cfg, batch_size, precision, threads,
                              engines=None if engine == "auto" else (engine,))
     if precision not in _ENGINE_PRECISIONS[engine] and not (engine == "torch" and precision == "fp16"):
-        raise ValueError(f"precision {precision!r} is available with --engine "
+        raise ValueError(f"precision {precision!r} is available with --backend "
                          f"{' or '.join(e for e, p in _ENGINE_PRECISIONS.items() if precision in p)}")
     return Predictor(make_runner(model, cfg, engine, precision, threads), cfg, engine, "", precision)
 
@@ -126,8 +139,6 @@ def check_output_channels(run: Any, cfg: TrainConfig, source: str | Path) -> Non
     """Run ``run`` once on a blank image of the config's size: its logits must be finite and have
     the config's ``n_classes`` channels, or the masks would be meaningless (``ValueError``)."""
     import numpy as np
-
-    from lmnet.deploy.export import error_line
 
     x = np.zeros((1, cfg.in_channels, cfg.image_size, cfg.image_size), np.float32)
     try:
@@ -146,7 +157,7 @@ def check_output_channels(run: Any, cfg: TrainConfig, source: str | Path) -> Non
 
 def probe_cache_path() -> Path:
     """Where measured engine choices are kept: ``engines.json`` in lmnet's cache folder
-    (:func:`~lmnet.deploy.engines.cache_dir`). Delete it to measure again."""
+    (:func:`~lmnet._files.cache_dir`). Delete it to measure again."""
     return cache_dir() / "engines.json"
 
 
@@ -219,10 +230,6 @@ def mask_agreement(reference: Any, run: Any, engine: str, precision: str, cfg: T
     fp32) and those of ``run`` (``engine`` at ``precision``) on the shipped sample's images (the
     first ``count``; all: None), one at a time at the model's input size; two empty masks agree
     fully."""
-    from lmnet.data.io import read_image
-    from lmnet.data.sample import sample_images
-    from lmnet.deploy.preprocess import preprocess
-
     dice = []
     for path in sample_images(count):
         x = preprocess([read_image(path, cfg.in_channels)], cfg.image_size, cfg.mean, cfg.std)

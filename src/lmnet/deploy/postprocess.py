@@ -1,4 +1,5 @@
-"""What happens between a model's logits and the mask a user sees: test-time augmentation (flipped
+"""What happens between a model's logits and the mask a user sees: lesion probabilities (softmax
+or sigmoid, resized), test-time augmentation (flipped
 copies of the input, their probabilities flipped back and averaged) and clean-up of the binary mask
 (keep the largest connected lesion, drop lesions under a number of pixels).
 
@@ -9,16 +10,16 @@ at each image's own size in ``lmnet predict``, at the scoring grid in ``lmnet ev
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy import ndimage
+from torch import nn
 
-from lmnet.deploy.engines import predict_probabilities
-
-__all__ = ["TTA_CHOICES", "TTA_TRANSFORMS", "PostProcess", "tta_probabilities", "clean_mask",
-           "count_lesions"]
+__all__ = ["TTA_CHOICES", "TTA_TRANSFORMS", "PostProcess", "predict_probabilities",
+           "probabilities_to_mask", "tta_probabilities", "clean_mask", "count_lesions"]
 
 #: The input dimensions each transform flips (of ``(N, C, H, W)``); every transform is its own inverse.
 _FLIPS = {"identity": (), "hflip": (3,), "vflip": (2,), "hvflip": (2, 3)}
@@ -27,6 +28,34 @@ TTA_TRANSFORMS = {"none": ("identity",), "hflip": ("identity", "hflip"),
                   "flips": ("identity", "hflip", "vflip", "hvflip")}
 TTA_CHOICES = tuple(TTA_TRANSFORMS)
 _EIGHT = np.ones((3, 3), bool)
+
+
+@torch.inference_mode()
+def predict_probabilities(model: nn.Module | Callable[[np.ndarray], np.ndarray], x: torch.Tensor,
+                          out_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Lesion probability ``(N, H, W)`` from ``x (N, C, S, S)``, optionally resized to ``out_size``.
+
+    ``model`` is a PyTorch module or a function from a numpy batch to numpy logits (an exported
+    model). Softmax over 2+ classes (class 1 = lesion) or sigmoid of a single map; resizing is
+    bilinear on the probabilities.
+    """
+    if isinstance(model, nn.Module):
+        param = next(model.parameters())
+        x = x.to(param.device)
+        if param.dim() == 4 and param.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous(memory_format=torch.channels_last)
+        logits = model(x).float()
+    else:
+        logits = torch.from_numpy(np.asarray(model(x.numpy()))).float()
+    prob = torch.sigmoid(logits[:, :1]) if logits.shape[1] == 1 else torch.softmax(logits, 1)[:, 1:2]
+    if out_size is not None and tuple(prob.shape[-2:]) != tuple(out_size):
+        prob = F.interpolate(prob, size=out_size, mode="bilinear", align_corners=False)
+    return prob[:, 0].cpu()
+
+
+def probabilities_to_mask(prob: torch.Tensor, threshold: float = 0.5) -> np.ndarray:
+    """Binary lesion mask ``bool``; for softmax over two classes 0.5 equals the argmax."""
+    return (prob > threshold).numpy()
 
 
 @dataclass(frozen=True)
@@ -86,7 +115,7 @@ class PostProcess:
 
 def tta_probabilities(model: Any, x: torch.Tensor, transforms: tuple[str, ...] = ("identity",),
                       out_size: tuple[int, int] | None = None) -> torch.Tensor:
-    """The mean of :func:`~lmnet.deploy.engines.predict_probabilities` over ``transforms`` (names
+    """The mean of :func:`predict_probabilities` over ``transforms`` (names
     of flips, see :data:`TTA_TRANSFORMS`): each flipped input's probabilities flipped back, then
     resized to ``out_size`` if given."""
     total = None

@@ -15,6 +15,8 @@ from torch import nn
 
 from lmnet._optional import require
 from lmnet.config import TrainConfig
+from lmnet.deploy.checkpoint import model_from_checkpoint, resolve_checkpoint
+from lmnet.deploy.metadata import checkpoint_split
 from lmnet.models._hub import (
     CARD_NAME,
     CONFIG_NAME,
@@ -106,15 +108,10 @@ def export_pretrained(checkpoint: str | Path, out: str | Path, card: str | None 
                       class_names: list[str] | None = None) -> Path:
     """Write the pretrained folder of a checkpoint (or run folder): deployed fp16 weights, the
     config with its training config and the run's split, and ``card`` as README.md."""
-
-    from lmnet.deploy.checkpoint import model_from_checkpoint, resolve_checkpoint
-
     ckpt_path = resolve_checkpoint(checkpoint)
     model, cfg = model_from_checkpoint(ckpt_path, channels_last=False)
-    from lmnet.deploy.export import stored_split
-
     extra: dict[str, Any] = {"train_config": cfg.to_dict()}
-    split = stored_split(ckpt_path)
+    split = checkpoint_split(ckpt_path)
     if split:
         extra["split"] = {k: v for k, v in split.items() if k in ("train", "val", "test")}
     kwargs = {"in_channels": cfg.in_channels, "n_classes": cfg.n_classes, **cfg.model_args}

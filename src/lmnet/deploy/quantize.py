@@ -14,7 +14,7 @@ from lmnet.data.dataset import SegmentationDataset
 from lmnet.data.io import read_image
 from lmnet.data.layouts import Sample, discover
 from lmnet.data.splits import check_split
-from lmnet.deploy.engines import predict_probabilities, probabilities_to_mask
+from lmnet.deploy.postprocess import predict_probabilities, probabilities_to_mask
 from lmnet.deploy.preprocess import preprocess
 from lmnet.metrics import SegmentationEvaluator
 

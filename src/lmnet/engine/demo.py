@@ -18,6 +18,7 @@ from lmnet.engine.evaluate import evaluate_run
 from lmnet.engine.predict import predict_files
 from lmnet.engine.train import read_log, step_seconds, train
 from lmnet.metrics import markdown_table
+from lmnet.run_folder import RunFolder
 
 __all__ = ["sample_data_path", "run_demo", "training_sentence"]
 
@@ -119,7 +120,7 @@ def run_demo(out: str | Path = "lmnet_demo", minutes: float = 3.5, image_size: i
     data = sample_data_path()
     run_dir = out / "run"
     if run_dir.exists():
-        saved = run_dir / "config.json"
+        saved = RunFolder(run_dir).config
         if not saved.is_file() or json.loads(saved.read_text()).get("data") != str(data):
             raise ValueError(f"{run_dir} exists and is not an earlier demo run; choose another --out")
         shutil.rmtree(run_dir)
@@ -128,7 +129,7 @@ def run_demo(out: str | Path = "lmnet_demo", minutes: float = 3.5, image_size: i
     split_file = None
     if split is not None:  # held-out images that neither model trained on
         out.mkdir(parents=True, exist_ok=True)
-        split_file = out / "split.json"
+        split_file = out / "split.json"  # the demo's own split, beside its run folder
         save_split(split, split_file)
     cfg = TrainConfig(data=str(data), format="kvasir", image_size=image_size, batch_size=8,
                       epochs=epochs, time_budget=1.5 * minutes, split_ratios=[0.7, 0.15, 0.15],
@@ -160,7 +161,7 @@ def run_demo(out: str | Path = "lmnet_demo", minutes: float = 3.5, image_size: i
     train(cfg, progress=progress, replan=replan, resume_hint=False)
     report = out / "report"
     result, _ = evaluate_run(run_dir, split="test", out=report, progress=False)
-    test = set(json.loads((run_dir / "split.json").read_text())["test"])
+    test = set(RunFolder(run_dir).read_split()["test"])
     images = [s.image for s in samples if s.name in test]
     predict_files(run_dir, images, report / "predictions", progress=False, engine="torch",
                   overwrite=True)
@@ -171,7 +172,7 @@ def run_demo(out: str | Path = "lmnet_demo", minutes: float = 3.5, image_size: i
         compare = report / "compare_original_size"
         own, _ = evaluate_run(run_dir, split="test", grid="original", out=compare / "demo_model",
                               progress=False)
-        ship, _ = evaluate_run(None, data=data, split="test", split_file=run_dir / "split.json",
+        ship, _ = evaluate_run(None, data=data, split="test", split_file=RunFolder(run_dir).split,
                                grid="original", out=compare / "shipped_model", progress=False,
                                weights="kvasir")
         predict_files(None, images, report / "predictions_shipped_model", progress=False,
@@ -192,7 +193,7 @@ def run_demo(out: str | Path = "lmnet_demo", minutes: float = 3.5, image_size: i
     summary = _summary_figure(report, run_dir, images, samples, split is not None)
     minutes_taken = (time.perf_counter() - t0) / 60
     rows = read_log(run_dir)
-    final = int(json.loads((run_dir / "config.json").read_text())["epochs"])
+    final = int(RunFolder(run_dir).read_config()["epochs"])
     trained_line = training_sentence(len(rows), planned, final, replans,
                                      float(rows[-1]["lr"]) if rows else cfg.lr, cfg.time_budget)
     atomic_write_text(report / "README.md",

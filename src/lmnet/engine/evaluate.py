@@ -19,12 +19,13 @@ from lmnet.config import TrainConfig
 from lmnet.data.dataset import SegmentationDataset, load_sample
 from lmnet.data.layouts import Sample, discover
 from lmnet.data.splits import SPLITS, check_split, load_split
+from lmnet.deploy.backends import ENGINE_FILES, precision_context
 from lmnet.deploy.checkpoint import model_source, resolve_checkpoint
-from lmnet.deploy.engines import ENGINE_FILES, precision_context
-from lmnet.deploy.export import exported_metadata, stored_split
-from lmnet.deploy.loading import load_predictor
+from lmnet.deploy.loading import load_predictor, stored_split
+from lmnet.deploy.metadata import exported_metadata
 from lmnet.deploy.postprocess import PostProcess
 from lmnet.deploy.preprocess import preprocess
+from lmnet.engine.distributed import resolve_device
 from lmnet.metrics import SegmentationEvaluator, write_report
 from lmnet.metrics.evaluator import summarize
 
@@ -104,7 +105,7 @@ def _exported(path: str | Path | None) -> bool:
 def evaluate_run(run_or_checkpoint: str | Path | None, data: str | Path | None = None,
                  split: str = "test", split_file: str | Path | None = None, grid: str = "resized",
                  out: str | Path | None = None, spacing: tuple[float, float] | None = None,
-                 device: str = "cpu", progress: bool = True, precision: str = "fp32",
+                 device: str = "auto", progress: bool = True, precision: str = "fp32",
                  weights: str | Path | None = None, engine: str | None = None,
                  post: PostProcess | None = None) -> tuple[dict[str, Any], Path]:
     """Score the ``split`` images of the checkpoint's dataset; write the reports.
@@ -138,8 +139,11 @@ def evaluate_run(run_or_checkpoint: str | Path | None, data: str | Path | None =
     run_or_checkpoint, weights = model_source(run_or_checkpoint, weights)
     if engine is None:
         engine = "auto" if _exported(run_or_checkpoint) else "torch"
+    if device == "auto":  # a GPU for PyTorch where there is one; the other backends run on the CPU
+        on_cpu = engine not in ("torch", "auto") or _exported(run_or_checkpoint)
+        device = "cpu" if on_cpu else str(resolve_device("auto"))
     if device != "cpu" and engine not in ("torch", "auto"):
-        raise ValueError(f"--engine {engine} runs on the CPU; --device {device} needs --engine torch")
+        raise ValueError(f"--backend {engine} runs on the CPU; --device {device} needs --backend torch")
     predictor = load_predictor(run_or_checkpoint, engine, weights, precision, batch_size=8)
     model, cfg, engine = predictor.model, predictor.cfg, predictor.engine
     if predictor.note and progress:

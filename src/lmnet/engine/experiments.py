@@ -25,6 +25,7 @@ from lmnet._dataclass import dataclass_from_dict
 from lmnet._files import atomic_save, atomic_write_text
 from lmnet.config import TrainConfig, read_yaml_mapping
 from lmnet.metrics.evaluator import mean_std
+from lmnet.run_folder import RunFolder
 
 __all__ = ["ExperimentConfig", "Run", "load_experiment", "plan_runs", "run_status", "used_seconds",
            "run_experiment", "write_tables", "write_figures", "verdict", "TABLE_COLUMNS",
@@ -223,7 +224,7 @@ def check_recipes(runs: list[Run], budget_minutes: float | None = None) -> None:
     wall-clock budget than planned (an edited config, or another experiment sharing the ``runs``
     folder)."""
     for run in runs:
-        path = run.run_dir / "config.json"
+        path = RunFolder(run.run_dir).config
         if not path.is_file():
             continue
         held = TrainConfig.from_dict(json.loads(path.read_text())).to_dict()
@@ -277,7 +278,7 @@ def used_seconds(run: Run) -> float:
     if "seconds" in record:
         return float(record["seconds"])
     spent = sum(float(r["epoch_seconds"]) for r in _log_rows(run))
-    last = run.run_dir / "checkpoint_last.pt"
+    last = RunFolder(run.run_dir).last
     if last.is_file():
         from lmnet.deploy.checkpoint import load_checkpoint
 
@@ -300,7 +301,7 @@ def run_status(run: Run, cfg: ExperimentConfig) -> str:
         return "done"
     if trained:
         return "trained"
-    return "partial" if (run.run_dir / "checkpoint_last.pt").is_file() else "new"
+    return "partial" if RunFolder(run.run_dir).last.is_file() else "new"
 
 
 def _estimate_seconds(run: Run, n_train: int, step_times: dict[str, float]) -> float:
@@ -518,7 +519,7 @@ def run_experiment(cfg: ExperimentConfig, data: str | None = None, dry_run: bool
                 t_train = time.perf_counter()
                 try:
                     train(run.config.replace(time_budget=budget),
-                          resume=(run.run_dir / "checkpoint_last.pt").is_file(),
+                          resume=RunFolder(run.run_dir).last.is_file(),
                           progress=progress,  # (no budget: clear one an earlier call left)
                           overrides={"time_budget": CLEAR if budget is None else budget})
                 finally:  # an interrupted call counts too
@@ -582,9 +583,7 @@ def write_tables(cfg: ExperimentConfig, data: str | None = None) -> dict[str, Pa
         if path.is_file() and status == "done":
             results[run.label].append(json.loads(path.read_text()))
             spent[run.label].append((epochs, minutes))
-        env = {}
-        if (run.run_dir / "env.json").is_file():
-            env = json.loads((run.run_dir / "env.json").read_text())
+        env = RunFolder(run.run_dir).read_env()
         commits = list(dict.fromkeys(str(s.get("git_commit") or "")[:7] or "unknown"
                                      for s in read_sessions(run.run_dir)))
         ledger.append([run.label, str(run.seed), "" if run.fold is None else str(run.fold), status,
@@ -767,8 +766,8 @@ def write_figures(cfg: ExperimentConfig, data: str | None = None, n_images: int 
     rebuild both tables and figures without its checkpoints. Returns the files written."""
     from lmnet.data.dataset import load_sample
     from lmnet.data.layouts import discover
-    from lmnet.deploy.engines import predict_probabilities, probabilities_to_mask
     from lmnet.deploy.loading import load_model
+    from lmnet.deploy.postprocess import predict_probabilities, probabilities_to_mask
     from lmnet.deploy.preprocess import preprocess
     from lmnet.engine.figures import plot_curves, plot_qualitative
 
@@ -790,7 +789,7 @@ def write_figures(cfg: ExperimentConfig, data: str | None = None, n_images: int 
     if not finished:
         return written
     first = next(iter(finished.values()))
-    split = json.loads((first.run_dir / "split.json").read_text())
+    split = RunFolder(first.run_dir).read_split()
     _, samples, _ = discover(first.config.data, first.config.format)
     by_name = {s.name: s for s in samples}
     chosen = figure_samples([by_name[n] for n in sorted(split[cfg.split])], n_images)
@@ -799,7 +798,7 @@ def write_figures(cfg: ExperimentConfig, data: str | None = None, n_images: int 
     preds = {}
     for label, run in finished.items():
         kept = run.run_dir / f"figure_masks_{cfg.split}.npz"  # the figure without the checkpoint
-        best = run.run_dir / "checkpoint_best.pt"
+        best = RunFolder(run.run_dir).best
         stale = best.is_file() and kept.is_file() and best.stat().st_mtime > kept.stat().st_mtime
         masks = None if stale else _kept_masks(kept, names)
         if masks is None:

@@ -10,6 +10,7 @@ from typing import Sequence
 import numpy as np
 
 from lmnet._files import atomic_save
+from lmnet.run_folder import RunFolder
 
 __all__ = ["plot_curves", "plot_qualitative", "seed_band"]
 
@@ -45,7 +46,7 @@ def plot_curves(runs_by_label: dict[str, Sequence[Path]], out: Path, metric: str
     for label, run_dirs in runs_by_label.items():
         curves = []
         for run in run_dirs:
-            log = Path(run) / "log.csv"
+            log = RunFolder(run).log
             if log.is_file():
                 values = [float(r[metric]) for r in csv.DictReader(log.open())]
                 if values:

@@ -10,10 +10,11 @@ from typing import Any
 
 from lmnet.config import TrainConfig
 from lmnet.deploy.checkpoint import load_checkpoint, resolve_checkpoint
-from lmnet.deploy.export import stored_split
+from lmnet.deploy.loading import stored_split
 from lmnet.deploy.pretrained import export_pretrained
 from lmnet.engine.figures import plot_curves
 from lmnet.engine.train import read_log, read_sessions
+from lmnet.run_folder import RunFolder
 
 __all__ = ["DATASETS", "model_card", "export_with_card"]
 
@@ -107,7 +108,7 @@ def model_card(run: str | Path, title: str | None = None, curve: bool = True,
     best_epoch = int(ckpt.get("best_epoch", ckpt.get("epoch", -1))) + 1
     best_row = log[best_epoch - 1] if 0 < best_epoch <= len(log) else {}
     cpus = sorted({s["cpu"] for s in sessions if s.get("cpu")})
-    env = json.loads((run / "env.json").read_text()) if (run / "env.json").is_file() else {}
+    env = RunFolder(run).read_env()
     machine = ", ".join(cpus) or env.get("cpu") or env.get("platform", "not recorded")
     threads = env.get("threads")
     sizes = ""

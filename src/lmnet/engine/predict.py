@@ -20,7 +20,7 @@ from tqdm import tqdm
 from lmnet._files import atomic_path, check_writable_file
 from lmnet.data.io import IMAGE_SUFFIXES, list_images, read_image
 from lmnet.data.layouts import mask_owner
-from lmnet.deploy.engines import precision_context
+from lmnet.deploy.backends import precision_context
 from lmnet.deploy.loading import load_predictor
 from lmnet.deploy.postprocess import PostProcess, count_lesions
 from lmnet.deploy.preprocess import preprocess

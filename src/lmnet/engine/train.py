@@ -1,4 +1,5 @@
-"""The training loop: paper recipe, progress bar, CSV + TensorBoard logs, exact resume, DDP."""
+"""Training: :class:`Trainer` (the paper's recipe, with seams), exact resume, DDP, and the timing
+of a training step for planning; :func:`train` is the entry point."""
 from __future__ import annotations
 
 import contextlib
@@ -8,10 +9,8 @@ import logging
 import math
 import platform
 import random
-import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -21,26 +20,26 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
-from tqdm import tqdm
 
-from lmnet._files import atomic_path, atomic_save, atomic_write_text
+from lmnet._files import atomic_save
 from lmnet._version import __version__
 from lmnet.config import TrainConfig
 from lmnet.data.dataset import SegmentationDataset, load_sample
 from lmnet.data.layouts import DatasetError, Sample, discover
 from lmnet.data.splits import load_split, make_kfold_split, make_split, save_split
 from lmnet.deploy.checkpoint import build_model, load_checkpoint, load_weights
+from lmnet.engine.callbacks import LOG_FIELDS, Callback, default_callbacks
 from lmnet.engine.distributed import DistContext, resolve_device
 from lmnet.engine.evaluate import evaluate_samples
 from lmnet.losses import SegmentationLoss, class_balanced_weights
+from lmnet.run_folder import RunFolder
 from lmnet.runtime import ThreadGovernor, cpu_name
 
-__all__ = ["train", "run_folder", "read_log", "step_seconds", "step_memory", "LOG_FIELDS", "RESUME_OVERRIDABLE"]
+__all__ = ["Trainer", "train", "run_folder", "read_log", "read_sessions", "step_seconds", "step_memory",
+           "LOG_FIELDS", "RESUME_OVERRIDABLE"]
 
 log = logging.getLogger(__name__)
 
-LOG_FIELDS = ("epoch", "train_size", "train_loss", "val_paper_mdice", "val_fg_dice", "val_fg_iou", "lr",
-              "epoch_seconds", "images_per_second", "steps")
 #: Keys that ``--resume`` may change; every other key comes from the run's own config.
 RESUME_OVERRIDABLE = ("epochs", "time_budget", "num_workers", "device")
 #: An override value that sets a key back to its default (None) on resume, where a None
@@ -80,8 +79,8 @@ def _versions() -> dict[str, Any]:
 def _make_split(cfg: TrainConfig, samples: list[Sample], run_dir: Path, resume: bool) -> dict[str, Any]:
     if cfg.split_file:
         return load_split(cfg.split_file, samples)
-    if resume and (run_dir / "split.json").is_file():
-        return load_split(run_dir / "split.json", samples)
+    if resume and RunFolder(run_dir).split.is_file():
+        return load_split(RunFolder(run_dir).split, samples)
     if cfg.kfold:
         return make_kfold_split(samples, cfg.kfold, cfg.fold, cfg.split_rng_seed,
                                 val_ratio=cfg.split_ratios[1])
@@ -136,31 +135,28 @@ def step_memory(cfg: TrainConfig, size: int | None = None) -> int:
 
 
 def step_seconds(cfg: TrainConfig, size: int | None = None, probe_batch: int | None = None) -> float:
-    """Measured seconds of one optimiser step of ``cfg`` (``grad_accum`` micro-batches: forward,
-    backward, AdamW) at ``size`` (default ``cfg.image_size``) on random data: the median of three
-    steps after a warm-up step. For planning: epochs that fit a budget, a matrix's estimated time.
+    """Measured seconds of one optimiser step of ``cfg`` at ``size`` (default ``cfg.image_size``)
+    on random data, on the CPU: :meth:`Trainer.train_step` itself (``grad_accum`` micro-batches,
+    the recipe's loss, AdamW with its weight decay), the median of three steps after a warm-up
+    step. For planning: epochs that fit a budget, a matrix's estimated time.
 
     ``probe_batch``: time micro-batches of at most this many images and scale to the recipe's
     micro-batch (the time of these convolutions grows in proportion to the batch), so that an
     estimate never needs the memory of a full micro-batch."""
     size = size or cfg.image_size
-    model = build_model(cfg)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    loss_fn = SegmentationLoss(torch.ones(max(2, cfg.n_classes)), cfg.dice_weight, cfg.n_classes)
+    trainer = Trainer(cfg, progress=False)
+    trainer.setup(torch.ones(max(2, cfg.n_classes)))  # class weights do not change the time
+    trainer.model.train()
     micro = max(1, cfg.batch_size // cfg.grad_accum)
     timed = min(micro, probe_batch) if probe_batch else micro
-    x = torch.randn(timed, cfg.in_channels, size, size)
-    y = torch.randint(0, 2, (timed, size, size))
+    x = torch.randn(timed * cfg.grad_accum, cfg.in_channels, size, size)
+    y = torch.randint(0, 2, (timed * cfg.grad_accum, size, size))
     times = []
     for _ in range(4):  # one warm-up step, then the median of three
         t = time.perf_counter()
-        opt.zero_grad()
-        loss_fn(model(x), y).backward()
-        opt.step()
+        trainer.train_step(x, y)
         times.append(time.perf_counter() - t)
-    return float(np.median(times[1:])) * cfg.grad_accum * micro / timed
+    return float(np.median(times[1:])) * micro / timed
 
 
 def _check_readable(samples: list[Sample], channels: int) -> None:
@@ -203,35 +199,6 @@ def _replica_difference(model: torch.nn.Module) -> float:
     return float(diff)
 
 
-class _GracefulStop:
-    """The first Ctrl-C (or SIGTERM, or SIGHUP: a closed terminal, a job killed at the end of a
-    session) asks the loop to stop after the current step, which is then saved; a second one
-    interrupts at once. A signal the process ignores (SIGHUP under ``nohup``) stays ignored."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-        if not (enabled and threading.current_thread() is threading.main_thread()):
-            return
-        for name in ("SIGINT", "SIGTERM", "SIGHUP"):
-            sig = getattr(signal, name, None)
-            if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
-                self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
-        for sig in self._previous:  # a second signal acts as it would without us
-            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
-        what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        print(f"\n{what}: stopping after this step to save it (Ctrl-C again to stop at once, "
-              "losing the current epoch's progress)", file=sys.stderr)
-
-    def restore(self) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-        self._previous = {}
-
-
 def _any_rank(flag: bool, device: torch.device) -> bool:
     """True on every process when ``flag`` is true on any (all ranks call)."""
     import torch.distributed as dist
@@ -250,9 +217,9 @@ def _prepare_run(cfg: TrainConfig, resume: bool | str | Path, overrides: dict[st
     """Resolve the config (a resumed run keeps its own), find the data and the run folder."""
     if resume and not isinstance(resume, bool):
         run_dir = Path(resume)
-        if not (run_dir / "config.json").is_file():
-            raise FileNotFoundError(f"{run_dir} is not a run folder (no config.json)")
-        saved = json.loads((run_dir / "config.json").read_text())
+        saved = RunFolder(run_dir).read_config()
+        if saved is None:
+            raise FileNotFoundError(f"{run_dir} is not a run folder (no {RunFolder.CONFIG})")
         saved.update(out=str(run_dir.parent), name=run_dir.name)
         cfg = TrainConfig.from_dict(saved)
     if not cfg.data:
@@ -266,11 +233,11 @@ def _prepare_run(cfg: TrainConfig, resume: bool | str | Path, overrides: dict[st
         raise DatasetError(f"{len(problems)} problems in {cfg.data} (see lmnet check-data):\n  "
                            f"{shown}{more}")
     run_dir = run_folder(cfg, fmt)
-    last = run_dir / "checkpoint_last.pt"
+    last = RunFolder(run_dir).last
     if resume:
         if not last.is_file():
             raise FileNotFoundError(f"nothing to resume: {last} does not exist")
-        saved = json.loads((run_dir / "config.json").read_text())
+        saved = RunFolder(run_dir).read_config()
         saved.update(out=cfg.out, name=run_dir.name)
         ignored = {k: v for k, v in overrides.items() if v is not None and k not in RESUME_OVERRIDABLE
                    and k not in ("out", "name") and saved.get(k) != v}
@@ -287,9 +254,320 @@ def _prepare_run(cfg: TrainConfig, resume: bool | str | Path, overrides: dict[st
     return cfg, fmt, samples, run_dir
 
 
+class Trainer:
+    """One training run of ``cfg``, in pieces a researcher can replace (after nnU-Net v2's
+    ``nnUNetTrainer`` and MONAI's ``SupervisedTrainer``).
+
+    Subclass and override, or pass as arguments: ``build_model`` (``model_fn(cfg)``),
+    ``build_loss`` (``loss_fn(cfg, class_weights)``), ``build_optimizer``
+    (``optimizer_fn(cfg, params)``), ``build_scheduler`` (``scheduler_fn(cfg, optimizer)``), and
+    :meth:`train_step` / :meth:`validate`. ``callbacks`` are added to :func:`default_callbacks`
+    (the CSV log, TensorBoard, the progress bar, the best checkpoint, the time budget, the
+    graceful stop; see :mod:`lmnet.engine.callbacks`). :meth:`state_dict` and
+    :meth:`load_state_dict` hold everything a resume needs (``checkpoint_last.pt``).
+
+    :meth:`fit` runs it and returns the run folder; ``lmnet.engine.train(cfg)`` is
+    ``Trainer(cfg).fit()``.
+    """
+
+    def __init__(self, cfg: TrainConfig, *, progress: bool = True, callbacks: list[Callback] | None = None,
+                 replan: Callable[[int, float], int | None] | None = None, resume_hint: bool = True,
+                 ctx: DistContext | None = None,
+                 model_fn: Callable[[TrainConfig], torch.nn.Module] | None = None,
+                 loss_fn: Callable[[TrainConfig, torch.Tensor], torch.nn.Module] | None = None,
+                 optimizer_fn: Callable[[TrainConfig, Any], torch.optim.Optimizer] | None = None,
+                 scheduler_fn: Callable[[TrainConfig, torch.optim.Optimizer], Any] | None = None) -> None:
+        self.cfg = cfg
+        self.progress = progress
+        self.extra_callbacks = list(callbacks or [])
+        self.replan = replan
+        self.resume_hint = resume_hint
+        self.ctx = ctx or DistContext()
+        self._fns = {"model": model_fn, "loss": loss_fn, "optimizer": optimizer_fn,
+                     "scheduler": scheduler_fn}
+        self.device = torch.device("cpu")
+        self.stop_reason: str | None = None
+        self.threads_note = ""
+        self.steps = self.steps_in_epoch = 0
+        self.images_per_second = 0.0
+        self.start_epoch, self.best, self.best_epoch = 0, -math.inf, -1
+        self.resumed = False
+        self.started = time.perf_counter()
+
+    # -- seams ----------------------------------------------------------------------------------
+    def build_model(self) -> torch.nn.Module:
+        """The network, in training form (``cfg.model``)."""
+        fn = self._fns["model"]
+        return fn(self.cfg) if fn else build_model(self.cfg)
+
+    def build_loss(self, class_weights: torch.Tensor) -> torch.nn.Module:
+        """The paper's loss: class-balanced cross-entropy plus soft Dice."""
+        fn = self._fns["loss"]
+        if fn:
+            return fn(self.cfg, class_weights)
+        return SegmentationLoss(class_weights, self.cfg.dice_weight, self.cfg.n_classes)
+
+    def build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        """AdamW with the config's learning rate and decoupled weight decay."""
+        fn = self._fns["optimizer"]
+        if fn:
+            return fn(self.cfg, model.parameters())
+        return torch.optim.AdamW(model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+    def build_scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
+        """Cosine annealing over ``cfg.epochs`` to ``cfg.min_lr``, stepped once per epoch."""
+        fn = self._fns["scheduler"]
+        if fn:
+            return fn(self.cfg, optimizer)
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.cfg.epochs,
+                                                          eta_min=self.cfg.min_lr)
+
+    def setup(self, class_weights: torch.Tensor) -> None:
+        """Build model, loss, optimiser, scheduler, mixed precision on ``self.device`` (in this
+        order: the model's initialisation draws from the seeded RNG)."""
+        cfg, device = self.cfg, self.device
+        self.criterion = self.build_loss(class_weights).to(device)
+        self.model = self.build_model().to(device)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = self.build_optimizer(self.model)
+        self.scheduler = self.build_scheduler(self.optimizer)
+        fp16 = cfg.amp and device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+        if fp16:
+            self.autocast: Any = torch.autocast("cuda", dtype=torch.float16)
+        elif cfg.bf16:
+            self.autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+        else:
+            self.autocast = contextlib.nullcontext()
+        self.net: torch.nn.Module = self.model
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One optimiser step on a batch: ``grad_accum`` micro-batches (images ``r::grad_accum``),
+        each loss divided by their number, gradients summed, then the optimiser. Returns the loss."""
+        cfg = self.cfg
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        self.optimizer.zero_grad(set_to_none=True)
+        parts = [r for r in range(cfg.grad_accum) if r < len(x)]
+        step_loss = 0.0
+        for r in parts:
+            sync = (contextlib.nullcontext() if (r == parts[-1] or self.ctx.world == 1)
+                    else self.net.no_sync())
+            with sync:
+                with self.autocast:
+                    loss = self.criterion(self.net(x[r::cfg.grad_accum]), y[r::cfg.grad_accum]) / len(parts)
+                self.scaler.scale(loss).backward()
+            step_loss += float(loss.detach())
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return step_loss
+
+    def validate(self) -> dict[str, Any]:
+        """Validation metrics (all images together) at the training size, as the paper scores."""
+        ev = evaluate_samples(self.model, self.val_samples, self.cfg, "resized", boundary=False,
+                              dataset=self.val_ds, batch_size=max(1, self.per_rank))
+        return ev.aggregate()["all"]
+
+    # -- state ------------------------------------------------------------------------------------
+    def state_dict(self, epoch: int, val: dict[str, Any] | None, cut: dict[str, Any] | None = None
+                   ) -> dict[str, Any]:
+        """Everything a resume needs after 0-based ``epoch``; ``cut``: the steps done in the next."""
+        return {"config": self.cfg.to_dict(), "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "epoch": epoch, "best_score": self.best,
+                "best_epoch": self.best_epoch, "rng": _rng_state(), "val": val, "format": self.fmt,
+                "partial": cut}
+
+    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        """Continue from a checkpoint of :meth:`state_dict` (the RNG state included)."""
+        load_weights(self.model, ckpt["model"], self.folder.last)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scheduler.T_max = self.cfg.epochs
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.start_epoch, self.best, self.best_epoch = ckpt["epoch"] + 1, ckpt["best_score"], ckpt["best_epoch"]
+        self.partial = ckpt.get("partial")
+        if self.partial is not None:
+            self.start_epoch = self.partial["epoch"]
+        _set_rng_state(ckpt["rng"])
+        if self.start_epoch >= self.cfg.epochs:
+            log.info("run already finished %d of %d epochs", self.start_epoch, self.cfg.epochs)
+
+    @staticmethod
+    def save_state(state: dict[str, Any], path: Path) -> None:
+        _atomic_save(state, path)
+
+    def checkpoint(self, epoch: int, val: dict[str, Any] | None, cut: dict[str, Any] | None = None,
+                   score: float | None = None) -> dict[str, Any]:
+        """Write ``checkpoint_last.pt`` (updating the best score first when ``score`` beats it)
+        and tell the callbacks."""
+        improved = score is not None and score > self.best
+        if improved:
+            self.best, self.best_epoch = score, epoch
+        state = self.state_dict(epoch, val, cut)
+        self.save_state(state, self.folder.last)
+        self._emit("on_checkpoint", state, improved)
+        return state
+
+    def _emit(self, event: str, *args: Any) -> None:
+        for cb in self.callbacks:
+            getattr(cb, event)(self, *args)
+
+    # -- the run ----------------------------------------------------------------------------------
+    def fit(self, resume: bool | str | Path = False, overrides: dict[str, Any] | None = None) -> Path:
+        """Train (or continue, see :func:`train`'s ``resume``); returns the run folder."""
+        ctx = self.ctx
+        cfg, fmt, samples, run_dir = _prepare_run(self.cfg, resume, overrides or {})
+        self.cfg, self.fmt, self.run_dir, self.folder = cfg, fmt, run_dir, RunFolder(run_dir)
+        self.resumed = bool(resume)
+        self.device = device = resolve_device(cfg.device, ctx.local_rank)
+        # a resumed run reads its checkpoint before anything is written: a failed command changes nothing
+        ckpt = load_checkpoint(self.folder.last, map_location=device) if self.resumed else None
+        if cfg.batch_size % (ctx.world * cfg.grad_accum):
+            raise ValueError(f"batch_size {cfg.batch_size} must be divisible by processes x grad_accum "
+                             f"= {ctx.world} x {cfg.grad_accum}")
+        _seed_everything(cfg.seed)
+        split = _make_split(cfg, samples, run_dir, self.resumed)
+        by_name = {s.name: s for s in samples}
+        train_samples = [by_name[n] for n in split["train"]]
+        self.val_samples = [by_name[n] for n in split["val"]]
+        if not train_samples or not self.val_samples:
+            raise ValueError(f"the split has {len(train_samples)} training and {len(self.val_samples)} "
+                             "validation images; both need at least one (check split_ratios)")
+        _check_readable([by_name[n] for n in split.get("test", [])], cfg.in_channels)  # train/val: below
+        if ctx.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self.folder.write_config(cfg.to_dict())
+            save_split({**split, "format": fmt, "data": str(cfg.data)}, self.folder.split)
+            env = _versions()
+            self.folder.write_env(env)
+            done = 0 if ckpt is None else int(ckpt["epoch"]) + 1  # where and when each part ran:
+            self.folder.add_session({"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                                     "epochs_done": done, "cpu": env["cpu"], "threads": env["threads"],
+                                     "cuda": env["cuda"], "git_commit": env["git_commit"]})
+        show = self.progress and ctx.is_main
+        self.train_ds = SegmentationDataset(train_samples, cfg.image_size, True, cfg.in_channels,
+                                            cfg.mean, cfg.std, cfg.seed, progress=show)
+        self.val_ds = SegmentationDataset(self.val_samples, cfg.image_size, False, cfg.in_channels,
+                                          cfg.mean, cfg.std, progress=show)
+        lesion = np.mean([m.mean() for _, m in self.train_ds.cache]) * cfg.image_size**2
+        weights = class_balanced_weights([cfg.image_size**2 - lesion, lesion], cfg.cb_beta)
+        self.per_rank = cfg.batch_size // ctx.world
+        self.sampler = DistributedSampler(self.train_ds, num_replicas=ctx.world, rank=ctx.rank,
+                                          shuffle=True, seed=cfg.seed)
+        self.setup(weights)
+        self.partial: dict[str, Any] | None = None  # progress inside an epoch that a stop cut short
+        if ckpt is not None:
+            self.load_state_dict(ckpt)
+        if ctx.world > 1:
+            self.net = DistributedDataParallel(self.model)
+        self.callbacks = default_callbacks(self, self.progress) + self.extra_callbacks
+        self.started = time.perf_counter()
+        try:
+            self._emit("on_fit_start")
+            epoch, steps = self._loop()
+        finally:
+            self._emit("on_fit_end")
+        self._finish(epoch, steps)
+        return run_dir
+
+    def _loop(self) -> tuple[int, int]:
+        cfg, ctx, device = self.cfg, self.ctx, self.device
+        governor = ThreadGovernor(enabled=None if ctx.world == 1 and device.type == "cpu" else False)
+        epoch, steps = self.start_epoch, 0
+        for epoch in range(self.start_epoch, cfg.epochs):
+            self.sampler.set_epoch(epoch)
+            self.train_ds.set_epoch(epoch)
+            self.train_ds.set_output_size(cfg.train_size(epoch))
+            partial = self.partial
+            done = partial if partial is not None and partial["epoch"] == epoch else None
+            steps, seen, loss_sum, prior_s = ((done["steps"], done["seen"], done["loss_sum"], done["seconds"])
+                                              if done else (0, 0, 0.0, 0.0))
+            order = list(iter(self.sampler))[steps * self.per_rank:]  # a cut epoch goes on where it stopped
+            # its own generator: a loader draws a seed when iterated, which must not move the global
+            # RNG (dropout's), or a resumed epoch would differ from an uninterrupted one
+            loader = DataLoader(self.train_ds, batch_size=self.per_rank, sampler=order,
+                                num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+                                generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+            self.net.train()
+            t0 = time.perf_counter()
+            self.steps, self.steps_in_epoch = steps, steps + len(loader)
+            self._emit("on_epoch_start", epoch)
+            for x, y, _ in loader:
+                step_loss = self.train_step(x, y)
+                steps += 1
+                changed = governor.update()
+                self.threads_note = "" if changed is None else _threads_note(changed, governor)
+                seen += len(x) * ctx.world
+                loss_sum += step_loss
+                self.steps = steps
+                self.images_per_second = (seen - (done["seen"] if done else 0)) / (time.perf_counter() - t0)
+                self._emit("on_step_end", step_loss)
+                if ctx.world > 1 and cfg.time_budget and _any_rank(self.stop_reason is not None, device):
+                    self.stop_reason = self.stop_reason or f"time budget of {cfg.time_budget} min reached"
+                if self.stop_reason:
+                    break
+            epoch_s = prior_s + time.perf_counter() - t0
+            total_steps = math.ceil(len(self.sampler) / self.per_rank)
+            if steps < total_steps:  # cut short: keep its progress, resume goes on from this step
+                if ctx.is_main:
+                    self.checkpoint(epoch - 1, None, {"epoch": epoch, "steps": steps, "seen": seen,
+                                                      "loss_sum": loss_sum, "seconds": epoch_s})
+                break
+            self.scheduler.step()
+            if ctx.is_main:
+                val = self.validate()
+                row = {"epoch": epoch + 1, "train_size": cfg.train_size(epoch),
+                       "train_loss": loss_sum / max(steps, 1),
+                       "val_paper_mdice": val["paper_mdice"], "val_fg_dice": val["fg_dice_mean"],
+                       "val_fg_iou": val["fg_iou_mean"], "lr": self.optimizer.param_groups[0]["lr"],
+                       "epoch_seconds": round(epoch_s, 2), "images_per_second": round(seen / epoch_s, 3),
+                       "steps": steps}
+                score = val.get(cfg.select_metric.removeprefix("val_"))
+                if score is None:
+                    raise ValueError(f"select_metric {cfg.select_metric!r} is not a validation metric")
+                self._emit("on_epoch_end", row, val)
+                self.checkpoint(epoch, val, score=score)
+            ctx.barrier()
+            if self.stop_reason:
+                break
+            if self.replan is not None and ctx.world == 1 and epoch + 1 < cfg.epochs:
+                new = self.replan(epoch + 1, time.perf_counter() - self.started)
+                if new is not None and epoch + 1 <= new < cfg.epochs:
+                    log.info("re-planned: %d epochs instead of %d", new, cfg.epochs)
+                    self.cfg = cfg = cfg.replace(epochs=new)
+                    self.scheduler.T_max = new  # the cosine now ends at the new last epoch
+                    self.folder.write_config(cfg.to_dict())
+                    self.checkpoint(epoch, val)  # the checkpoint's config says it too
+            if epoch + 1 >= cfg.epochs:  # (the range above was made before any re-plan)
+                break
+        return epoch, steps
+
+    def _finish(self, epoch: int, steps: int) -> None:
+        ctx, reason = self.ctx, self.stop_reason
+        if reason and ctx.is_main:
+            where = (f"after step {steps} of epoch {epoch + 1}"
+                     if steps < math.ceil(len(self.sampler) / self.per_rank) else f"after epoch {epoch + 1}")
+            msg = (f"{reason} {where}; checkpoint_last.pt holds everything up to there. "
+                   f"Continue with: lmnet train --resume {self.run_dir}")
+            if (self.progress and self.resume_hint) or reason == "interrupted":
+                log.warning("%s", msg)
+            if reason == "interrupted":
+                raise KeyboardInterrupt
+        if ctx.world > 1:
+            diff = _replica_difference(self.model)
+            if ctx.is_main:
+                (self.run_dir / "ddp.json").write_text(json.dumps(
+                    {"world_size": ctx.world, "backend": "nccl" if self.device.type == "cuda" else "gloo",
+                     "per_process_batch": self.per_rank, "max_param_diff_across_replicas": diff},
+                    indent=2) + "\n")
+
+
 def read_log(run_dir: str | Path) -> list[dict[str, str]]:
     """The rows of ``run_dir/log.csv`` (one per finished epoch; empty before the first)."""
-    path = Path(run_dir) / "log.csv"
+    path = RunFolder(run_dir).log
     if not path.is_file():
         return []
     with path.open(newline="") as fh:
@@ -299,7 +577,7 @@ def read_log(run_dir: str | Path) -> list[dict[str, str]]:
 def read_sessions(run_dir: str | Path) -> list[dict[str, Any]]:
     """The records of ``run_dir/sessions.jsonl``: when, where and at which commit each part of a
     run ran (one line per call of :func:`train` on the run)."""
-    path = Path(run_dir) / "sessions.jsonl"
+    path = RunFolder(run_dir).sessions
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -328,238 +606,9 @@ def train(cfg: TrainConfig, resume: bool | str | Path = False, progress: bool = 
     """
     ctx = DistContext.from_env(cfg.device)
     try:
-        return _train(cfg, resume, progress, ctx, overrides or {}, replan, resume_hint)
+        return Trainer(cfg, progress=progress, replan=replan, resume_hint=resume_hint,
+                       ctx=ctx).fit(resume, overrides)
     finally:
         ctx.close()
 
 
-def _train(cfg: TrainConfig, resume: bool | str | Path, progress: bool, ctx: DistContext,
-           overrides: dict[str, Any], replan: Callable[[int, float], int | None] | None = None,
-           resume_hint: bool = True) -> Path:
-    cfg, fmt, samples, run_dir = _prepare_run(cfg, resume, overrides)
-    resume = bool(resume)
-    device = resolve_device(cfg.device, ctx.local_rank)
-    # a resumed run reads its checkpoint before anything is written: a failed command changes nothing
-    ckpt = load_checkpoint(run_dir / "checkpoint_last.pt", map_location=device) if resume else None
-    if cfg.batch_size % (ctx.world * cfg.grad_accum):
-        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by processes x grad_accum "
-                         f"= {ctx.world} x {cfg.grad_accum}")
-    _seed_everything(cfg.seed)
-    split = _make_split(cfg, samples, run_dir, resume)
-    by_name = {s.name: s for s in samples}
-    train_samples = [by_name[n] for n in split["train"]]
-    val_samples = [by_name[n] for n in split["val"]]
-    if not train_samples or not val_samples:
-        raise ValueError(f"the split has {len(train_samples)} training and {len(val_samples)} "
-                         "validation images; both need at least one (check split_ratios)")
-    _check_readable([by_name[n] for n in split.get("test", [])], cfg.in_channels)  # train/val: below
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
-        save_split({**split, "format": fmt, "data": str(cfg.data)}, run_dir / "split.json")
-        env = _versions()
-        atomic_write_text(run_dir / "env.json", json.dumps(env, indent=2) + "\n")
-        with (run_dir / "sessions.jsonl").open("a") as fh:  # where and when each part of a run ran
-            done = 0 if ckpt is None else int(ckpt["epoch"]) + 1
-            fh.write(json.dumps({"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-                                 "epochs_done": done, "cpu": env["cpu"], "threads": env["threads"],
-                                 "cuda": env["cuda"], "git_commit": env["git_commit"]}) + "\n")
-    show = progress and ctx.is_main
-
-    train_ds = SegmentationDataset(train_samples, cfg.image_size, True, cfg.in_channels, cfg.mean,
-                                   cfg.std, cfg.seed, progress=show)
-    val_ds = SegmentationDataset(val_samples, cfg.image_size, False, cfg.in_channels, cfg.mean,
-                                 cfg.std, progress=show)
-    lesion = np.mean([m.mean() for _, m in train_ds.cache]) * cfg.image_size**2
-    weights = class_balanced_weights([cfg.image_size**2 - lesion, lesion], cfg.cb_beta)
-    criterion = SegmentationLoss(weights, cfg.dice_weight, cfg.n_classes).to(device)
-
-    per_rank = cfg.batch_size // ctx.world
-    sampler = DistributedSampler(train_ds, num_replicas=ctx.world, rank=ctx.rank, shuffle=True,
-                                 seed=cfg.seed)
-
-    model = build_model(cfg).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs, eta_min=cfg.min_lr)
-    fp16 = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=fp16)
-    start_epoch, best, best_epoch = 0, -math.inf, -1
-    partial: dict[str, Any] | None = None  # progress inside an epoch that a stop cut short
-    if ckpt is not None:
-        load_weights(model, ckpt["model"], run_dir / "checkpoint_last.pt")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scheduler.T_max = cfg.epochs
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, best, best_epoch = ckpt["epoch"] + 1, ckpt["best_score"], ckpt["best_epoch"]
-        partial = ckpt.get("partial")
-        if partial is not None:
-            start_epoch = partial["epoch"]
-        _set_rng_state(ckpt["rng"])
-        if start_epoch >= cfg.epochs:
-            log.info("run already finished %d of %d epochs", start_epoch, cfg.epochs)
-    net = DistributedDataParallel(model) if ctx.world > 1 else model
-    if fp16:
-        autocast = torch.autocast("cuda", dtype=torch.float16)
-    elif cfg.bf16:
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16)
-    else:
-        autocast = contextlib.nullcontext()
-
-    writer = None
-    if ctx.is_main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_epoch)
-        log_path = run_dir / "log.csv"
-        if not resume or not log_path.exists():
-            with log_path.open("w", newline="") as fh:
-                csv.writer(fh).writerow(LOG_FIELDS)
-        else:  # drop rows of epochs after the checkpoint (a crash mid-epoch leaves none, but be safe)
-            with log_path.open(newline="") as fh:
-                rows = list(csv.DictReader(fh))
-            with atomic_path(log_path) as tmp, tmp.open("w", newline="") as fh:  # whole or not at all
-                w = csv.DictWriter(fh, LOG_FIELDS)
-                w.writeheader()
-                w.writerows(r for r in rows if int(r["epoch"]) < start_epoch + 1)
-
-    def save(epoch: int, val: dict[str, Any] | None, cut: dict[str, Any] | None = None) -> dict[str, Any]:
-        """``checkpoint_last.pt`` after 0-based ``epoch``; ``cut``: steps done inside the next one."""
-        state = {"config": cfg.to_dict(), "model": model.state_dict(),
-                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "scaler": scaler.state_dict(), "epoch": epoch, "best_score": best,
-                 "best_epoch": best_epoch, "rng": _rng_state(), "val": val, "format": fmt,
-                 "partial": cut}
-        _atomic_save(state, run_dir / "checkpoint_last.pt")
-        return state
-
-    t_run = time.perf_counter()
-    budget_s = cfg.time_budget * 60 if cfg.time_budget else None
-    governor = ThreadGovernor(enabled=None if ctx.world == 1 and device.type == "cpu" else False)
-    stop = _GracefulStop(enabled=ctx.is_main and ctx.world == 1)
-    epoch, steps, stop_reason = start_epoch, 0, None
-    try:
-        for epoch in range(start_epoch, cfg.epochs):
-            sampler.set_epoch(epoch)
-            train_ds.set_epoch(epoch)
-            train_ds.set_output_size(cfg.train_size(epoch))
-            done = partial if partial is not None and partial["epoch"] == epoch else None
-            steps, seen, loss_sum, prior_s = ((done["steps"], done["seen"], done["loss_sum"], done["seconds"])
-                                              if done else (0, 0, 0.0, 0.0))
-            order = list(iter(sampler))[steps * per_rank:]  # a cut epoch goes on where it stopped
-            # its own generator: a loader draws a seed when iterated, which must not move the global
-            # RNG (dropout's), or a resumed epoch would differ from an uninterrupted one
-            loader = DataLoader(train_ds, batch_size=per_rank, sampler=order, num_workers=cfg.num_workers,
-                                pin_memory=device.type == "cuda",
-                                generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
-            net.train()
-            t0 = time.perf_counter()
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs} @{cfg.train_size(epoch)}px",
-                       unit="batch", disable=not show, dynamic_ncols=True, initial=steps,
-                       total=steps + len(loader))
-            for x, y, _ in bar:
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                if cfg.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                optimizer.zero_grad(set_to_none=True)
-                parts = [r for r in range(cfg.grad_accum) if r < len(x)]
-                step_loss = 0.0
-                for r in parts:
-                    sync = contextlib.nullcontext() if (r == parts[-1] or ctx.world == 1) else net.no_sync()
-                    with sync:
-                        with autocast:
-                            loss = criterion(net(x[r::cfg.grad_accum]), y[r::cfg.grad_accum]) / len(parts)
-                        scaler.scale(loss).backward()
-                    step_loss += float(loss.detach())
-                scaler.step(optimizer)
-                scaler.update()
-                steps += 1
-                changed = governor.update()
-                if changed is not None and show:
-                    tqdm.write(_threads_note(changed, governor))
-                seen += len(x) * ctx.world
-                loss_sum += step_loss
-                rate = (seen - (done["seen"] if done else 0)) / (time.perf_counter() - t0)
-                bar.set_postfix(loss=f"{step_loss:.4f}", img_s=f"{rate:.1f}")
-                if budget_s is not None and time.perf_counter() - t_run > budget_s:
-                    stop_reason = f"time budget of {cfg.time_budget} min reached"
-                elif stop.requested:
-                    stop_reason = "interrupted"
-                if ctx.world > 1 and budget_s is not None and _any_rank(stop_reason is not None, device):
-                    stop_reason = stop_reason or f"time budget of {cfg.time_budget} min reached"
-                if stop_reason:
-                    break
-            bar.close()
-            epoch_s = prior_s + time.perf_counter() - t0
-            total_steps = math.ceil(len(sampler) / per_rank)
-            if steps < total_steps:  # cut short: keep its progress, resume goes on from this step
-                if ctx.is_main:
-                    save(epoch - 1, None, {"epoch": epoch, "steps": steps, "seen": seen,
-                                           "loss_sum": loss_sum, "seconds": epoch_s})
-                break
-            scheduler.step()
-            if ctx.is_main:
-                ev = evaluate_samples(model, val_samples, cfg, "resized", boundary=False,
-                                      dataset=val_ds, batch_size=max(1, per_rank))
-                val = ev.aggregate()["all"]
-                row = {"epoch": epoch + 1, "train_size": cfg.train_size(epoch),
-                       "train_loss": loss_sum / max(steps, 1),
-                       "val_paper_mdice": val["paper_mdice"], "val_fg_dice": val["fg_dice_mean"],
-                       "val_fg_iou": val["fg_iou_mean"], "lr": optimizer.param_groups[0]["lr"],
-                       "epoch_seconds": round(epoch_s, 2), "images_per_second": round(seen / epoch_s, 3),
-                       "steps": steps}
-                with (run_dir / "log.csv").open("a", newline="") as fh:
-                    csv.DictWriter(fh, LOG_FIELDS).writerow(row)
-                for k, v in row.items():
-                    if k != "epoch":
-                        writer.add_scalar(k, v, epoch + 1)
-                writer.flush()
-                score = val.get(cfg.select_metric.removeprefix("val_"))
-                if score is None:
-                    raise ValueError(f"select_metric {cfg.select_metric!r} is not a validation metric")
-                if score > best:
-                    best, best_epoch = score, epoch
-                    _atomic_save(save(epoch, val), run_dir / "checkpoint_best.pt")
-                else:
-                    save(epoch, val)
-                remaining = (time.perf_counter() - t_run) / (epoch + 1 - start_epoch) * (cfg.epochs - epoch - 1)
-                if show:
-                    tqdm.write(f"epoch {epoch + 1}: loss {row['train_loss']:.4f}  val mDice(paper) "
-                               f"{val['paper_mdice']:.4f}  val Dice(fg) {val['fg_dice_mean']:.4f}  "
-                               f"{epoch_s:.0f} s  ({row['images_per_second']:.2f} img/s)  "
-                               f"run ETA {remaining / 60:.1f} min")
-            ctx.barrier()
-            if stop_reason:
-                break
-            if replan is not None and ctx.world == 1 and epoch + 1 < cfg.epochs:
-                new = replan(epoch + 1, time.perf_counter() - t_run)
-                if new is not None and epoch + 1 <= new < cfg.epochs:
-                    log.info("re-planned: %d epochs instead of %d", new, cfg.epochs)
-                    cfg = cfg.replace(epochs=new)
-                    scheduler.T_max = new  # the cosine now ends at the new last epoch
-                    atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
-                    save(epoch, val)  # the checkpoint's config says it too
-            if epoch + 1 >= cfg.epochs:  # (the range above was made before any re-plan)
-                break
-    finally:
-        stop.restore()
-        if writer is not None:
-            writer.close()
-    if stop_reason and ctx.is_main:
-        where = (f"after step {steps} of epoch {epoch + 1}" if steps < math.ceil(len(sampler) / per_rank)
-                 else f"after epoch {epoch + 1}")
-        msg = (f"{stop_reason} {where}; checkpoint_last.pt holds everything up to there. "
-               f"Continue with: lmnet train --resume {run_dir}")
-        if (show and resume_hint) or stop_reason == "interrupted":
-            print(msg, file=sys.stderr)
-        if stop_reason == "interrupted":
-            raise KeyboardInterrupt
-    if ctx.world > 1:
-        diff = _replica_difference(model)
-        if ctx.is_main:
-            (run_dir / "ddp.json").write_text(json.dumps(
-                {"world_size": ctx.world, "backend": "nccl" if device.type == "cuda" else "gloo",
-                 "per_process_batch": per_rank, "max_param_diff_across_replicas": diff}, indent=2) + "\n")
-    return run_dir

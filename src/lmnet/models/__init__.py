@@ -1,6 +1,11 @@
-"""Model zoo: LM-Net, its ablations and MONAI baselines behind one registry."""
-from torch import nn
+"""Model zoo: LM-Net, its ablations and MONAI baselines behind one registry.
 
+Importing this package imports every model file, which registers its models
+(:func:`~lmnet.models._registry.register_model`); there is no lazy loading.
+"""
+# LM-Net's variants first, then the baselines: the registry lists models in this order.
+from lmnet.models.lmnet import LMNet, LMNetConfig  # noqa: I001
+from lmnet.models import baselines  # noqa: F401 - registers the baselines
 from lmnet.models._registry import (
     ModelEntry,
     UnknownModelError,
@@ -9,17 +14,7 @@ from lmnet.models._registry import (
     list_models,
     register_model,
 )
-from lmnet.models.lmnet import LMNet, LMNetConfig
+from lmnet.models._reparam import deploy
 
 __all__ = ["ModelEntry", "UnknownModelError", "create_model", "deploy", "get_model_entry",
            "list_models", "register_model", "LMNet", "LMNetConfig"]
-
-
-def deploy(model: nn.Module) -> nn.Module:
-    """Re-parameterise ``model`` in place for inference (eval mode, branches folded); returns it.
-
-    Models without a ``reparameterize`` method are only put in eval mode. Public as ``lmnet.deploy``.
-    """
-    if hasattr(model, "reparameterize"):
-        model.reparameterize()
-    return model.eval()

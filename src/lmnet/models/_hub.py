@@ -15,6 +15,8 @@ from torch import nn
 from lmnet._defaults import IMAGENET_MEAN, IMAGENET_STD
 from lmnet._files import atomic_save, atomic_write_text
 from lmnet._version import __version__
+from lmnet.models._registry import create_model
+from lmnet.models._reparam import deploy
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "CARD_NAME", "load_weights", "default_pretrained_cfg",
            "is_pretrained_folder",
@@ -85,8 +87,6 @@ def save_pretrained(model: nn.Module, folder: str | Path, model_name: str,
     """
     from safetensors.torch import save_file
 
-    from lmnet.models import deploy
-
     model = deploy(copy.deepcopy(model))  # the caller's model stays as it was
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -134,8 +134,6 @@ def load_pretrained(folder: str | Path) -> nn.Module:
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    from lmnet.models import create_model, deploy
 
     folder = Path(folder)
     config = read_config(folder)

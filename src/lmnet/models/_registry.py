@@ -1,4 +1,6 @@
-"""Model registry: ``register_model``, ``create_model``, ``list_models`` (after timm / smp)."""
+"""Model registry: ``register_model``, ``create_model``, ``list_models`` (after timm / smp).
+
+The model files register themselves when :mod:`lmnet.models` imports them."""
 from __future__ import annotations
 
 import fnmatch
@@ -42,14 +44,8 @@ def register_model(name: str, description: str, table: str = "", family: str = "
     return decorate
 
 
-def _ensure_loaded() -> None:
-    # Importing the model modules fills the registry.
-    from lmnet.models import baselines, lmnet  # noqa: F401
-
-
 def list_models(pattern: str | None = None, family: str | None = None) -> list[str]:
     """Registered names in registration order, optionally filtered by a glob and a family."""
-    _ensure_loaded()
     return [n for n, e in _REGISTRY.items()
             if (pattern is None or fnmatch.fnmatch(n, pattern))
             and (family is None or e.family == family)]
@@ -57,7 +53,6 @@ def list_models(pattern: str | None = None, family: str | None = None) -> list[s
 
 def get_model_entry(name: str) -> ModelEntry:
     """The entry of ``name``; :class:`UnknownModelError` lists the known names otherwise."""
-    _ensure_loaded()
     if name not in _REGISTRY:
         close = fnmatch.filter(_REGISTRY, f"*{name}*")
         hint = f" Did you mean: {', '.join(close)}?" if close else ""

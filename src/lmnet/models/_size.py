@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lmnet.layers.neighborhood_attention import NeighborhoodAttention2d
+from lmnet.models._reparam import deploy
 
 __all__ = ["count_parameters", "count_macs", "SizeReport", "size_report", "part_parameters"]
 
@@ -87,8 +88,6 @@ class SizeReport:
 def size_report(model: nn.Module, name: str = "", size: int = 256, in_channels: int = 3
                 ) -> SizeReport:
     """Count ``model`` as it is and after ``lmnet.deploy`` on a copy (``model`` is not changed)."""
-    from lmnet.models import deploy
-
     train_macs = count_macs(model, size, in_channels)
     deployed = deploy(copy.deepcopy(model))
     dep_macs = count_macs(deployed, size, in_channels)

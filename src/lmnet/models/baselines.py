@@ -27,6 +27,22 @@ class FirstOutput(nn.Module):
         return out[0] if isinstance(out, (list, tuple)) else out
 
 
+def _sides_multiple_of(model: nn.Module, multiple: int, name: str) -> nn.Module:
+    """Give ``model`` a clear ``ValueError`` for inputs whose H or W is not a multiple of
+    ``multiple`` (where MONAI's network would fail deep inside with a shape mismatch); a forward
+    pre-hook, so the weights' names stay MONAI's."""
+
+    def check(module: nn.Module, args: tuple[Any, ...]) -> None:
+        h, w = args[0].shape[-2:]
+        if h % multiple or w % multiple:
+            near = [max(multiple, round(v / multiple) * multiple) for v in (h, w)]
+            raise ValueError(f"{name} needs H and W multiples of {multiple}, got {h} x {w}; the "
+                             f"nearest valid size is {near[0]} x {near[1]}")
+
+    model.register_forward_pre_hook(check)
+    return model
+
+
 def _check(kwargs: dict[str, Any], name: str) -> None:
     if kwargs:
         raise ValueError(f"model {name!r} takes only in_channels and n_classes, "
@@ -69,8 +85,9 @@ def attention_unet(in_channels: int = 3, n_classes: int = 2, **kwargs: Any) -> n
     _check(kwargs, "attention_unet")
     from monai.networks.nets import AttentionUnet
 
-    return AttentionUnet(spatial_dims=2, in_channels=in_channels, out_channels=n_classes,
-                         channels=(64, 128, 256, 512, 1024), strides=(2, 2, 2, 2))
+    return _sides_multiple_of(AttentionUnet(
+        spatial_dims=2, in_channels=in_channels, out_channels=n_classes,
+        channels=(64, 128, 256, 512, 1024), strides=(2, 2, 2, 2)), 16, "attention_unet")
 
 
 @register_model("swin_unetr", "Swin UNETR in 2-D, feature size 24 (MONAI SwinUNETR); H, W % 32 == 0",
@@ -90,7 +107,8 @@ def dynunet(in_channels: int = 3, n_classes: int = 2, **kwargs: Any) -> nn.Modul
     from monai.networks.nets import DynUNet
 
     strides = [[1, 1]] + [[2, 2]] * 5
-    return DynUNet(spatial_dims=2, in_channels=in_channels, out_channels=n_classes,
-                   kernel_size=[[3, 3]] * 6, strides=strides, upsample_kernel_size=strides[1:],
-                   filters=[32, 64, 128, 256, 512, 512], norm_name="instance",
-                   deep_supervision=False, res_block=False)
+    return _sides_multiple_of(DynUNet(
+        spatial_dims=2, in_channels=in_channels, out_channels=n_classes,
+        kernel_size=[[3, 3]] * 6, strides=strides, upsample_kernel_size=strides[1:],
+        filters=[32, 64, 128, 256, 512, 512], norm_name="instance", deep_supervision=False,
+        res_block=False), 32, "dynunet")

@@ -19,6 +19,7 @@ from lmnet._dataclass import dataclass_from_dict
 from lmnet.layers.multibranch import DEFAULT_BRANCHES, MultiBranchBlock, parse_branches
 from lmnet.layers.pyramid import LocalPyramidSkip, Up2Conv
 from lmnet.layers.transformer import GlobalFeatureTransformer, LocalFeatureTransformer
+from lmnet.models._hub import default_pretrained_cfg, save_pretrained
 from lmnet.models._registry import register_model
 
 __all__ = ["LMNetConfig", "LMNet", "BRIDGES", "SKIPS"]
@@ -210,8 +211,6 @@ class LMNet(nn.Module):
         """Write this model as a pretrained folder (``config.json``, ``model.safetensors``,
         ``README.md`` if ``card``), re-parameterised, for ``lmnet.from_pretrained(folder)``.
         ``pretrained_cfg`` defaults to 256 x 256 input, ImageNet normalisation, threshold 0.5."""
-        from lmnet.models._hub import default_pretrained_cfg, save_pretrained
-
         c = self.config
         return save_pretrained(self, folder, "lmnet", c.to_dict(),
                                pretrained_cfg or default_pretrained_cfg(c.in_channels, c.n_classes),

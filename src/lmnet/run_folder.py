@@ -1,0 +1,119 @@
+"""The run folder of ``lmnet train`` (after nnU-Net's output folders): the one place that knows its
+file names, and reads and writes its small files.
+
+A run folder holds ``config.json`` (the training config), ``split.json`` (the images of each part),
+``env.json`` (versions, machine, git commit), ``log.csv`` (one row per epoch), ``sessions.jsonl``
+(where and when each part of the run ran), ``checkpoint_last.pt`` (every epoch, and a cut epoch's
+progress), ``checkpoint_best.pt`` (best validation score) and TensorBoard events in ``tb/``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lmnet._files import atomic_write_text
+
+__all__ = ["RunFolder"]
+
+
+class RunFolder:
+    """A run folder at ``path`` (which need not exist yet): its files' paths, and their reads and
+    writes (JSON written whole, through :func:`~lmnet._files.atomic_write_text`)."""
+
+    CONFIG = "config.json"
+    SPLIT = "split.json"
+    ENV = "env.json"
+    LOG = "log.csv"
+    SESSIONS = "sessions.jsonl"
+    LAST = "checkpoint_last.pt"
+    BEST = "checkpoint_best.pt"
+    TENSORBOARD = "tb"
+    #: Its small files besides the checkpoints: what a run's results are made of.
+    RECORDS = (CONFIG, SPLIT, ENV, LOG, SESSIONS)
+    #: Its checkpoints, in the order a model is taken from them (best first).
+    CHECKPOINTS = (BEST, LAST)
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    # -- paths -------------------------------------------------------------------------------
+    @property
+    def config(self) -> Path:
+        return self.path / self.CONFIG
+
+    @property
+    def split(self) -> Path:
+        return self.path / self.SPLIT
+
+    @property
+    def env(self) -> Path:
+        return self.path / self.ENV
+
+    @property
+    def log(self) -> Path:
+        return self.path / self.LOG
+
+    @property
+    def sessions(self) -> Path:
+        return self.path / self.SESSIONS
+
+    @property
+    def last(self) -> Path:
+        return self.path / self.LAST
+
+    @property
+    def best(self) -> Path:
+        return self.path / self.BEST
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / self.TENSORBOARD
+
+    # -- what it is ----------------------------------------------------------------------------
+    @classmethod
+    def holds_run(cls, path: str | Path) -> bool:
+        """Whether ``path`` is a run folder: a checkpoint, or a config beside a log."""
+        folder = Path(path)
+        return folder.is_dir() and (any(folder.glob("checkpoint_*.pt"))
+                                    or ((folder / cls.CONFIG).is_file() and (folder / cls.LOG).is_file()))
+
+    def checkpoint(self) -> Path | None:
+        """The checkpoint a model is taken from: the best, else the last; None if neither."""
+        return next((self.path / n for n in self.CHECKPOINTS if (self.path / n).is_file()), None)
+
+    # -- reads and writes ----------------------------------------------------------------------
+    def _read(self, path: Path) -> dict[str, Any] | None:
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def _write(self, path: Path, data: dict[str, Any]) -> None:
+        atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+    def read_config(self) -> dict[str, Any] | None:
+        """``config.json`` as a dict; None if there is none."""
+        return self._read(self.config)
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        self._write(self.config, config)
+
+    def read_split(self) -> dict[str, Any] | None:
+        """``split.json`` as a dict; None if there is none."""
+        return self._read(self.split)
+
+    def read_env(self) -> dict[str, Any]:
+        """``env.json`` as a dict; empty if there is none."""
+        return self._read(self.env) or {}
+
+    def write_env(self, env: dict[str, Any]) -> None:
+        self._write(self.env, env)
+
+    def add_session(self, session: dict[str, Any]) -> None:
+        """Append one line to ``sessions.jsonl``."""
+        with self.sessions.open("a") as fh:
+            fh.write(json.dumps(session) + "\n")

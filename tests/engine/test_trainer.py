@@ -1,0 +1,99 @@
+"""The Trainer's seams: builders passed in or overridden, train_step, callbacks, and the planner
+timing the real step."""
+from __future__ import annotations
+
+import csv
+
+import torch
+
+from lmnet.config import TrainConfig
+from lmnet.engine.callbacks import Callback
+from lmnet.engine.train import Trainer, step_seconds
+from lmnet.losses import SegmentationLoss
+
+SMALL = {"image_size": 32, "batch_size": 4, "epochs": 2, "split_ratios": [0.5, 0.25, 0.25],
+         "grad_accum": 2}
+
+
+class Recorder(Callback):
+    def __init__(self) -> None:
+        self.events: list[str] = []
+        self.rows: list[dict] = []
+
+    def on_fit_start(self, trainer):
+        self.events.append("fit_start")
+
+    def on_epoch_start(self, trainer, epoch):
+        self.events.append(f"epoch_start {epoch}")
+
+    def on_step_end(self, trainer, loss):
+        self.events.append("step")
+
+    def on_epoch_end(self, trainer, row, val):
+        self.events.append(f"epoch_end {row['epoch']}")
+        self.rows.append(row)
+
+    def on_checkpoint(self, trainer, state, improved):
+        self.events.append("checkpoint")
+
+    def on_fit_end(self, trainer):
+        self.events.append("fit_end")
+
+
+def test_builders_can_be_passed_in_and_callbacks_see_every_event(disc_data, tmp_path):
+    used = []
+
+    def loss_fn(cfg, weights):
+        used.append("loss")
+        return SegmentationLoss(weights, dice_weight=0.0, n_classes=cfg.n_classes)  # CE only
+
+    def optimizer_fn(cfg, params):
+        used.append("optimizer")
+        return torch.optim.SGD(params, lr=0.01, momentum=0.9)
+
+    def scheduler_fn(cfg, optimizer):
+        used.append("scheduler")
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+
+    rec = Recorder()
+    cfg = TrainConfig(data=str(disc_data), out=str(tmp_path), name="seams", **SMALL)
+    trainer = Trainer(cfg, progress=False, callbacks=[rec], loss_fn=loss_fn,
+                      optimizer_fn=optimizer_fn, scheduler_fn=scheduler_fn)
+    run = trainer.fit()
+    assert used == ["loss", "optimizer", "scheduler"]
+    assert isinstance(trainer.optimizer, torch.optim.SGD)
+    assert [r["lr"] for r in rec.rows] == [0.005, 0.0025]  # StepLR halved it after each epoch
+    steps = trainer.steps
+    assert rec.events[0] == "fit_start" and rec.events[-1] == "fit_end"
+    assert rec.events[1:1 + steps + 3] == ["epoch_start 0", *["step"] * steps, "epoch_end 1", "checkpoint"]
+    with (run / "log.csv").open(newline="") as fh:
+        assert [int(r["epoch"]) for r in csv.DictReader(fh)] == [1, 2]  # the default callbacks ran too
+
+
+def test_train_step_can_be_overridden(disc_data, tmp_path):
+    class Counting(Trainer):
+        calls = 0
+
+        def train_step(self, x, y):
+            Counting.calls += 1
+            assert x.shape[0] == 4  # the whole batch; the micro-batches are the step's business
+            return super().train_step(x, y)
+
+    cfg = TrainConfig(data=str(disc_data), out=str(tmp_path), name="sub", **{**SMALL, "epochs": 1})
+    trainer = Counting(cfg, progress=False)
+    trainer.fit()
+    assert Counting.calls == trainer.steps > 0
+
+
+def test_the_planner_times_the_real_train_step(monkeypatch):
+    calls = []
+    real = Trainer.train_step
+
+    def counted(self, x, y):
+        calls.append(tuple(x.shape))
+        return real(self, x, y)
+
+    monkeypatch.setattr(Trainer, "train_step", counted)
+    cfg = TrainConfig(data="unused", model="lmnet_t10_mb", image_size=32, batch_size=8, grad_accum=2)
+    assert step_seconds(cfg, probe_batch=2) > 0
+    assert calls == [(4, 3, 32, 32)] * 4  # a warm-up and three timed steps, 2 micro-batches of 2
