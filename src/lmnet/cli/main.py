@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from lmnet._version import __version__
-from lmnet.cli import demo, experiment, models, scoring, training
+from lmnet.cli import demo, experiment, models, scoring, serve, training
 from lmnet.cli._flags import old_spelling_notes
 from lmnet.runtime import govern_threads, keep_freed_memory, set_threads
 
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     training.register(sub)
     demo.register(sub)
     experiment.register(sub)
+    serve.register(sub)
     for command in sub.choices.values():  # every command takes --threads
         command.add_argument("--threads", type=int, default=None,
                              help="compute threads (default: $LMNET_THREADS, else the CPUs this "

@@ -1,6 +1,7 @@
 """Reading images and masks of any common format, bit depth and colour mode."""
 from __future__ import annotations
 
+import io
 import logging
 import math
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 if TYPE_CHECKING:
     from PIL import Image
 
-__all__ = ["IMAGE_SUFFIXES", "read_array", "read_mask", "binarize_mask", "label_map_values",
+__all__ = ["IMAGE_SUFFIXES", "read_array", "read_image_bytes", "read_mask", "binarize_mask", "label_map_values",
            "mask_findings", "list_images", "warn_label_maps", "read_image", "to_uint8_channels", "significant_bits"]
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ _noted_depths: set[tuple[str, int]] = set()
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".ppm", ".pgm")
 
 
-def read_array(path: str | Path) -> np.ndarray:
+def read_array(path: str | Path | io.BytesIO, name: str | None = None) -> np.ndarray:
     """Pixel array ``(H, W)`` or ``(H, W, C)`` of an image file, in its own dtype.
 
     Pillow reads most files; TIFFs Pillow refuses (e.g. RGB tagged BlackIsZero, as in CVC-ClinicDB)
@@ -34,15 +35,18 @@ def read_array(path: str | Path) -> np.ndarray:
     Pillow reads as CMYK), YCbCr, LAB and HSV images are converted to RGB, through their embedded
     ICC profile where they carry one. An image over Pillow's decompression-bomb limit
     (``PIL.Image.MAX_IMAGE_PIXELS``) is refused. Raises ``ValueError`` naming the file when
-    nothing can read it.
+    nothing can read it. ``path`` may also be an in-memory file (``io.BytesIO``), named ``name``
+    in the messages.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
+    if not isinstance(path, io.BytesIO):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no such file: {path}")
+    source, path = path, Path(name) if name else path  # what is read; what the messages call it
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             im = ImageOps.exif_transpose(im)
             if im.mode == "1":
                 return np.asarray(im.convert("L"))
@@ -59,7 +63,9 @@ def read_array(path: str | Path) -> np.ndarray:
             try:
                 import tifffile
 
-                return np.asarray(tifffile.imread(path))
+                if isinstance(source, io.BytesIO):
+                    source.seek(0)
+                return np.asarray(tifffile.imread(source))
             except Exception as tiff_error:  # noqa: BLE001 - report both readers' reasons
                 raise ValueError(f"cannot read {path}: {pil_error}; tifffile: {tiff_error}") from None
         raise ValueError(f"cannot read {path}: {pil_error}") from None
@@ -273,6 +279,16 @@ def _note(dtype: str, bits: int, source: str | Path | None, text: str) -> None:
         return
     _noted_depths.add((dtype, bits))
     log.warning("note: %s%s (said once)", f"{source}: " if source else "", text)
+
+
+def read_image_bytes(data: bytes, channels: int = 3, name: str = "upload") -> np.ndarray:
+    """:func:`read_image` of a file's bytes held in memory (nothing is written to disk)."""
+    try:
+        return to_uint8_channels(read_array(io.BytesIO(data), name), channels, name)
+    except ValueError as err:
+        if name in str(err):
+            raise
+        raise ValueError(f"{name}: {err}") from None
 
 
 def read_image(path: str | Path, channels: int = 3) -> np.ndarray:

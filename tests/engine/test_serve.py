@@ -1,0 +1,151 @@
+"""``lmnet serve``'s API with real HTTP requests against a server started here."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi", reason="needs the 'serve' extra (fastapi, uvicorn, python-multipart)")
+uvicorn = pytest.importorskip("uvicorn")
+
+from lmnet.deploy.loading import load_predictor  # noqa: E402
+from lmnet.deploy.postprocess import PostProcess, count_lesions  # noqa: E402
+from lmnet.engine.serve import DISCLAIMER, ServeLimits, create_app  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint):
+    predictor = load_predictor(tiny_checkpoint, "torch")
+    app = create_app(predictor, "tiny", ServeLimits(max_upload_mb=0.2, max_pixels=300_000, workers=2),
+                     PostProcess(tta="hflip"))
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if srv.started:
+            break
+        time.sleep(0.05)
+    port = srv.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}", predictor
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return r.status, r.read()
+
+
+def _post(url: str, data: bytes | None, filename: str = "x.png") -> tuple[int, dict]:
+    boundary = uuid.uuid4().hex
+    body = b""
+    if data is not None:
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n"
+                "Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    else:
+        body = f"--{boundary}--\r\n".encode()
+    req = urllib.request.Request(url, data=body, method="POST",
+                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def _png(h: int, w: int, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_health_model_page_and_openapi(server):
+    base, predictor = server
+    assert json.loads(_get(base + "/api/health")[1]) == {"status": "ok"}
+    info = json.loads(_get(base + "/api/model")[1])
+    assert info["name"] == "tiny" and info["input_size"] == [3, 32, 32] and info["disclaimer"] == DISCLAIMER
+    status, page = _get(base + "/")
+    text = page.decode()
+    assert status == 200 and "tiny" in text and DISCLAIMER in text and "32 x 32" in text
+    assert "http://" not in text and "https://" not in text  # every asset served from here
+    spec = json.loads(_get(base + "/openapi.json")[1])
+    assert "/api/predict" in spec["paths"]
+
+
+def test_predict_gives_the_mask_at_the_image_size(server):
+    base, predictor = server
+    status, body = _post(base + "/api/predict?tta=flips&min_lesion_pixels=3", _png(45, 61))
+    assert status == 200, body
+    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["mask_png"]))))
+    assert mask.shape == (45, 61) and set(np.unique(mask)) <= {0, 255}
+    assert body["width"] == 61 and body["height"] == 45
+    assert body["lesion_pixels"] == int((mask > 0).sum())
+    assert body["lesion_fraction"] == round(body["lesion_pixels"] / mask.size, 6)
+    assert body["n_lesions"] == count_lesions(mask > 0)
+    assert body["options"]["tta"] == ["identity", "hflip", "vflip", "hvflip"]
+    assert body["options"]["min_lesion_pixels"] == 3
+    # the same as the library's own prediction of that image
+    from lmnet.data.io import read_image_bytes
+    from lmnet.deploy.preprocess import preprocess
+
+    post = PostProcess(tta="flips", min_pixels=3)
+    image = read_image_bytes(_png(45, 61))
+    cfg = predictor.cfg
+    x = preprocess([image], cfg.image_size, cfg.mean, cfg.std)
+    import torch
+
+    with torch.inference_mode():
+        expected = post.mask(post.probabilities(predictor.model, x, (45, 61))[0])
+    assert ((mask > 0) == expected).all()
+    _, default = _post(base + "/api/predict", _png(40, 40))
+    assert default["options"]["tta"] == ["identity", "hflip"]  # the server's default
+
+
+@pytest.mark.parametrize("data,status,words", [
+    (b"", 400, "empty"),
+    (b"this is not an image", 400, "not a readable image"),
+    (_png(300, 300)[:400], 400, "not a readable image"),  # truncated
+    (_png(1, 1), 400, "too small"),
+    (None, 400, "no file"),
+])
+def test_bad_uploads_are_4xx_with_a_reason_and_the_server_goes_on(server, data, status, words):
+    base, _ = server
+    got, body = _post(base + "/api/predict", data)
+    assert got == status and words in body["error"], body
+    assert _post(base + "/api/predict", _png(40, 40))[0] == 200  # still serving
+
+
+def test_size_limits(server):
+    base, _ = server
+    rng = np.random.default_rng(1)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (400, 400, 3), dtype=np.uint8)).save(buf, format="BMP")  # 480 kB
+    got, body = _post(base + "/api/predict", buf.getvalue(), "big.bmp")
+    assert got == 413 and "0.2 MB" in body["error"]
+    buf = io.BytesIO()
+    Image.new("RGB", (700, 700)).save(buf, format="PNG")  # small file, many pixels
+    got, body = _post(base + "/api/predict", buf.getvalue())
+    assert got == 413 and "490,000 pixels" in body["error"]
+    got, body = _post(base + "/api/predict?threshold=2", _png(40, 40))
+    assert got == 422 and "threshold" in body["error"]
+
+
+def test_concurrent_requests_all_answer(server):
+    base, _ = server
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda i: _post(base + "/api/predict", _png(40 + i, 48, i)), range(6)))
+    assert [s for s, _ in results] == [200] * 6
+    assert [b["height"] for _, b in results] == [40 + i for i in range(6)]
+    assert _get(base + "/api/health")[0] == 200
