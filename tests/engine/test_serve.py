@@ -23,11 +23,7 @@ from lmnet.deploy.postprocess import PostProcess, count_lesions  # noqa: E402
 from lmnet.engine.serve import DISCLAIMER, ServeLimits, create_app  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def server(tiny_checkpoint):
-    predictor = load_predictor(tiny_checkpoint, "torch")
-    app = create_app(predictor, "tiny", ServeLimits(max_upload_mb=0.2, max_pixels=300_000, workers=2),
-                     PostProcess(tta="hflip"))
+def _serve(app):
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error")
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -36,8 +32,26 @@ def server(tiny_checkpoint):
         if srv.started:
             break
         time.sleep(0.05)
-    port = srv.servers[0].sockets[0].getsockname()[1]
+    return srv, thread, srv.servers[0].sockets[0].getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint):
+    predictor = load_predictor(tiny_checkpoint, "torch")
+    app = create_app(predictor, "tiny", ServeLimits(max_upload_mb=0.2, max_pixels=300_000, workers=2),
+                     PostProcess(tta="hflip"))
+    srv, thread, port = _serve(app)
     yield f"http://127.0.0.1:{port}", predictor
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def kvasir_server():
+    """The shipped Kvasir-SEG model (it ships inside the package), so the page has a polyp to draw."""
+    predictor = load_predictor(None, "torch", "kvasir")
+    srv, thread, port = _serve(create_app(predictor, "kvasir"))
+    yield f"http://127.0.0.1:{port}"
     srv.should_exit = True
     thread.join(timeout=10)
 
@@ -149,3 +163,63 @@ def test_concurrent_requests_all_answer(server):
     assert [s for s, _ in results] == [200] * 6
     assert [b["height"] for _, b in results] == [40 + i for i in range(6)]
     assert _get(base + "/api/health")[0] == 200
+
+
+def _chromium() -> str | None:
+    import shutil
+
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="needs Chromium (Debian: apt-get install chromium; "
+                    ".ci/run installs it)")
+def test_the_page_in_a_real_browser(kvasir_server, tmp_path):
+    """Upload a sample polyp image, wait for the outline, move the slider, download the mask and
+    check it against the API's."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (the 'test' extra)")
+    from lmnet.data.sample import sample_images
+
+    base = kvasir_server
+    image = sample_images(1)[0]
+    _, api = _post(base + "/api/predict?tta=flips", image.read_bytes(), image.name)
+    expected = np.asarray(Image.open(io.BytesIO(base64.b64decode(api["mask_png"]))))
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=_chromium(), headless=True,
+                                     args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(accept_downloads=True)
+            page.goto(base + "/")
+            assert DISCLAIMER in page.content()
+            page.select_option("#tta", "flips")
+            page.set_input_files("#files", str(image))
+            page.wait_for_selector("canvas.overlay", timeout=60_000)
+            status = page.inner_text(".status")
+            assert f"{api['lesion_pixels']} pixels" in status and f"{api['n_lesions']} lesion" in status
+
+            def canvas_sum() -> float:
+                return page.evaluate("""() => { const c = document.querySelector('canvas.overlay');
+                    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                    let s = 0; for (let i = 0; i < d.length; i += 4) s += d[i] + 2 * d[i + 1]; return s; }""")
+
+            page.select_option("#mode", "fill")
+            page.eval_on_selector("#opacity", "e => { e.value = 0; e.dispatchEvent(new Event('input')); }")
+            clear = canvas_sum()
+            page.eval_on_selector("#opacity", "e => { e.value = 100; e.dispatchEvent(new Event('input')); }")
+            strong = canvas_sum()
+            assert expected.any() and strong != clear  # a lesion, and the slider changes how it is drawn
+            with page.expect_download() as info:
+                page.click("a.mask-download")
+            saved = tmp_path / "mask.png"
+            info.value.save_as(saved)
+            assert (np.asarray(Image.open(saved)) == expected).all()
+            shot = tmp_path / "serve_page.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 1000
+            import os
+
+            if os.environ.get("LMNET_TEST_ARTIFACTS"):  # kept for whoever runs the suite
+                out = os.path.join(os.environ["LMNET_TEST_ARTIFACTS"], "serve_page.png")
+                os.makedirs(os.path.dirname(out), exist_ok=True)
+                page.screenshot(path=out, full_page=True)
+        finally:
+            browser.close()
