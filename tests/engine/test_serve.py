@@ -223,3 +223,35 @@ def test_the_page_in_a_real_browser(kvasir_server, tmp_path):
                 page.screenshot(path=out, full_page=True)
         finally:
             browser.close()
+
+
+def test_a_slow_prediction_does_not_block_the_page(tiny_checkpoint):
+    """Predictions run in worker threads: while one is stuck in the model, the page and health
+    answer (the model is held until they have)."""
+    predictor = load_predictor(tiny_checkpoint, "torch")
+    started, release = threading.Event(), threading.Event()
+
+    def slow(x):
+        started.set()
+        release.wait(60)
+        return predictor.model(torch_from(x)).detach().numpy()
+
+    def torch_from(x):
+        import torch
+
+        return torch.from_numpy(x)
+
+    slow_predictor = predictor._replace(model=slow, engine="onnx")  # any callable backend
+    srv, thread, port = _serve(create_app(slow_predictor, "slow"))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(_post, base + "/api/predict", _png(40, 40))
+            assert started.wait(30)
+            assert _get(base + "/api/health")[0] == 200 and _get(base + "/")[0] == 200
+            assert not pending.done()  # answered while the prediction is still inside the model
+            release.set()
+            assert pending.result()[0] == 200
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
