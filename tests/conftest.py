@@ -63,6 +63,13 @@ def real_dataset(name: str) -> Path:
 
 
 @pytest.fixture(scope="session")
+def disc_data(tmp_path_factory) -> Path:
+    from tests.miniatures import make_discs
+
+    return make_discs(tmp_path_factory.mktemp("discs") / "data")
+
+
+@pytest.fixture(scope="session")
 def kvasir_mini(tmp_path_factory) -> Path:
     from tests.miniatures import make_kvasir
 

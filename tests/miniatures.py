@@ -4,7 +4,7 @@ Each copies what matters of the real download: folder and file names, formats, c
 bit depths, the quirks (JPEG masks, BUSI's 1-bit and RGBA masks and several masks per image, LGG's
 patient folders of TIFF slices, CVC-ClinicDB's RGB TIFFs that Pillow refuses), at a few images
 of small size. The real sets, where present in ``../shared/datasets``, are checked against the
-same expectations in ``tests/data/test_real_datasets.py``.
+same expectations in ``tests/test_real_datasets.py``.
 """
 from __future__ import annotations
 
@@ -122,4 +122,21 @@ def make_cvc(root: Path, n: int = 3, seed: int = 0) -> Path:
         soft = (m * 255).astype(np.uint8)
         soft[1:-1, 1:-1][m[1:-1, 1:-1] != m[2:, 1:-1]] = 128  # an edge of in-between values
         tifffile.imwrite(root / "Ground Truth" / f"{i}.tif", soft)
+    return root
+
+
+def make_discs(root: Path, n: int = 16, seed: int = 0) -> Path:
+    """A generic-layout dataset of bright discs on noise, images of mixed sizes (48-96 px)."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(n):
+        h, w = int(rng.integers(48, 96)), int(rng.integers(48, 96))
+        yy, xx = np.mgrid[:h, :w]
+        cy, cx, r = rng.integers(12, h - 12), rng.integers(12, w - 12), rng.integers(6, 12)
+        mask = np.hypot(yy - cy, xx - cx) < r
+        img = rng.normal(60, 20, (h, w, 3))
+        img[mask] += 120
+        Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(root / "images" / f"case{i:02d}.png")
+        Image.fromarray(mask.astype(np.uint8) * 255).save(root / "masks" / f"case{i:02d}.png")
     return root

@@ -8,6 +8,7 @@ progress), ``checkpoint_best.pt`` (best validation score) and TensorBoard events
 """
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -117,3 +118,17 @@ class RunFolder:
         """Append one line to ``sessions.jsonl``."""
         with self.sessions.open("a") as fh:
             fh.write(json.dumps(session) + "\n")
+
+    def read_sessions(self) -> list[dict[str, Any]]:
+        """The records of ``sessions.jsonl``: when, where and at which commit each part of the run
+        ran (one per call of ``train`` on it); empty if there are none."""
+        if not self.sessions.is_file():
+            return []
+        return [json.loads(line) for line in self.sessions.read_text().splitlines() if line.strip()]
+
+    def read_log(self) -> list[dict[str, str]]:
+        """The rows of ``log.csv`` (one per finished epoch; empty before the first)."""
+        if not self.log.is_file():
+            return []
+        with self.log.open(newline="") as fh:
+            return list(csv.DictReader(fh))

@@ -52,21 +52,16 @@ def test_matrix_skip_resume_and_tables(experiment, capsys, monkeypatch, ctrl_c_a
     assert out == capsys.readouterr().out
     monkeypatch.undo()
     # the matrix stops (as if the session ended) after two runs: tables from what finished
-    from lmnet.engine import experiments
-
     calls = []
-    real = experiments.write_tables
 
-    def stop_after_two(*args, **kwargs):
-        calls.append(1)
-        real(*args, **kwargs)
+    def stop_after_two(entry):
+        calls.append(entry["status"])
         if len(calls) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(experiments, "write_tables", stop_after_two)
     with pytest.raises(KeyboardInterrupt):
-        run_experiment(cfg, progress=False, echo=lambda *_: None)
-    monkeypatch.setattr(experiments, "write_tables", real)
+        run_experiment(cfg, progress=False, echo=lambda *_: None, after_run=stop_after_two)
+    assert calls == ["done", "done"]
     table = (cfg_dir := runs[0].run_dir.parents[1]) / "table_paper.csv"
     rows = {r["Model"]: r for r in _rows(table)}
     assert rows["lmnet"]["Runs"] == "2" and rows["basic"]["Runs"] == "0"
@@ -232,7 +227,7 @@ def test_verdict_wins_ties_and_loses_by_the_seed_spread():
 
 def test_subgroup_verdict_shows_a_class_where_lmnet_loses(tmp_path):
     """Ahead overall, behind on one class: the per-subgroup verdict says so."""
-    from lmnet.engine.experiments import ExperimentConfig, _write_verdict
+    from lmnet.engine.experiment_tables import ExperimentConfig, _write_verdict
 
     def summary(dice):
         return {"paper_mdice": dice, "paper_miou": dice, "fg_dice_mean": dice,
@@ -258,7 +253,7 @@ def test_subgroup_verdict_shows_a_class_where_lmnet_loses(tmp_path):
 def test_figure_shows_every_subgroup_in_turn():
     from types import SimpleNamespace
 
-    from lmnet.engine.experiments import figure_samples
+    from lmnet.engine.figures import figure_samples
 
     def samples(groups):
         return [SimpleNamespace(name=f"{g}/{i}", group=g) for i, g in enumerate(groups)]
@@ -271,7 +266,7 @@ def test_figure_shows_every_subgroup_in_turn():
 
 
 def test_epochs_cell_reads_trained_of_planned():
-    from lmnet.engine.experiments import _epochs_cell
+    from lmnet.engine.experiment_tables import _epochs_cell
 
     assert _epochs_cell([4, 4], 8) == "4 of 8"
     assert _epochs_cell([4, 5], 8) == "4, 5 of 8"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from lmnet.engine.demo import run_demo
 
     report = run_demo(args.out, args.minutes, args.image_size, args.epochs, progress=not args.quiet)
@@ -21,4 +21,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=25, help="training epochs (cosine schedule length)")
     p.add_argument("--image-size", type=int, default=128, help="training side in pixels")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=run)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 
-def cmd_experiment(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from lmnet.engine.experiments import (
         load_experiment,
         run_experiment,
@@ -19,7 +19,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         written = {**write_tables(cfg, args.data), **write_figures(cfg, args.data)}
         print("wrote " + ", ".join(str(p) for p in written.values()))
         return 0
-    run_experiment(cfg, args.data, dry_run=args.dry_run, progress=not args.quiet,
+    run_experiment(cfg, args.data, dry_run=args.dry_run, progress=not args.quiet, echo=print,
                    time_budget=args.time_budget)
     if not args.dry_run:
         print(f"tables: {cfg.out}/{cfg.name}/table_paper.md, table_foreground.md (and .csv); "
@@ -44,4 +44,4 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "saved; the same command resumes it); each run's own cap is the config's "
                         "budget_minutes")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_experiment)
+    p.set_defaults(func=run)

@@ -2,10 +2,24 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from lmnet._version import __version__
-from lmnet.cli import demo, experiment, models, scoring, serve, training
+from lmnet.cli import (
+    aggregate,
+    check_data,
+    demo,
+    evaluate,
+    experiment,
+    export,
+    info,
+    list_models,
+    predict,
+    score,
+    serve,
+    train,
+)
 from lmnet.cli._flags import old_spelling_notes
 from lmnet.runtime import govern_threads, keep_freed_memory, set_threads
 
@@ -15,17 +29,28 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lmnet", description="LM-Net for 2-D medical image segmentation.")
     parser.add_argument("--version", action="version", version=f"lmnet {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    models.register(sub)
-    scoring.register(sub)
-    training.register(sub)
-    demo.register(sub)
-    experiment.register(sub)
-    serve.register(sub)
+    for command in (info, list_models, score, aggregate, train, evaluate, predict, export,
+                    check_data, demo, experiment, serve):  # one module per sub-command
+        command.register(sub)
     for command in sub.choices.values():  # every command takes --threads
+        command.formatter_class = _Help
         command.add_argument("--threads", type=int, default=None,
                              help="compute threads (default: $LMNET_THREADS, else the CPUs this "
                                   "process may use: affinity and cgroup quota)")
     return parser
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default once: not where its help already says it, nor for switches and
+    flags without one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("(default" in text or action.required or default is None or isinstance(default, bool)
+                or default in ("", argparse.SUPPRESS)):
+            return text
+        return super()._get_help_string(action)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     keep_freed_memory()  # no page-fault storm on every forward pass (lmnet.runtime)
-    _log_to_stderr()
+    _log_to_stderr(quiet=getattr(args, "quiet", False))
     try:
         threads = set_threads(args.threads)
         govern_threads()  # fewer threads while other processes hold cores (lmnet.runtime)
@@ -62,18 +87,27 @@ def _one_line(err: BaseException) -> str:
     return str(err) or type(err).__name__
 
 
-def _log_to_stderr() -> None:
-    """lmnet's log lines (notes and warnings) go to standard error as plain lines."""
-    import logging
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a line is logged."""
 
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: D102
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _log_to_stderr(quiet: bool = False) -> None:
+    """lmnet's log lines go to standard error as plain lines: its notes (what was chosen, what
+    was found) and warnings; with ``--quiet``, warnings only."""
     logger = logging.getLogger("lmnet")
-    if not any(getattr(h, "_lmnet_cli", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
-        handler._lmnet_cli = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
-    if logger.level == logging.NOTSET:
-        logger.setLevel(logging.WARNING)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
 
 
 if __name__ == "__main__":  # pragma: no cover

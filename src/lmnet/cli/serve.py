@@ -18,7 +18,7 @@ def _card_summary(weights: str | None, checkpoint: str | None) -> str | None:
     return body[0].strip() if body else None
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     require_extra()
     import uvicorn
 
@@ -69,4 +69,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload accepted")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image accepted")
     p.add_argument("--workers", type=int, default=2, help="predictions prepared at once")
-    p.set_defaults(func=cmd_serve)
+    p.set_defaults(func=run)

@@ -50,7 +50,7 @@ def _write_onnx(model: nn.Module, path: Path, in_channels: int, size: int, opset
                               input_names=["image"], output_names=["logits"],
                               dynamic_axes={"image": axes, "logits": axes})
         except (TypeError, RuntimeError, ValueError) as err:  # exporter removed or failing
-            log.info("TorchScript-based ONNX export failed (%s); using torch.export", err)
+            log.debug("TorchScript-based ONNX export failed (%s); using torch.export", err)
             h16 = torch.export.Dim("h16", min=2, max=1024)
             w16 = torch.export.Dim("w16", min=2, max=1024)
             dims = ({0: torch.export.Dim("batch", min=1, max=4096), 2: 16 * h16, 3: 16 * w16},)

@@ -19,7 +19,6 @@ from lmnet.deploy.checkpoint import model_source
 from lmnet.deploy.convert import cached_openvino_model, export_onnx, export_torchscript
 from lmnet.deploy.loading import load_model, stored_split
 from lmnet.deploy.metadata import export_metadata
-from lmnet.deploy.pretrained import export_pretrained
 from lmnet.models._hub import CONFIG_NAME, WEIGHTS_NAME, is_pretrained_folder
 from lmnet.run_folder import RunFolder
 
@@ -152,8 +151,8 @@ def export_checkpoint(checkpoint: str | Path | None, fmt: str, out: str | Path, 
                       data: str | Path | None = None, calibration_images: int | None = None,
                       accuracy_control: bool = True) -> dict[str, Any]:
     """Export a checkpoint's (or run folder's) model, or pretrained ``weights``, in deployed form:
-    ``onnx``, ``openvino``, ``torchscript`` (see :func:`export_model`) or ``pretrained`` (a folder
-    for ``lmnet.from_pretrained``; see :func:`lmnet.deploy.pretrained.export_pretrained`).
+    ``onnx``, ``openvino`` or ``torchscript`` (see :func:`export_model`). (A ``pretrained``
+    folder, with its model card, is :func:`lmnet.engine.export.export`'s.)
 
     ``int8`` (OpenVINO): quantise, calibrated on ``calibration_images`` images of the model's
     training split of ``data`` (default: the dataset it was trained on); with
@@ -165,11 +164,11 @@ def export_checkpoint(checkpoint: str | Path | None, fmt: str, out: str | Path, 
     checkpoint, weights = model_source(checkpoint, weights)
     if int8 and fmt != "openvino":
         raise ValueError("int8 quantisation is made for OpenVINO: use --format openvino --int8")
-    check_export_target(fmt, out, checkpoint, weights)
     if fmt == "pretrained":
-        if weights is not None:
-            raise ValueError("the model is already a pretrained folder: copy the folder instead")
-        return {"path": str(export_pretrained(checkpoint, out)), "format": fmt}
+        raise ValueError("a pretrained folder carries a model card written from the run's records: "
+                         "lmnet.engine.export.export (`lmnet export RUN --format pretrained`) "
+                         "writes it")
+    check_export_target(fmt, out, checkpoint, weights)
     model, cfg = load_model(checkpoint, weights)
     split = stored_split(checkpoint, weights)
     inputs = validation = None

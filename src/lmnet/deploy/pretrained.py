@@ -104,10 +104,11 @@ def pretrained_cfg_of(cfg: TrainConfig, class_names: list[str] | None = None) ->
     return out
 
 
-def export_pretrained(checkpoint: str | Path, out: str | Path, card: str | None = None,
+def export_pretrained(checkpoint: str | Path, out: str | Path, card: str,
                       class_names: list[str] | None = None) -> Path:
     """Write the pretrained folder of a checkpoint (or run folder): deployed fp16 weights, the
-    config with its training config and the run's split, and ``card`` as README.md."""
+    config with its training config and the run's split, and ``card`` as README.md (the model
+    card :func:`lmnet.engine.model_card.model_card` writes from the run's records)."""
     ckpt_path = resolve_checkpoint(checkpoint)
     model, cfg = model_from_checkpoint(ckpt_path, channels_last=False)
     extra: dict[str, Any] = {"train_config": cfg.to_dict()}
@@ -115,23 +116,5 @@ def export_pretrained(checkpoint: str | Path, out: str | Path, card: str | None 
     if split:
         extra["split"] = {k: v for k, v in split.items() if k in ("train", "val", "test")}
     kwargs = {"in_channels": cfg.in_channels, "n_classes": cfg.n_classes, **cfg.model_args}
-    if card is None:
-        card = _basic_card(cfg, ckpt_path, "split" in extra)
     return save_pretrained(model, out, cfg.model, kwargs, pretrained_cfg_of(cfg, class_names),
                            card=card, extra=extra)
-
-
-def _basic_card(cfg: TrainConfig, checkpoint: Path, has_split: bool) -> str:
-    """A model card stating what the export knows; the author adds metrics and limits."""
-    return (f"# {cfg.model} ({cfg.name or checkpoint.parent.name})\n\n"
-            f"Exported with `lmnet export {checkpoint.parent} --format pretrained` from "
-            f"`{checkpoint.name}`.\n\n"
-            f"- Model: `{cfg.model}` {cfg.model_args or ''}, {cfg.in_channels} input channels, "
-            f"{cfg.n_classes} classes; weights re-parameterised, stored in fp16.\n"
-            f"- Data: `{cfg.data}` (format {cfg.format or 'detected'})"
-            f"{'; the split is stored in config.json' if has_split else ''}.\n"
-            f"- Input: {cfg.image_size} x {cfg.image_size}, mean {cfg.mean}, std {cfg.std}.\n"
-            f"- Recipe: {cfg.epochs} epochs, batch {cfg.batch_size}, AdamW lr {cfg.lr}, "
-            f"seed {cfg.seed}; the whole training config is in config.json.\n\n"
-            "Test metrics: `lmnet evaluate --weights THIS_FOLDER --data PATH` (add them here).\n\n"
-            "A research model, not a medical device.\n")

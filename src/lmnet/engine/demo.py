@@ -3,6 +3,7 @@ write a report folder with the metrics table and overlays."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -21,6 +22,8 @@ from lmnet.metrics import markdown_table
 from lmnet.run_folder import RunFolder
 
 __all__ = ["sample_data_path", "run_demo", "training_sentence"]
+
+log = logging.getLogger(__name__)
 
 
 def plan_epochs(cfg: TrainConfig, train_images: int, minutes: float, most: int) -> int:
@@ -138,8 +141,9 @@ def run_demo(out: str | Path = "lmnet_demo", minutes: float = 3.5, image_size: i
     n_train = len(split["train"]) if split else round(0.7 * len(samples))
     planned = plan_epochs(cfg, n_train, minutes, epochs)
     if planned < epochs and progress:
-        print(f"this machine is slower than the demo assumes: training {planned} epochs instead of "
-              f"{epochs}, so that the learning-rate schedule completes within {minutes} minutes")
+        log.info("this machine is slower than the demo assumes: training %d epochs instead of %d, "
+                 "so that the learning-rate schedule completes within %g minutes", planned, epochs,
+                 minutes)
     cfg = cfg.replace(epochs=planned)
     replans: list[tuple[int, int, int]] = []  # (after epoch, from, to)
 
@@ -154,8 +158,9 @@ def run_demo(out: str | Path = "lmnet_demo", minutes: float = 3.5, image_size: i
             return None
         replans.append((done, current, new))
         if progress:
-            print(f"{done} epoch(s) took {seconds / 60:.1f} min, slower than measured: training "
-                  f"{new} epochs instead of {current}, so that the schedule completes in time")
+            log.info("%d epoch(s) took %.1f min, slower than measured: training %d epochs instead "
+                     "of %d, so that the schedule completes in time", done, seconds / 60, new,
+                     current)
         return new
 
     train(cfg, progress=progress, replan=replan, resume_hint=False)
@@ -163,7 +168,7 @@ def run_demo(out: str | Path = "lmnet_demo", minutes: float = 3.5, image_size: i
     result, _ = evaluate_run(run_dir, split="test", out=report, progress=False)
     test = set(RunFolder(run_dir).read_split()["test"])
     images = [s.image for s in samples if s.name in test]
-    predict_files(run_dir, images, report / "predictions", progress=False, engine="torch",
+    predict_files(run_dir, images, report / "predictions", progress=False, backend="torch",
                   overwrite=True)
     table = markdown_table(result)
     shipped_part = ("\nNo trained Kvasir-SEG model ships with this installation yet; once it does, "
@@ -174,9 +179,9 @@ def run_demo(out: str | Path = "lmnet_demo", minutes: float = 3.5, image_size: i
                               progress=False)
         ship, _ = evaluate_run(None, data=data, split="test", split_file=RunFolder(run_dir).split,
                                grid="original", out=compare / "shipped_model", progress=False,
-                               weights="kvasir")
+                               weights="kvasir", overlap_warning=False)  # the report says it
         predict_files(None, images, report / "predictions_shipped_model", progress=False,
-                      weights="kvasir", engine="torch", overwrite=True)
+                      weights="kvasir", backend="torch", overwrite=True)
         rows = [(f"this demo's LM-Net ({len(read_log(run_dir))} epochs on {len(split['train'])} images)",
                  own["all"]),
                 ("shipped LM-Net (`--weights kvasir`)", ship["all"])]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -19,22 +19,69 @@ from lmnet.config import TrainConfig
 from lmnet.data.dataset import SegmentationDataset, load_sample
 from lmnet.data.layouts import Sample, discover
 from lmnet.data.splits import SPLITS, check_split, load_split
-from lmnet.deploy.backends import ENGINE_FILES, precision_context
+from lmnet.deploy.backends import ENGINE_FILES, PRECISIONS, precision_context
 from lmnet.deploy.checkpoint import model_source, resolve_checkpoint
-from lmnet.deploy.loading import load_predictor, stored_split
+from lmnet.deploy.loading import ENGINE_CHOICES, load_predictor, stored_split
 from lmnet.deploy.metadata import exported_metadata
-from lmnet.deploy.postprocess import PostProcess
+from lmnet.deploy.postprocess import TTA_CHOICES, PostProcess
 from lmnet.deploy.preprocess import preprocess
 from lmnet.engine.distributed import resolve_device
 from lmnet.metrics import SegmentationEvaluator, write_report
 from lmnet.metrics.evaluator import summarize
 
-__all__ = ["evaluate_samples", "evaluate_run", "GRIDS"]
+__all__ = ["EvaluateConfig", "evaluate", "evaluate_samples", "evaluate_run", "GRIDS"]
 
 log = logging.getLogger(__name__)
 
 #: ``resized``: score at image_size x image_size, as the paper; ``original``: at each image's size.
 GRIDS = ("resized", "original")
+
+
+_TTA_HELP = ("test-time augmentation: hflip (2 passes) or flips (4: identity, horizontal, vertical, "
+             "both), lesion probabilities averaged; none: one pass")
+
+
+@dataclass
+class EvaluateConfig:
+    """What ``lmnet evaluate`` scores and how; its flags are these fields."""
+
+    run: str | None = field(default=None, metadata={"positional": "?"})  # run folder or checkpoint file
+    weights: str | None = field(default=None, metadata={"metavar": "NAME", "help": (
+        "a pretrained model instead of a run: a shipped name (kvasir), a folder or a Hugging Face "
+        "Hub id org/name")})
+    data: str | None = None             # dataset folder (default: the run's)
+    split: str = field(default="test", metadata={"choices": (*SPLITS, "all")})  # the part scored
+    split_file: str | None = None       # split JSON (default: the split the model stores)
+    grid: str = field(default="resized", metadata={"choices": GRIDS})  # score at the training size (paper) or each image's own
+    spacing: list[float] | None = field(default=None, metadata={"nargs": 2, "metavar": ("SY", "SX")})  # pixel size for boundary metrics
+    device: str = "auto"                # auto (a CUDA GPU if there is one, else the CPU), cpu, cuda or cuda:N
+    precision: str = field(default="fp32", metadata={"choices": PRECISIONS, "help": (
+        "inference precision (torch: bf16/fp16 autocast, fp16 on CUDA only; openvino: bf16 hint)")})
+    backend: str | None = field(default=None, metadata={"choices": ENGINE_CHOICES, "help": (
+        "PyTorch, ONNX Runtime or OpenVINO (the model is converted on the fly), or auto: the "
+        "fastest here, measured (default: torch; an exported .onnx or .xml RUN runs on its own "
+        "backend)")})
+    out: str | None = None              # report folder (default: RUN/eval_<split>_<grid>)
+    tta: str = field(default="none", metadata={"choices": TTA_CHOICES, "help": _TTA_HELP})
+    keep_largest: bool = False          # keep only the largest connected lesion (8-connected) of each mask
+    min_lesion_pixels: int = field(default=0, metadata={"metavar": "N", "help": (
+        "drop lesions of fewer than N pixels (of the mask as scored or written)")})
+
+    def post(self) -> PostProcess:
+        """The test-time augmentation and clean-up these fields ask for."""
+        return PostProcess(self.tta, 0.5, self.keep_largest, self.min_lesion_pixels)
+
+
+def evaluate(cfg: EvaluateConfig, progress: bool = True, overlap_warning: bool = True
+             ) -> tuple[dict[str, Any], Path]:
+    """``lmnet evaluate``: :func:`evaluate_run` as ``cfg`` says; returns the metrics and the
+    report folder."""
+    if (cfg.run is None) == (cfg.weights is None):
+        raise ValueError("give a run folder (or checkpoint) or --weights NAME, not both or neither")
+    return evaluate_run(cfg.run, cfg.data, cfg.split, cfg.split_file, cfg.grid, cfg.out,
+                        tuple(cfg.spacing) if cfg.spacing else None, cfg.device, progress,
+                        cfg.precision, cfg.weights, backend=cfg.backend, post=cfg.post(),
+                        overlap_warning=overlap_warning)
 
 
 @torch.inference_mode()
@@ -80,15 +127,15 @@ def _post_suffix(post: PostProcess) -> str:
             + (f"_t{post.threshold:g}" if post.threshold != 0.5 else ""))
 
 
-def _seen_in_training(samples: Sequence[Sample], stored: dict[str, Any] | None, source: str
-                      ) -> dict[str, str]:
+def _seen_in_training(samples: Sequence[Sample], stored: dict[str, Any] | None, source: str,
+                      warn: bool = True) -> dict[str, str]:
     """``name -> "train" | "val"`` for the samples the model's own split trained or selected it
     on (matched by name), with a warning that says how many; empty if none or no split stored."""
     if not stored:
         return {}
     parts = {n: part for part in ("val", "train") for n in stored.get(part, ())}
     seen = {s.name: parts[s.name] for s in samples if s.name in parts}
-    if seen:
+    if seen and warn:
         n_train = sum(v == "train" for v in seen.values())
         log.warning("%d of the %d images scored were used to make this model (%s): %d in its "
                     "training split, %d in its validation split (model selection), matched by "
@@ -106,8 +153,9 @@ def evaluate_run(run_or_checkpoint: str | Path | None, data: str | Path | None =
                  split: str = "test", split_file: str | Path | None = None, grid: str = "resized",
                  out: str | Path | None = None, spacing: tuple[float, float] | None = None,
                  device: str = "auto", progress: bool = True, precision: str = "fp32",
-                 weights: str | Path | None = None, engine: str | None = None,
-                 post: PostProcess | None = None) -> tuple[dict[str, Any], Path]:
+                 weights: str | Path | None = None, backend: str | None = None,
+                 post: PostProcess | None = None, overlap_warning: bool = True,
+                 engine: str | None = None) -> tuple[dict[str, Any], Path]:
     """Score the ``split`` images of the checkpoint's dataset; write the reports.
 
     Args:
@@ -122,21 +170,24 @@ def evaluate_run(run_or_checkpoint: str | Path | None, data: str | Path | None =
         precision: ``fp32`` or ``bf16`` (autocast) inference.
         weights: a pretrained model (shipped name, folder or Hub id) instead of a run; its
             ``config.json`` carries the split it was trained with, used unless ``split_file``.
-        engine: ``torch``, ``onnx``, ``openvino`` (``precision`` is then OpenVINO's hint) or
+        backend: ``torch``, ``onnx``, ``openvino`` (``precision`` is then OpenVINO's hint) or
             ``auto`` (the fastest here, measured; see :func:`~lmnet.deploy.loading.choose_engine`);
-            None: an exported file's own engine, else ``torch``.
+            None: an exported file's own backend, else ``torch``. (``engine``: its old name.)
         post: test-time augmentation and mask clean-up
             (:class:`~lmnet.deploy.postprocess.PostProcess`); the report folder's name and
             ``evaluated_on.json`` say which.
 
     Images that the model's own split (the one it stores) puts in its training or validation
     part, scored with ``split="all"`` or another ``split_file``, are named in a warning and the
-    held-out ones are reported apart (a group ``held out`` and one per part they came from).
+    held-out ones are reported apart (a group ``held out`` and one per part they came from);
+    ``overlap_warning=False`` keeps the report and drops the warning (a caller that says it
+    itself, as the demo).
 
     Returns:
         The aggregated metrics and the report folder.
     """
     run_or_checkpoint, weights = model_source(run_or_checkpoint, weights)
+    engine = backend if backend is not None else engine
     if engine is None:
         engine = "auto" if _exported(run_or_checkpoint) else "torch"
     if device == "auto":  # a GPU for PyTorch where there is one; the other backends run on the CPU
@@ -147,7 +198,7 @@ def evaluate_run(run_or_checkpoint: str | Path | None, data: str | Path | None =
     predictor = load_predictor(run_or_checkpoint, engine, weights, precision, batch_size=8)
     model, cfg, engine = predictor.model, predictor.cfg, predictor.engine
     if predictor.note and progress:
-        print(predictor.note, file=sys.stderr)
+        log.info(predictor.note)
     if isinstance(model, nn.Module):
         model.to(torch.device(device))
     source = f"weights {weights}" if weights is not None else str(
@@ -174,11 +225,11 @@ def evaluate_run(run_or_checkpoint: str | Path | None, data: str | Path | None =
         chosen = [s for s in samples if s.name in names]
         if not chosen:
             raise ValueError(f"the {split} split of {split_file or source} is empty")
-    seen = _seen_in_training(chosen, stored_split(run_or_checkpoint, weights), source) \
-        if split == "all" or split_file is not None else {}
+    seen = _seen_in_training(chosen, stored_split(run_or_checkpoint, weights), source,
+                             overlap_warning) if split == "all" or split_file is not None else {}
     post = post or PostProcess()
     if post.sentence() and progress:
-        print(post.sentence(), file=sys.stderr)
+        log.info(post.sentence())
     with precision_context(precision if engine == "torch" else "fp32", torch.device(device).type):
         ev = evaluate_samples(model, chosen, cfg, grid, boundary=True, progress=progress,
                               spacing=spacing, post=post)

@@ -1,18 +1,21 @@
 """Figures of an experiment (matplotlib, PNG): validation curves with seed bands, and a
-qualitative grid of test images with every model's prediction outlined (as the paper's Fig. 5)."""
+qualitative grid of test images with every model's prediction outlined (as the paper's Fig. 5);
+:func:`write_figures` draws both from an experiment's finished runs."""
 from __future__ import annotations
 
 import csv
 import textwrap
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from lmnet._files import atomic_save
+from lmnet.engine.experiment_matrix import ExperimentConfig, plan_runs
+from lmnet.engine.experiment_state import run_status
 from lmnet.run_folder import RunFolder
 
-__all__ = ["plot_curves", "plot_qualitative", "seed_band"]
+__all__ = ["plot_curves", "plot_qualitative", "seed_band", "write_figures", "figure_samples"]
 
 
 def _pyplot():
@@ -121,3 +124,99 @@ def plot_qualitative(images: Sequence[np.ndarray], truths: Sequence[np.ndarray],
     atomic_save(out, fig.savefig)
     plt.close(fig)
     return out
+
+
+def write_figures(cfg: ExperimentConfig, data: str | None = None, n_images: int = 4
+                  ) -> dict[str, Path]:
+    """``curves.png`` (validation mDice per epoch, every model, seed band) and
+    ``qualitative.png`` (``n_images`` test images, see :func:`figure_samples`; each model's first
+    finished run), from whatever has finished. A run's predictions for the figure are kept in its folder
+    (``figure_masks_<split>.npz``): with its logs and evaluation, a finished run's small files
+    rebuild both tables and figures without its checkpoints. Returns the files written."""
+    from lmnet.data.dataset import load_sample
+    from lmnet.data.layouts import discover
+    from lmnet.deploy.loading import load_model
+    from lmnet.deploy.postprocess import predict_probabilities, probabilities_to_mask
+    from lmnet.deploy.preprocess import preprocess
+
+    runs = plan_runs(cfg, data)
+    out = Path(cfg.out) / cfg.name
+    by_label: dict[str, list[Path]] = {}
+    for run in runs:
+        by_label.setdefault(run.label, []).append(run.run_dir)
+    written = {}
+    curves = plot_curves(by_label, out / "curves.png",
+                         title=f"{cfg.caption} Validation mDice per epoch: mean over seeds, band = "
+                               "lowest to highest run".strip())
+    if curves:
+        written["curves"] = curves
+    finished = {}
+    for run in runs:
+        if run.label not in finished and run_status(run, cfg) == "done":
+            finished[run.label] = run
+    if not finished:
+        return written
+    first = next(iter(finished.values()))
+    split = RunFolder(first.run_dir).read_split()
+    _, samples, _ = discover(first.config.data, first.config.format)
+    by_name = {s.name: s for s in samples}
+    chosen = figure_samples([by_name[n] for n in sorted(split[cfg.split])], n_images)
+    loaded = [load_sample(s, first.config.in_channels) for s in chosen]
+    names = [s.name for s in chosen]
+    preds = {}
+    for label, run in finished.items():
+        kept = run.run_dir / f"figure_masks_{cfg.split}.npz"  # the figure without the checkpoint
+        best = RunFolder(run.run_dir).best
+        stale = best.is_file() and kept.is_file() and best.stat().st_mtime > kept.stat().st_mtime
+        masks = None if stale else _kept_masks(kept, names)
+        if masks is None:
+            model, tcfg = load_model(run.run_dir)
+            x = preprocess([img for img, _ in loaded], tcfg.image_size, tcfg.mean, tcfg.std)
+            masks = [probabilities_to_mask(predict_probabilities(model, x[i:i + 1],
+                                                                 img.shape[:2]))[0]
+                     for i, (img, _) in enumerate(loaded)]
+            _keep_masks(kept, names, masks)
+        preds[label] = masks
+    written["qualitative"] = plot_qualitative([img for img, _ in loaded],
+                                              [m.astype(bool) for _, m in loaded], preds,
+                                              names, out / "qualitative.png")
+    return written
+
+
+def figure_samples(samples: list[Any], n: int) -> list[Any]:
+    """The qualitative figure's images: the first ``n`` by name, or, where the samples have
+    subgroups (BUSI's classes), the first of every subgroup in turn, so that each class shows."""
+    by_group: dict[str, list[Any]] = {}
+    for s in samples:
+        by_group.setdefault(s.group or "", []).append(s)
+    if len(by_group) < 2:
+        return samples[:n]
+    chosen: list[Any] = []
+    for depth in range(max(len(v) for v in by_group.values())):
+        for group in sorted(by_group):
+            if depth < len(by_group[group]) and len(chosen) < n:
+                chosen.append(by_group[group][depth])
+    return chosen
+
+
+def _kept_masks(path: Path, names: list[str]) -> list[Any] | None:
+    """The predicted masks of ``names`` kept in ``path`` by :func:`_keep_masks`, else None."""
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as kept:
+            if [str(n) for n in kept["names"]] != names:
+                return None
+            return [kept[f"mask{i}"] for i in range(len(names))]
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _keep_masks(path: Path, names: list[str], masks: list[Any]) -> None:
+    """Keep a run's predicted masks of the figure's images beside its logs (a few kB), so that the
+    figure can be drawn again from a run's small files alone (logs, evaluation, these masks)."""
+    import numpy as np
+
+    atomic_save(path, lambda tmp: np.savez_compressed(
+        tmp, names=np.array(names), **{f"mask{i}": np.asarray(m, dtype=bool)
+                                       for i, m in enumerate(masks)}))

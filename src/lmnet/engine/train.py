@@ -3,7 +3,6 @@ of a training step for planning; :func:`train` is the entry point."""
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import logging
 import math
@@ -35,7 +34,7 @@ from lmnet.losses import SegmentationLoss, class_balanced_weights
 from lmnet.run_folder import RunFolder
 from lmnet.runtime import ThreadGovernor, cpu_name
 
-__all__ = ["Trainer", "train", "run_folder", "read_log", "read_sessions", "step_seconds", "step_memory",
+__all__ = ["Trainer", "train", "run_folder", "run_split", "read_log", "read_sessions", "step_seconds", "step_memory",
            "LOG_FIELDS", "RESUME_OVERRIDABLE"]
 
 log = logging.getLogger(__name__)
@@ -76,10 +75,13 @@ def _versions() -> dict[str, Any]:
     return info
 
 
-def _make_split(cfg: TrainConfig, samples: list[Sample], run_dir: Path, resume: bool) -> dict[str, Any]:
+def run_split(cfg: TrainConfig, samples: list[Sample], run_dir: Path | None = None,
+              resume: bool = False) -> dict[str, Any]:
+    """The split a run of ``cfg`` trains on: its ``split_file``; on resume, the run's own
+    ``split.json``; else drawn (hold-out or k-fold) from ``cfg``'s ratios and split seed."""
     if cfg.split_file:
         return load_split(cfg.split_file, samples)
-    if resume and RunFolder(run_dir).split.is_file():
+    if resume and run_dir is not None and RunFolder(run_dir).split.is_file():
         return load_split(RunFolder(run_dir).split, samples)
     if cfg.kfold:
         return make_kfold_split(samples, cfg.kfold, cfg.fold, cfg.split_rng_seed,
@@ -429,7 +431,7 @@ class Trainer:
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by processes x grad_accum "
                              f"= {ctx.world} x {cfg.grad_accum}")
         _seed_everything(cfg.seed)
-        split = _make_split(cfg, samples, run_dir, self.resumed)
+        split = run_split(cfg, samples, run_dir, self.resumed)
         by_name = {s.name: s for s in samples}
         train_samples = [by_name[n] for n in split["train"]]
         self.val_samples = [by_name[n] for n in split["val"]]
@@ -567,20 +569,12 @@ class Trainer:
 
 def read_log(run_dir: str | Path) -> list[dict[str, str]]:
     """The rows of ``run_dir/log.csv`` (one per finished epoch; empty before the first)."""
-    path = RunFolder(run_dir).log
-    if not path.is_file():
-        return []
-    with path.open(newline="") as fh:
-        return list(csv.DictReader(fh))
+    return RunFolder(run_dir).read_log()
 
 
 def read_sessions(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The records of ``run_dir/sessions.jsonl``: when, where and at which commit each part of a
-    run ran (one line per call of :func:`train` on the run)."""
-    path = RunFolder(run_dir).sessions
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The records of ``run_dir/sessions.jsonl`` (:meth:`lmnet.run_folder.RunFolder.read_sessions`)."""
+    return RunFolder(run_dir).read_sessions()
 
 
 def train(cfg: TrainConfig, resume: bool | str | Path = False, progress: bool = True,

@@ -44,7 +44,7 @@ def test_score_writes_all_reports(folders, capsys):
     pred_dir, true_dir, out = folders
     assert main(["score", str(pred_dir), str(true_dir), "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert "| set | n | Accuracy | Precision | Recall | mDice (paper) | mIoU (paper) | Hd |" in printed
+    assert "| set | n | Accuracy | Precision | Recall | mDice | mIoU | Hd |" in printed
     metrics = json.loads((out / "metrics.json").read_text())
     a = metrics["all"]
     assert a["n_images"] == 4 and a["n_pred_empty"] == 1 and a["n_both_present"] == 3

@@ -199,7 +199,8 @@ def test_evaluate_writes_reports(trained_run, capsys):
         assert sorted(r["name"] for r in rows) == sorted(split["test"])
         if grid == "original":  # each image's own size, not the training size
             assert {int(r["height"]) for r in rows} != {32}
-    assert "mDice (paper)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| mDice | mIoU |" in printed and "mDice/mIoU: the paper's" in printed
 
 
 def test_predict_writes_masks_at_original_size(trained_run, disc_data, tmp_path, capsys):

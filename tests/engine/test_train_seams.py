@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 
+import pytest
 import torch
 
 from lmnet.config import TrainConfig
@@ -97,3 +98,47 @@ def test_the_planner_times_the_real_train_step(monkeypatch):
     cfg = TrainConfig(data="unused", model="lmnet_t10_mb", image_size=32, batch_size=8, grad_accum=2)
     assert step_seconds(cfg, probe_batch=2) > 0
     assert calls == [(4, 3, 32, 32)] * 4  # a warm-up and three timed steps, 2 micro-batches of 2
+
+
+def test_a_run_stopped_by_the_code_before_the_trainer_resumes_exactly(tmp_path, monkeypatch):
+    """``tests/fixtures/resume_before_trainer``: a run that lmnet 376923b (one long training
+    function, before the Trainer) stopped after epoch 1 of 2, and the weights and log of the
+    same run trained without a stop by that code (``make_resume_fixture.py`` says how). Today's
+    code resumes the stopped run and ends where the old code's uninterrupted run ended."""
+    import json
+    import shutil
+
+    from lmnet.config import TrainConfig
+    from lmnet.engine.train import train
+    from tests.conftest import ROOT
+    from tests.fixtures.make_resume_fixture import digest
+    from tests.miniatures import make_discs
+
+    fixture = ROOT / "tests" / "fixtures" / "resume_before_trainer"
+    expected = json.loads((fixture / "expected.json").read_text())
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    run = tmp_path / "runs" / "stopped"
+    run.mkdir(parents=True)
+    for name in ("config.json", "split.json", "log.csv", "checkpoint_last.pt"):
+        shutil.copy2(fixture / name, run / name)
+    config = json.loads((run / "config.json").read_text())
+    config.update(data=str(make_discs(tmp_path / "data")), out=str(tmp_path / "runs"))
+    (run / "config.json").write_text(json.dumps(config))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the fixture was made
+    try:
+        train(TrainConfig.from_dict(config), resume=run, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    rows = [r.split(",") for r in (run / "log.csv").read_text().splitlines()]
+    assert rows[0] == expected["log_header"] and len(rows) == 3
+    header = expected["log_header"]
+    for got, want in zip(rows[1:], expected["log"]):
+        for col in ("epoch", "train_size", "train_loss", "val_paper_mdice", "val_fg_dice", "lr"):
+            i = header.index(col)
+            assert float(got[i]) == pytest.approx(float(want[i]), rel=1e-4, abs=1e-6), col
+    weights = digest(run / "checkpoint_last.pt")
+    assert weights.keys() == expected["weights"].keys()
+    for name, (total, magnitude) in expected["weights"].items():
+        assert weights[name][1] == pytest.approx(magnitude, rel=1e-4, abs=1e-6), name
+        assert weights[name][0] == pytest.approx(total, rel=1e-3, abs=1e-4), name

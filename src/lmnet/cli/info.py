@@ -1,46 +1,23 @@
-"""``lmnet info`` and ``lmnet list-models``."""
+"""``lmnet info``: parameters and MACs of a model, training and deployed form."""
 from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
 
-import yaml
-
-from lmnet.cli._flags import old_spelling
-from lmnet.models import create_model, get_model_entry, list_models
-from lmnet.models._size import count_parameters, size_report
+from lmnet.cli._flags import add_model_args, parse_overrides
+from lmnet.models import create_model, get_model_entry
+from lmnet.models._size import size_report
 
 #: What the paper states for LM-Net (its text, not our measurement).
 PAPER_PARAMS = "5.4 M"
 PAPER_FLOPS = "4.66 G"
 
 
-def parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """``["width=24", "branches=3x3,5x5"]`` -> ``{"width": 24, "branches": "3x3,5x5"}``."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"expected KEY=VALUE, got {item!r}")
-        out[key.strip().replace("-", "_")] = yaml.safe_load(value) if value else ""
-    return out
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--in-channels", type=int, default=3, help="input image channels")
-    p.add_argument("--n-classes", type=int, default=2, help="output classes")
-    p.add_argument("--model-option", dest="set", action="append", metavar="KEY=VALUE",
-                   help="a model option, e.g. --model-option width=24 --model-option "
-                        "branches=3x3,5x5 (in train: --set model.KEY=VALUE)")
-    old_spelling(p, "--set", "--model-option", "set", append=True, metavar="KEY=VALUE")
-
-
 def _fmt_g(macs: int) -> str:
     return f"{macs / 1e9:.3f} G"
 
 
-def cmd_info(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     kwargs = {"in_channels": args.in_channels, "n_classes": args.n_classes,
               **parse_overrides(args.set)}
     entry = get_model_entry(args.model)
@@ -80,24 +57,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_list_models(args: argparse.Namespace) -> int:
-    rows = []
-    for name in list_models(args.filter):
-        entry = get_model_entry(name)
-        rows.append({"name": name, "params": count_parameters(create_model(name)),
-                     "table": entry.table, "family": entry.family,
-                     "description": entry.description})
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    if not rows:
-        raise ValueError(f"no model matches {args.filter!r}")
-    print(f"{'name':<34}{'params':>12}  {'table':<6}description")
-    for r in rows:
-        print(f"{r['name']:<34}{r['params']:>12,}  {r['table']:<6}{r['description']}")
-    return 0
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="parameters and MACs of a model, training and deployed form",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -105,10 +64,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=int, default=256, help="side of the square input, pixels")
     p.add_argument("--json", action="store_true", help="print JSON")
     add_model_args(p)
-    p.set_defaults(func=cmd_info)
-
-    p = sub.add_parser("list-models", help="registered models with parameter counts",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--filter", default=None, help="glob on the name, e.g. 'lmnet_*'")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_list_models)
+    p.set_defaults(func=run)

@@ -1,11 +1,10 @@
-"""``lmnet score`` and ``lmnet aggregate``."""
+"""``lmnet score``: score predicted masks against true masks (no model needed)."""
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
-from lmnet.metrics import aggregate_runs, markdown_table, runs_table, write_report
+from lmnet.cli._flags import add_quiet
+from lmnet.metrics import markdown_table, write_report
 from lmnet.metrics.folders import score_folders
 
 
@@ -21,7 +20,7 @@ def _empty_distance(value: str) -> float | str:
     return v
 
 
-def cmd_score(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     spacing = tuple(args.spacing) if args.spacing else None
     if spacing is not None and min(spacing) <= 0:
         raise ValueError(f"--spacing must be positive, got {list(spacing)}")
@@ -32,26 +31,6 @@ def cmd_score(args: argparse.Namespace) -> int:
     paths = write_report(result, ev.rows, args.out, extra)
     print(markdown_table(result))
     print(f"wrote {paths['json']}, {paths['csv']} and {paths['md']}")
-    return 0
-
-
-def cmd_aggregate(args: argparse.Namespace) -> int:
-    results = []
-    for path in args.metrics:
-        p = Path(path)
-        if p.is_dir():
-            p = p / "metrics.json"
-        if not p.is_file():
-            raise FileNotFoundError(f"no metrics file at {path}")
-        try:
-            results.append(json.loads(p.read_text()))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{p} is not valid JSON: {err}") from None
-    agg = aggregate_runs(results)
-    print(runs_table(agg))
-    if args.out:
-        Path(args.out).write_text(json.dumps(agg, indent=2) + "\n")
-        print(f"wrote {args.out}")
     return 0
 
 
@@ -67,11 +46,5 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="boundary distance when exactly one mask is empty: 'diagonal' or a number")
     p.add_argument("--recursive", action="store_true",
                    help="search sub-folders; a truth file's sub-folder is its subgroup")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_score)
-
-    p = sub.add_parser("aggregate", help="mean ± std over runs of several metrics.json files",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("metrics", nargs="+", help="metrics.json files or folders holding one")
-    p.add_argument("--out", default=None, help="write the aggregate as JSON here")
-    p.set_defaults(func=cmd_aggregate)
+    add_quiet(p)
+    p.set_defaults(func=run)
