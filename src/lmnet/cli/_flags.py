@@ -96,7 +96,7 @@ def config_flags(p: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...]
                 kwargs.setdefault("nargs", "+")
                 kwargs.setdefault("metavar", "X")
                 kwargs["type"] = typing.get_args(base[0])[0]
-            elif "const" not in meta or base[0] is not str:
+            else:
                 kwargs["type"] = base[0]
         if keep_unset:
             kwargs["default"] = None

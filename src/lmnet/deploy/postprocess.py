@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
-__all__ = ["TTA_CHOICES", "TTA_TRANSFORMS", "PostProcess", "predict_probabilities",
+__all__ = ["TTA_CHOICES", "TTA_HELP", "TTA_TRANSFORMS", "PostProcess", "predict_probabilities",
            "probabilities_to_mask", "tta_probabilities", "clean_mask", "count_lesions"]
 
 #: The input dimensions each transform flips (of ``(N, C, H, W)``); every transform is its own inverse.
@@ -27,6 +27,9 @@ _FLIPS = {"identity": (), "hflip": (3,), "vflip": (2,), "hvflip": (2, 3)}
 TTA_TRANSFORMS = {"none": ("identity",), "hflip": ("identity", "hflip"),
                   "flips": ("identity", "hflip", "vflip", "hvflip")}
 TTA_CHOICES = tuple(TTA_TRANSFORMS)
+#: What ``--tta`` does, as the commands that take it say.
+TTA_HELP = ("test-time augmentation: hflip (2 passes) or flips (4: identity, horizontal, vertical, "
+            "both), lesion probabilities averaged; none: one pass")
 _EIGHT = np.ones((3, 3), bool)
 
 

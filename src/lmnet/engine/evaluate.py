@@ -23,7 +23,7 @@ from lmnet.deploy.backends import ENGINE_FILES, PRECISIONS, precision_context
 from lmnet.deploy.checkpoint import model_source, resolve_checkpoint
 from lmnet.deploy.loading import ENGINE_CHOICES, load_predictor, stored_split
 from lmnet.deploy.metadata import exported_metadata
-from lmnet.deploy.postprocess import TTA_CHOICES, PostProcess
+from lmnet.deploy.postprocess import TTA_CHOICES, TTA_HELP, PostProcess
 from lmnet.deploy.preprocess import preprocess
 from lmnet.engine.distributed import resolve_device
 from lmnet.metrics import SegmentationEvaluator, write_report
@@ -35,10 +35,6 @@ log = logging.getLogger(__name__)
 
 #: ``resized``: score at image_size x image_size, as the paper; ``original``: at each image's size.
 GRIDS = ("resized", "original")
-
-
-_TTA_HELP = ("test-time augmentation: hflip (2 passes) or flips (4: identity, horizontal, vertical, "
-             "both), lesion probabilities averaged; none: one pass")
 
 
 @dataclass
@@ -62,7 +58,7 @@ class EvaluateConfig:
         "fastest here, measured (default: torch; an exported .onnx or .xml RUN runs on its own "
         "backend)")})
     out: str | None = None              # report folder (default: RUN/eval_<split>_<grid>)
-    tta: str = field(default="none", metadata={"choices": TTA_CHOICES, "help": _TTA_HELP})
+    tta: str = field(default="none", metadata={"choices": TTA_CHOICES, "help": TTA_HELP})
     keep_largest: bool = False          # keep only the largest connected lesion (8-connected) of each mask
     min_lesion_pixels: int = field(default=0, metadata={"metavar": "N", "help": (
         "drop lesions of fewer than N pixels (of the mask as scored or written)")})

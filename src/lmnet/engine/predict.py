@@ -27,7 +27,7 @@ from lmnet.deploy.loading import (
     PRECISION_CHOICES,
     load_predictor,
 )
-from lmnet.deploy.postprocess import TTA_CHOICES, PostProcess, count_lesions
+from lmnet.deploy.postprocess import TTA_CHOICES, TTA_HELP, PostProcess, count_lesions
 from lmnet.deploy.preprocess import preprocess
 from lmnet.runtime import ThreadGovernor
 
@@ -55,9 +55,8 @@ class PredictConfig:
         "a pretrained model: a shipped name (kvasir), a folder or a Hugging Face Hub id org/name")})
     out: str = field(default="", metadata={"required": True})  # output folder
     tta: str = field(default="flips", metadata={"choices": TTA_CHOICES, "help": (
-        "test-time augmentation: hflip (2 passes) or flips (4: identity, horizontal, vertical, "
-        "both), lesion probabilities averaged; none: one pass (flips measured +2.1 points of "
-        "foreground Dice on the shipped model's test split, for 3.8x the time)")})
+        TTA_HELP + " (flips measured +2.1 points of foreground Dice on the shipped model's test "
+        "split, for 3.8x the time)")})
     keep_largest: bool = False          # keep only the largest connected lesion (8-connected) of each mask
     min_lesion_pixels: int = field(default=0, metadata={"metavar": "N", "help": (
         "drop lesions of fewer than N pixels (of the mask as scored or written)")})
