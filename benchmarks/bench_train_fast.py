@@ -13,7 +13,8 @@ on the same random batch; each round takes one step of every variant in turn, so
 period of this shared machine slows them alike. The native kernels are built first (their build
 time, on a fresh cache, is reported: it is paid once per machine). ``--bf16`` adds the fast path
 under bf16 autocast. ``--profile`` then profiles one step of the fast path
-(``torch.profiler``, self CPU time per operation) and keeps the 15 largest in the JSON.
+(``torch.profiler``, self CPU time per operation) and keeps the 15 largest in the JSON, and the
+25 largest by operation and input shapes (which layer at which resolution).
 
 Prints a table (median seconds per step, images per second, speed-up against stock) and writes
 the JSON with the command, the machine and every step's time.
@@ -107,16 +108,26 @@ def main() -> None:
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             steps["fast"]()
         events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
         total = sum(e.self_cpu_time_total for e in events)
+        # the same step by operation and input shapes: which layer at which resolution
+        shaped = sorted(prof.key_averages(group_by_input_shape=True),
+                        key=lambda e: -e.self_cpu_time_total)
         extra["profile_fast_step"] = {
             "self_cpu_seconds_total": round(total / 1e6, 3),
             "top": [{"op": e.key, "self_cpu_seconds": round(e.self_cpu_time_total / 1e6, 3),
                      "share": round(e.self_cpu_time_total / total, 3), "calls": e.count}
-                    for e in events[:15]]}
+                    for e in events[:15]],
+            "top_by_shape": [{"op": e.key, "input_shapes": str(e.input_shapes),
+                              "self_cpu_seconds": round(e.self_cpu_time_total / 1e6, 3),
+                              "share": round(e.self_cpu_time_total / total, 3), "calls": e.count}
+                             for e in shaped[:25]]}
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+        print(prof.key_averages(group_by_input_shape=True).table(
+            sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=36,
+            max_shapes_column_width=90))
     report(rows, cols, args.out, machine(), size=args.size, batch=args.batch,
            native=status, native_build_seconds_fresh=round(built, 1),
            wall_seconds=round(time.perf_counter() - t0, 1), **extra)

@@ -20,6 +20,22 @@ os.environ.setdefault("LMNET_NATIVE_CACHE", str(Path.home() / ".cache" / "lmnet"
 # The thread governor would follow other processes' load: runs compared for exactness keep theirs.
 os.environ["LMNET_THREAD_GOVERNOR"] = "0"
 
+# A crash in native code (a segmentation fault) kills pytest before it reports: with
+# LMNET_CRASH_LOG set (CI sets it and turns pytest's own faulthandler off) every thread's Python
+# stack goes to that file, which CI prints after a failed run.
+_crash_log = None
+if os.environ.get("LMNET_CRASH_LOG"):
+    import faulthandler
+
+    _crash_log = open(os.environ["LMNET_CRASH_LOG"], "w")  # noqa: SIM115 - open until the process ends
+    faulthandler.enable(file=_crash_log, all_threads=True)
+
+
+def pytest_runtest_logstart(nodeid: str, location: tuple) -> None:
+    if _crash_log is not None:  # the crash log names the test that was running
+        _crash_log.write(f"running {nodeid}\n")
+        _crash_log.flush()
+
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:

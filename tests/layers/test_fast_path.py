@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import re
 import subprocess
 import sys
 
@@ -85,6 +86,29 @@ def test_the_native_kernels_build_here():
     status = native_status()
     assert status["available"], status  # CI has a compiler: the fast path must be tested
 
+
+
+def test_the_native_kernels_refuse_what_they_cannot_read():
+    """Shapes the kernels were not written for raise an error instead of reading astray."""
+    from lmnet.layers.native import native_ops
+
+    ops = native_ops()
+    cl = torch.channels_last
+    z = torch.randn(2, 3, 4, 4).contiguous(memory_format=cl)
+    g, b = torch.ones(1, 3), torch.zeros(1, 3)
+    y, mean, invstd, _ = ops.bn_sum_forward([z], g, b, 1e-5, 0)
+    assert y.shape == z.shape
+    bad = {
+        "empty maps": lambda: ops.bn_sum_forward([torch.empty(0, 3, 4, 4).contiguous(memory_format=cl)],
+                                                 g, b, 1e-5, 0),
+        "at least one map": lambda: ops.bn_sum_backward(y, [], g, b, mean, invstd, 0),
+        "channels-last": lambda: ops.bn_sum_forward([torch.randn(2, 3, 4, 4)], g, b, 1e-5, 0),
+        "(K, C) float32": lambda: ops.bn_sum_backward(y, [z], g, b, mean[:, :2], invstd, 0),
+        "unknown activation": lambda: ops.bn_sum_backward(y, [z], g, b, mean, invstd, 7),
+    }
+    for message, call in bad.items():
+        with pytest.raises(RuntimeError, match=re.escape(message)):
+            call()
 
 TABLE6 = [lmnet.create_model(n).config.branches for n in list_models("lmnet_mb_*")]
 

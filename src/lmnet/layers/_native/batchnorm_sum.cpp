@@ -88,6 +88,7 @@ std::vector<at::Tensor> bn_sum_forward(const std::vector<at::Tensor>& zs, const 
               gamma.scalar_type() == at::kFloat && beta.scalar_type() == at::kFloat,
               "lmnet batchnorm_sum: gamma and beta must be (K, C) float32");
   const int64_t P = N * H * W;  // pixels, each a contiguous run of C values
+  TORCH_CHECK(P > 0 && C > 0, "lmnet batchnorm_sum: empty maps");
   const int64_t chunks = chunk_count(P);
   std::vector<double> sums(chunks * K * C * 2, 0.0);
   std::vector<const float*> zp(K);
@@ -173,12 +174,19 @@ std::vector<at::Tensor> bn_sum_backward(const at::Tensor& dy_in, const std::vect
                                         const at::Tensor& gamma, const at::Tensor& beta,
                                         const at::Tensor& mean, const at::Tensor& invstd,
                                         int64_t act) {
+  TORCH_CHECK(act == 0 || act == 1, "lmnet batchnorm_sum: unknown activation");
   const int64_t K = static_cast<int64_t>(zs.size());
+  TORCH_CHECK(K >= 1, "lmnet batchnorm_sum: at least one map");
   for (const auto& z : zs) check_map(z, zs[0]);
   auto dy = dy_in.contiguous(at::MemoryFormat::ChannelsLast);
   check_map(dy, zs[0]);
   const int64_t N = zs[0].size(0), C = zs[0].size(1), H = zs[0].size(2), W = zs[0].size(3);
   const int64_t P = N * H * W;
+  TORCH_CHECK(P > 0 && C > 0, "lmnet batchnorm_sum: empty maps");
+  for (const auto* t : {&gamma, &beta, &mean, &invstd})
+    TORCH_CHECK(t->sizes() == at::IntArrayRef({K, C}) && t->is_contiguous() &&
+                    t->scalar_type() == at::kFloat,
+                "lmnet batchnorm_sum: gamma, beta, mean and invstd must be (K, C) float32");
   const int64_t chunks = chunk_count(P);
   // per chunk: sum(dy) (C), and sum(dy * z_b) (K x C)
   std::vector<double> sums(chunks * (K + 1) * C, 0.0);
