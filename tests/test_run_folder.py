@@ -26,3 +26,10 @@ def test_names_reads_and_writes(tmp_path):
     assert run.checkpoint() == run.last
     run.best.write_bytes(b"x")
     assert run.checkpoint() == run.best
+    assert run.read_init() is None
+    run.write_init({"source": "kvasir", "form": "deployed"})
+    run.write_ddp({"world_size": 2})
+    assert run.read_init()["form"] == "deployed" and (run / RunFolder.DDP).is_file()
+    assert run.eval_dir("test", "original").name == "eval_test_original"
+    assert {run.budget.name, run.lock.name, run.figure_masks("test").name} == {
+        "budget.json", ".lock", "figure_masks_test.npz"}

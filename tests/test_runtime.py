@@ -180,3 +180,13 @@ def test_run_folder_owns_the_names_and_the_small_files(tmp_path):
     run.best.write_bytes(b"")
     assert run.checkpoint() == run.best  # the best is preferred
     assert run / "tb" == run.tensorboard
+
+
+def test_installed_versions_come_from_the_metadata_without_importing():
+    from lmnet.runtime import installed_versions
+
+    found = installed_versions("torch", "PIL", "no-such-package-lmnet")
+    assert found["torch"] == torch.__version__
+    import PIL
+
+    assert found["PIL"] == PIL.__version__ and found["no-such-package-lmnet"] is None

@@ -38,6 +38,8 @@ class TrainConfig:
     model_args: dict[str, Any] = field(default_factory=dict)  # extra create_model arguments
     in_channels: int = 3                # image channels (1 = grey, 3 = RGB)
     n_classes: int = 2                  # 2 = softmax background/lesion, 1 = one sigmoid map
+    init_weights: str | None = None     # start from trained weights: a shipped name (kvasir), a pretrained folder or Hub id, a run folder or checkpoint
+    deployed_form: bool = False         # train the re-parameterised network (set by init_weights whose weights are stored re-parameterised)
     # optimisation
     epochs: int = 200                   # length of the cosine schedule
     batch_size: int = 32                # global batch (all processes together)

@@ -3,8 +3,11 @@ file names, and reads and writes its small files.
 
 A run folder holds ``config.json`` (the training config), ``split.json`` (the images of each part),
 ``env.json`` (versions, machine, git commit), ``log.csv`` (one row per epoch), ``sessions.jsonl``
-(where and when each part of the run ran), ``checkpoint_last.pt`` (every epoch, and a cut epoch's
-progress), ``checkpoint_best.pt`` (best validation score) and TensorBoard events in ``tb/``.
+(where and when each part of the run ran), ``init.json`` (the weights it started from, when
+``init_weights`` named some), ``ddp.json`` (a multi-process run), ``checkpoint_last.pt`` (every epoch, and a cut epoch's
+progress), ``checkpoint_best.pt`` (best validation score), TensorBoard events in ``tb/`` and
+``eval_<split>_<grid>/`` from ``lmnet evaluate``; in a matrix of ``lmnet experiment`` also
+``budget.json``, ``.lock`` and ``figure_masks_<split>.npz``.
 """
 from __future__ import annotations
 
@@ -27,11 +30,15 @@ class RunFolder:
     ENV = "env.json"
     LOG = "log.csv"
     SESSIONS = "sessions.jsonl"
+    INIT = "init.json"
+    DDP = "ddp.json"
+    BUDGET = "budget.json"
+    LOCK = ".lock"
     LAST = "checkpoint_last.pt"
     BEST = "checkpoint_best.pt"
     TENSORBOARD = "tb"
     #: Its small files besides the checkpoints: what a run's results are made of.
-    RECORDS = (CONFIG, SPLIT, ENV, LOG, SESSIONS)
+    RECORDS = (CONFIG, SPLIT, ENV, LOG, SESSIONS, INIT)
     #: Its checkpoints, in the order a model is taken from them (best first).
     CHECKPOINTS = (BEST, LAST)
 
@@ -64,6 +71,28 @@ class RunFolder:
     @property
     def sessions(self) -> Path:
         return self.path / self.SESSIONS
+
+    @property
+    def init(self) -> Path:
+        return self.path / self.INIT
+
+    @property
+    def budget(self) -> Path:
+        """``budget.json``: the seconds ``lmnet experiment`` has spent on this run."""
+        return self.path / self.BUDGET
+
+    @property
+    def lock(self) -> Path:
+        """``.lock``: held by the process that trains or evaluates the run in a matrix."""
+        return self.path / self.LOCK
+
+    def eval_dir(self, split: str, grid: str, suffix: str = "") -> Path:
+        """``eval_<split>_<grid><suffix>/``: what ``lmnet evaluate`` writes for this run."""
+        return self.path / f"eval_{split}_{grid}{suffix}"
+
+    def figure_masks(self, split: str) -> Path:
+        """``figure_masks_<split>.npz``: the predicted masks of a matrix's qualitative figure."""
+        return self.path / f"figure_masks_{split}.npz"
 
     @property
     def last(self) -> Path:
@@ -113,6 +142,18 @@ class RunFolder:
 
     def write_env(self, env: dict[str, Any]) -> None:
         self._write(self.env, env)
+
+    def read_init(self) -> dict[str, Any] | None:
+        """``init.json``: the weights the run started from and how they were trained; None for a
+        run that started from a random initialisation."""
+        return self._read(self.init)
+
+    def write_init(self, init: dict[str, Any]) -> None:
+        self._write(self.init, init)
+
+    def write_ddp(self, record: dict[str, Any]) -> None:
+        """``ddp.json``: how a multi-process run was spread and how far its replicas drifted."""
+        self._write(self.path / self.DDP, record)
 
     def add_session(self, session: dict[str, Any]) -> None:
         """Append one line to ``sessions.jsonl``."""

@@ -21,7 +21,7 @@ import os
 import sys
 import time
 
-__all__ = ["keep_freed_memory", "available_cpus", "available_memory", "cgroup_cpu_quota", "cpu_name",
+__all__ = ["installed_versions", "keep_freed_memory", "available_cpus", "available_memory", "cgroup_cpu_quota", "cpu_name",
            "native_bf16", "set_threads", "threads_were_chosen", "ThreadGovernor", "cpu_busy_seconds", "govern_threads"]
 
 _M_TRIM_THRESHOLD = -1
@@ -251,6 +251,28 @@ class ThreadGovernor:
         self.threads = threads
         self.changes.append((now, threads, round(other, 2)))
         return threads
+
+
+#: Installed distributions under the names lmnet records them by, where the two differ.
+_DISTRIBUTIONS = {"cv2": ("opencv-python-headless", "opencv-python", "opencv-contrib-python"),
+                  "PIL": ("pillow",)}
+
+
+def installed_versions(*names: str) -> dict[str, str | None]:
+    """The installed version of each package (``torch``, ``openvino``, ``cv2``, ``PIL``...), None
+    where it is not installed; read from the package metadata, so nothing is imported."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {}
+    for name in names:
+        out[name] = None
+        for dist in _DISTRIBUTIONS.get(name, (name,)):
+            try:
+                out[name] = version(dist)
+                break
+            except PackageNotFoundError:
+                continue
+    return out
 
 
 def _cpuinfo() -> tuple[str, set[str]]:

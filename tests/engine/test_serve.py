@@ -6,7 +6,6 @@ import io
 import json
 import threading
 import time
-import urllib.error
 import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -69,20 +68,35 @@ def _post(url: str, data: bytes | None, filename: str = "x.png") -> tuple[int, d
                 "Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
     else:
         body = f"--{boundary}--\r\n".encode()
-    req = urllib.request.Request(url, data=body, method="POST",
-                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    return _send(url, body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+
+
+def _send(url: str, body, headers: dict[str, str]) -> tuple[int, dict]:
+    """POST ``body`` (bytes, or an iterable of chunks: sent chunked) as a browser would: on a
+    keep-alive connection (urllib says ``Connection: close``, and a server that answers an
+    oversized upload early then closes the socket under a client still sending)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.netloc, timeout=60)
     try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+        conn.request("POST", parts.path + (f"?{parts.query}" if parts.query else ""), body=body, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
 
 
-def _png(h: int, w: int, seed: int = 0) -> bytes:
+def _png(h: int, w: int, seed: int = 0, fmt: str = "PNG") -> bytes:
     rng = np.random.default_rng(seed)
     buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, format=fmt)
     return buf.getvalue()
+
+
+def _jpeg(h: int, w: int) -> bytes:
+    return _png(h, w, fmt="JPEG")
 
 
 def test_health_model_page_and_openapi(server):
@@ -131,6 +145,8 @@ def test_predict_gives_the_mask_at_the_image_size(server):
     (b"", 400, "empty"),
     (b"this is not an image", 400, "not a readable image"),
     (_png(300, 300)[:400], 400, "not a readable image"),  # truncated
+    (_jpeg(300, 300)[:len(_jpeg(300, 300)) // 2], 400, "not a readable image"),  # a truncated JPEG
+    (_jpeg(300, 300)[:300], 400, "not a readable image"),  # cut inside the JPEG header
     (_png(1, 1), 400, "too small"),
     (None, 400, "no file"),
 ])
@@ -154,6 +170,92 @@ def test_size_limits(server):
     assert got == 413 and "490,000 pixels" in body["error"]
     got, body = _post(base + "/api/predict?threshold=2", _png(40, 40))
     assert got == 422 and "threshold" in body["error"]
+
+
+def test_an_honest_content_length_over_the_limit_is_refused_before_the_body(server):
+    """413 from the headers alone: the client sends no body at all and still gets the answer."""
+    import http.client
+
+    base, _ = server
+    conn = http.client.HTTPConnection(base.removeprefix("http://"), timeout=30)
+    try:
+        conn.putrequest("POST", "/api/predict")
+        conn.putheader("Content-Type", "multipart/form-data; boundary=b0undary")
+        conn.putheader("Content-Length", str(50_000_000))  # 50 MB announced, none of it sent
+        conn.endheaders()
+        resp = conn.getresponse()
+        body = json.loads(resp.read())
+    finally:
+        conn.close()
+    assert resp.status == 413 and "0.2 MB" in body["error"] and "--max-upload-mb" in body["error"], body
+    assert "50.0 MB" in body["error"]
+    assert _get(base + "/api/health")[0] == 200  # still serving
+    assert _post(base + "/api/predict", _png(40, 40))[0] == 200
+
+
+def _chunked_post(url: str, chunks) -> tuple[int, dict]:
+    """A multipart upload without Content-Length (Transfer-Encoding: chunked)."""
+    boundary = uuid.uuid4().hex
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode()
+
+    def body():
+        yield head
+        yield from chunks
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    return _send(url, body(), {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+
+
+def test_a_chunked_upload_is_read_in_memory_and_refused_past_the_limit(server):
+    base, _ = server
+    data = _png(40, 40)
+    got, body = _chunked_post(base + "/api/predict", [data[i:i + 100] for i in range(0, len(data), 100)])
+    assert got == 200 and body["width"] == 40, body
+
+    def endless():  # 10 MB in 64 kB chunks, no length announced
+        for _ in range(160):
+            yield b"\0" * 65536
+
+    got, body = _chunked_post(base + "/api/predict", endless())
+    assert got == 413 and "0.2 MB" in body["error"], body
+    assert _get(base + "/api/health")[0] == 200
+
+
+def test_a_large_upload_is_parsed_in_memory_nothing_on_disk(tiny_checkpoint, tmp_path, monkeypatch):
+    """A ~3 MB upload (over Starlette's 1 MB spooling threshold) under a 5 MB limit: answered,
+    and no temporary file is made (the temporary folder stays empty; no tempfile call at all)."""
+    import tempfile
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    made = []
+    for fn in ("TemporaryFile", "NamedTemporaryFile", "mkstemp", "mkdtemp"):
+        real = getattr(tempfile, fn)
+
+        def spy(*args, _real=real, _fn=fn, **kwargs):
+            made.append(_fn)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(tempfile, fn, spy)
+    predictor = load_predictor(tiny_checkpoint, "torch")
+    srv, thread, port = _serve(create_app(predictor, "tiny", ServeLimits(max_upload_mb=5, max_pixels=2_000_000)))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        data = _png(1000, 1000, 3)  # noise: the PNG does not compress
+        assert 2.5e6 < len(data) < 5e6
+        got, body = _post(base + "/api/predict", data)
+        assert got == 200 and body["width"] == 1000 and body["height"] == 1000, body
+        assert made == [] and list(tmp.iterdir()) == []
+        got, body = _post(base + "/api/predict", _png(1300, 1300, 4))  # 5.1 MB: over, refused
+        assert got == 413 and "5 MB" in body["error"], body
+        assert made == [] and list(tmp.iterdir()) == []
+        assert _get(base + "/api/health")[0] == 200
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
 
 
 def test_concurrent_requests_all_answer(server):

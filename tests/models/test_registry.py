@@ -1,12 +1,16 @@
 """Every registered model through the same checks (after smp's shared model tester)."""
 from __future__ import annotations
 
+import copy
+
+import numpy as np
 import pytest
 import torch
 
 import lmnet
 from lmnet.models import get_model_entry, list_models
 from lmnet.models._size import count_parameters
+from tests.conftest import randomize_batchnorm
 
 ALL = list_models()
 
@@ -30,8 +34,11 @@ UNUSED = {"unet_plusplus": {f"model.final_conv_0_{i}.{w}" for i in (1, 2, 3) for
 
 @pytest.mark.parametrize("name", ALL)
 def test_model_contract(name):
-    """The shared model tester: shape, every parameter gets a gradient, eval determinism, and a
-    side that does not fit either works (the right output shape) or is a clear ValueError."""
+    """The shared model tester: shape, every parameter gets a gradient, eval determinism, a side
+    that does not fit either works (the right output shape) or is a clear ValueError, and the
+    deployed (re-parameterised) model gives the training form's eval logits. The export check is
+    :func:`test_model_exports_to_onnx` (the same models, in its own test so its slow part can be
+    marked)."""
     torch.manual_seed(0)
     model = lmnet.create_model(name, in_channels=1, n_classes=3)
     x = torch.randn(2, 1, 64, 64)
@@ -50,6 +57,50 @@ def test_model_contract(name):
             assert "72" in str(err), err  # names the size it refused
         else:
             assert odd.shape == (1, 3, 72, 72)
+        # Re-parameterisation is exact for every registered model (LM-Net's branches and BNs
+        # folded; a model without ``reparameterize`` is only put in eval mode), with trained-like
+        # BatchNorm statistics so that the folding is not the identity.
+        randomize_batchnorm(model)
+        ref = model(x)
+        out = lmnet.deploy(copy.deepcopy(model))(x)
+        assert (out - ref).abs().max() <= 1e-5 * ref.abs().max(), name
+
+
+#: The smallest square side each model's export is checked at: 32, except where the bottleneck
+#: would be 1 x 1 and InstanceNorm (MONAI's SwinUNETR and DynUNet) refuses a single pixel.
+EXPORT_SIDE = {"swin_unetr": 64, "dynunet": 64}
+#: ONNX-exported in the fast run: one model of each class and family (LM-Net in full, LM-Net with
+#: single-path skips, the MONAI baselines); the other LM-Net variants (ablations of the same
+#: class, about 2 s of export each on one core) run with the slow tests.
+FAST_EXPORT = {"lmnet", "lmnet_t10_mb", "lmnet_skip_single", "unet", "basic_unet", "unet_plusplus",
+               "attention_unet", "swin_unetr", "dynunet"}
+
+
+@pytest.mark.parametrize("name", [n if n in FAST_EXPORT else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in ALL])
+def test_model_exports_to_onnx(name, tmp_path):
+    """Every registered model, deployed (:func:`lmnet.deploy`) and in eval mode, exported the way
+    ``lmnet export`` does (:func:`lmnet.deploy.convert.export_onnx`: batch and size dynamic,
+    traced at batch 2) and run by ONNX Runtime (:func:`lmnet.deploy.backends.load_exported`),
+    gives PyTorch's logits at batch 1, to 1e-4 of the logits' scale. Every registered model
+    exports to ONNX, so none needs the TorchScript fallback."""
+    pytest.importorskip("onnxruntime")
+    from lmnet.deploy.backends import load_exported
+    from lmnet.deploy.convert import export_onnx
+
+    torch.manual_seed(0)
+    model = lmnet.deploy(randomize_batchnorm(lmnet.create_model(name, in_channels=3, n_classes=2)))
+    assert not model.training
+    side = EXPORT_SIDE.get(name, 32)
+    x = torch.randn(1, 3, side, side)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    path = export_onnx(model, tmp_path / f"{name}.onnx", in_channels=3, size=side)
+    out = load_exported(path, "onnx", threads=1)(x.numpy())
+    assert out.shape == ref.shape == (1, 2, side, side)
+    scale = float(np.abs(ref).max())
+    assert scale > 0
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-4 * scale, err_msg=name)
 
 
 def test_ablation_switches_change_the_structure():

@@ -18,9 +18,13 @@ __all__ = ["build_model", "resolve_checkpoint", "load_checkpoint", "load_weights
 
 
 def build_model(cfg: TrainConfig) -> nn.Module:
-    """The model a config describes, in training form."""
-    return create_model(cfg.model, in_channels=cfg.in_channels, n_classes=cfg.n_classes,
-                        **cfg.model_args)
+    """The model a config describes: in training form, or re-parameterised where
+    ``cfg.deployed_form`` (a run that continues from deployed weights trains that network)."""
+    model = create_model(cfg.model, in_channels=cfg.in_channels, n_classes=cfg.n_classes,
+                         **cfg.model_args)
+    if cfg.deployed_form:
+        deploy_model(model).train()
+    return model
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -33,7 +33,7 @@ from lmnet.deploy.postprocess import predict_probabilities, probabilities_to_mas
 from lmnet.deploy.preprocess import preprocess
 from lmnet.deploy.pretrained import from_pretrained, pretrained_train_config, resolve_pretrained
 from lmnet.models._hub import read_config
-from lmnet.runtime import cpu_name, native_bf16
+from lmnet.runtime import cpu_name, installed_versions, native_bf16
 
 __all__ = ["ENGINE_CHOICES", "PRECISION_CHOICES", "BF16_AGREEMENT", "Predictor", "choose_engine",
            "load_model", "load_predictor", "mask_agreement", "probe_cache_path", "stored_split"]
@@ -161,24 +161,13 @@ def probe_cache_path() -> Path:
     return cache_dir() / "engines.json"
 
 
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for package in ("torch", "onnxruntime", "openvino"):
-        try:
-            out[package] = version(package)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
 def _probe_key(cfg: TrainConfig, batch_size: int, precision: str, threads: int,
                candidates: list[str]) -> str:
     """Everything the fastest engine depends on: machine, threads, library versions, the model
     and its input, batch size and precision."""
+    versions = {k: v for k, v in installed_versions("torch", "onnxruntime", "openvino").items() if v}
     return json.dumps({"cpu": cpu_name(), "cpus": os.cpu_count(), "threads": threads,
-                       "versions": _versions(), "engines": candidates, "model": cfg.model,
+                       "versions": versions, "engines": candidates, "model": cfg.model,
                        "model_args": cfg.model_args, "in_channels": cfg.in_channels,
                        "n_classes": cfg.n_classes, "size": cfg.image_size, "batch": batch_size,
                        "precision": precision}, sort_keys=True, default=str)

@@ -28,6 +28,7 @@ from lmnet.deploy.preprocess import preprocess
 from lmnet.engine.distributed import resolve_device
 from lmnet.metrics import SegmentationEvaluator, write_report
 from lmnet.metrics.evaluator import summarize
+from lmnet.run_folder import RunFolder
 
 __all__ = ["EvaluateConfig", "evaluate", "evaluate_samples", "evaluate_run", "GRIDS"]
 
@@ -250,7 +251,7 @@ def evaluate_run(run_or_checkpoint: str | Path | None, data: str | Path | None =
         path = Path(run_or_checkpoint)
         out_dir = path.parent / f"eval_{path.stem}_{split}_{grid}{suffix}"
     else:
-        out_dir = resolve_checkpoint(run_or_checkpoint).parent / f"eval_{split}_{grid}{suffix}"
+        out_dir = RunFolder(resolve_checkpoint(run_or_checkpoint).parent).eval_dir(split, grid, suffix)
     extra = {"checkpoint": source, "data": str(data), "format": fmt, "split": split,
              "grid": grid, "image_size": cfg.image_size, "model": cfg.model, "precision": precision,
              "engine": engine, **post.describe()}

@@ -46,7 +46,7 @@ def check_recipes(runs: list[Run], budget_minutes: float | None = None) -> None:
 
 
 def eval_dir(run: Run, cfg: ExperimentConfig) -> Path:
-    return run.run_dir / f"eval_{cfg.split}_{cfg.grid}"
+    return RunFolder(run.run_dir).eval_dir(cfg.split, cfg.grid)
 
 
 def log_rows(run: Run) -> list[dict[str, str]]:
@@ -54,7 +54,7 @@ def log_rows(run: Run) -> list[dict[str, str]]:
 
 
 def _budget_file(run: Run) -> Path:
-    return run.run_dir / "budget.json"
+    return RunFolder(run.run_dir).budget
 
 
 def budget_record(run: Run) -> dict[str, Any]:
@@ -127,7 +127,7 @@ def run_lock(run_dir: Path) -> Iterator[int | None]:
     process id of another live process that holds it (the run is then left to that process). A
     lock left by a process that died is taken over."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / ".lock"
+    path = RunFolder(run_dir).lock
     for _ in range(2):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -152,7 +152,7 @@ def training_elsewhere(runs: list[Run]) -> tuple[int, Path] | None:
     """``(pid, run folder)`` of a live process other than this one that holds the lock of a run
     in the runs folders of ``runs`` (another matrix training there), else None."""
     for root in dict.fromkeys(r.run_dir.parent for r in runs):
-        for lock in sorted(root.glob("*/.lock")):
+        for lock in sorted(root.glob(f"*/{RunFolder.LOCK}")):
             pid = _lock_holder(lock)
             if pid is not None:
                 return pid, lock.parent

@@ -165,7 +165,7 @@ def write_figures(cfg: ExperimentConfig, data: str | None = None, n_images: int 
     names = [s.name for s in chosen]
     preds = {}
     for label, run in finished.items():
-        kept = run.run_dir / f"figure_masks_{cfg.split}.npz"  # the figure without the checkpoint
+        kept = RunFolder(run.run_dir).figure_masks(cfg.split)  # the figure without the checkpoint
         best = RunFolder(run.run_dir).best
         stale = best.is_file() and kept.is_file() and best.stat().st_mtime > kept.stat().st_mtime
         masks = None if stale else _kept_masks(kept, names)

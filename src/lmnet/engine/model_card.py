@@ -49,7 +49,7 @@ def _metrics_rows(run: Path) -> list[tuple[str, str, dict[str, Any]]]:
     """``(grid, command, metrics)`` of the run's test evaluations, when ``lmnet evaluate`` wrote them."""
     rows = []
     for grid, flag in (("resized", ""), ("original", " --grid original")):
-        path = run / f"eval_test_{grid}" / "metrics.json"
+        path = RunFolder(run).eval_dir("test", grid) / "metrics.json"
         if path.is_file():
             rows.append((grid, f"lmnet evaluate {run.name} --split test{flag}",
                          json.loads(path.read_text())["all"]))
@@ -90,6 +90,36 @@ def postprocess_section(path: str | Path) -> list[str]:
     return lines
 
 
+def _sizes(cfg: TrainConfig) -> str:
+    if cfg.progressive_size and cfg.progressive_epochs:
+        return (f"epochs 1-{cfg.progressive_epochs} at {cfg.progressive_size} x "
+                f"{cfg.progressive_size} (progressive resizing), epochs "
+                f"{cfg.progressive_epochs + 1}-{cfg.epochs} at {cfg.image_size} x {cfg.image_size}")
+    return f"{cfg.image_size} x {cfg.image_size} throughout"
+
+
+def _schedule(cfg: TrainConfig) -> str:
+    return (f"AdamW, lr {cfg.lr}, weight decay {cfg.weight_decay}, cosine schedule over "
+            f"{cfg.epochs} epochs to {cfg.min_lr}; batch {cfg.batch_size}"
+            f"{f' ({cfg.grad_accum} micro-batches)' if cfg.grad_accum > 1 else ''}")
+
+
+def init_section(init: dict[str, Any] | None) -> list[str]:
+    """The recipe's first stage, for a run that started from trained weights (``init.json``)."""
+    if not init:
+        return []
+    src = TrainConfig.from_dict(init["train_config"])
+    done = f", {init['epochs_done']} of them trained" if "epochs_done" in init else ""
+    return [
+        f"- **Stage 1** (the starting weights): `{Path(init['source']).name or init['source']}`, "
+        f"a {init['kind']}, trained for {src.epochs} epochs{done}: {_sizes(src)}; "
+        f"{_schedule(src)}.",
+        f"- **Stage 2** (this run): a warm restart from those weights "
+        f"({init['form']} form{': the re-parameterised network, without batch normalisation, is what trains' if init['form'] == 'deployed' else ''}) "
+        "with a new schedule, as follows.",
+    ]
+
+
 def model_card(run: str | Path, title: str | None = None, curve: bool = True,
                load_name: str = "PATH") -> str:
     """The card of ``run``'s best checkpoint (see the module's docstring); ``load_name`` is what
@@ -111,13 +141,10 @@ def model_card(run: str | Path, title: str | None = None, curve: bool = True,
     env = RunFolder(run).read_env()
     machine = ", ".join(cpus) or env.get("cpu") or env.get("platform", "not recorded")
     threads = env.get("threads")
-    sizes = ""
-    if cfg.progressive_size and cfg.progressive_epochs:
-        sizes = (f"epochs 1-{cfg.progressive_epochs} at {cfg.progressive_size} x "
-                 f"{cfg.progressive_size} (progressive resizing), epochs "
-                 f"{cfg.progressive_epochs + 1}-{cfg.epochs} at {cfg.image_size} x {cfg.image_size}")
-    else:
-        sizes = f"{cfg.image_size} x {cfg.image_size} throughout"
+    sizes = _sizes(cfg)
+    init = RunFolder(run).read_init()
+    stage1 = (f"{TrainConfig.from_dict(init['train_config']).epochs}" if init else "")
+    start = "starting from the weights of stage 1" if init else "the authors' initialisation"
     lines = [
         "---",
         "library_name: lmnet",
@@ -160,16 +187,16 @@ def model_card(run: str | Path, title: str | None = None, curve: bool = True,
         "",
         "## Recipe",
         "",
+        *init_section(init),
         f"- Input {cfg.image_size} x {cfg.image_size}, RGB scaled to [0, 1] and normalised with "
         f"mean {cfg.mean}, std {cfg.std}; lesion = softmax class 1 > 0.5.",
         f"- Training sizes: {sizes}; validation at {cfg.image_size} x {cfg.image_size} after "
         "every epoch.",
-        f"- AdamW, lr {cfg.lr}, weight decay {cfg.weight_decay}, cosine schedule over "
-        f"{cfg.epochs} epochs to {cfg.min_lr}; batch {cfg.batch_size}"
-        f"{f' ({cfg.grad_accum} micro-batches)' if cfg.grad_accum > 1 else ''}; loss: "
+        f"- {_schedule(cfg)}; loss: "
         f"class-balanced cross-entropy (beta {cfg.cb_beta}) + {cfg.dice_weight} x soft Dice; "
-        "the paper's augmentation (shift, scale, flips, rotation, blur, colour jitter); the "
-        f"authors' initialisation; seed {cfg.seed}; channels-last "
+        "the paper's augmentation (shift, scale, flips, rotation, blur, colour jitter); "
+        f"{start}; "
+        f"seed {cfg.seed}; channels-last "
         f"{'on' if cfg.channels_last else 'off'}, fp32.",
         f"- The checkpoint with the best validation "
         f"{_METRIC_NAMES.get(cfg.select_metric, cfg.select_metric)} is shipped: epoch "
@@ -180,12 +207,16 @@ def model_card(run: str | Path, title: str | None = None, curve: bool = True,
         "",
         "## Training time and machine",
         "",
-        f"- {epoch_done} of {cfg.epochs} epochs, {hours:.1f} hours of training (sum of the logged "
+        f"- {epoch_done} of {cfg.epochs} epochs" + ((" (stage 2; stage 1 below)" if init.get("time_and_machine")
+                                                    else " (stage 2; stage 1's time and machine are "
+                                                    "in its own card)") if init else "") +
+        f", {hours:.1f} hours of training (sum of the logged "
         "epoch times, validation included; start-up and pauses between sessions not counted)"
-        + (f", in {len(sessions)} sessions (a start and `lmnet train --resume`s)." if sessions
-           else "."),
+        + (f", in {len(sessions)} session{'s (a start and `lmnet train --resume`s)' if len(sessions) > 1 else ''}."
+           if sessions else "."),
         f"- Machine: {machine}" + (f", {threads} threads" if threads else "") +
         (f"; CUDA {env['cuda']}" if env.get("cuda") else ", CPU only") + ".",
+        *(f"- Stage 1, from its own card: {line}" for line in (init or {}).get("time_and_machine", [])),
         "",
     ]
     metrics = _metrics_rows(run)
@@ -223,7 +254,8 @@ def model_card(run: str | Path, title: str | None = None, curve: bool = True,
     if data.get("limits"):
         lines.append(f"- {data['limits']}")
     lines += [
-        f"- Trained for {epoch_done} epochs at a CPU budget, against the paper's 200 at 256 x 256 "
+        f"- Trained for {epoch_done} epochs"
+        + (f" (after stage 1's {stage1})" if stage1 else "") + " at a CPU budget, against the paper's 200 at 256 x 256 "
         "on a GPU: a longer schedule is likely to do better.",
         "- Images are squeezed to a square of the input size whatever their aspect ratio, as in "
         "training; very small lesions lose detail at that size.",

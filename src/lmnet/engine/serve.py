@@ -5,8 +5,10 @@ Routes: ``GET /`` (the page: no build step, no internet, every asset served from
 ``GET /api/health``, ``GET /api/model``, ``POST /api/predict`` (multipart field ``file``; query
 ``tta``, ``keep_largest``, ``min_lesion_pixels``, ``threshold``), ``GET /openapi.json``. The model
 is loaded once; predictions run in a bounded pool of worker threads (the model itself one call at
-a time), so the page and the health check answer while a slow request runs. Uploads are decoded in
-memory: nothing is written to disk.
+a time), so the page and the health check answer while a slow request runs. Uploads are parsed and
+decoded in memory, never spooled to disk (:func:`read_upload`): a request whose Content-Length is
+over ``max_upload_mb`` is refused (413) from its headers alone, one without (chunked) as soon as
+what has arrived passes the limit.
 
 (No ``from __future__ import annotations`` here: FastAPI reads the routes' annotations as types.)
 """
@@ -27,9 +29,13 @@ from lmnet.deploy.loading import Predictor
 from lmnet.deploy.postprocess import TTA_CHOICES, PostProcess, count_lesions
 from lmnet.deploy.preprocess import preprocess
 
-__all__ = ["ServeLimits", "create_app", "predict_bytes", "DISCLAIMER"]
+__all__ = ["ServeLimits", "create_app", "predict_bytes", "read_upload", "DISCLAIMER"]
 
 DISCLAIMER = "Research use only: not a medical device. A clinician must check every output."
+
+#: Room a multipart body may take beyond the image file itself (boundaries, part headers, a file
+#: name, small form fields), before the request as a whole is over ``--max-upload-mb``.
+MULTIPART_ALLOWANCE = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -107,7 +113,7 @@ def create_app(predictor: Predictor, name: str = "model", limits: ServeLimits | 
     fastapi = require("fastapi", "serve")
     require("python_multipart", "serve")
     from anyio import CapacityLimiter, to_thread
-    from fastapi import File, Query, UploadFile
+    from fastapi import Query, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse
 
@@ -143,20 +149,114 @@ def create_app(predictor: Predictor, name: str = "model", limits: ServeLimits | 
     async def model_info() -> dict[str, Any]:
         return info
 
-    @app.post("/api/predict")
-    async def predict(file: UploadFile = File(None),
+    # The body is read here, not by FastAPI (whose File() parameters spool to a temporary file
+    # past 1 MB): the OpenAPI description of it is given by hand.
+    upload_body = {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["file"],
+        "properties": {"file": {"type": "string", "format": "binary",
+                                "description": f"the image file, at most {limits.max_upload_mb:g} MB"}}}}}}
+
+    @app.post("/api/predict", openapi_extra={"requestBody": upload_body})
+    async def predict(request: Request,
                       tta: str = Query(default_post.tta, pattern="^(" + "|".join(TTA_CHOICES) + ")$"),
                       keep_largest: bool = Query(default_post.largest),
                       min_lesion_pixels: int = Query(default_post.min_pixels, ge=0),
                       threshold: float = Query(default_post.threshold, ge=0.0, le=1.0)) -> dict[str, Any]:
-        if file is None:
-            raise UploadError(400, "no file: send the image as multipart form field 'file'")
-        data = await file.read(int(limits.max_upload_mb * 1e6) + 1)
+        data, filename = await read_upload(request, limits)
         post = PostProcess(tta, threshold, keep_largest, min_lesion_pixels)
         return await to_thread.run_sync(predict_bytes, predictor, data, post, limits,
-                                        file.filename or "upload", lock, limiter=pool)
+                                        filename or "upload", lock, limiter=pool)
 
     return app
+
+
+def _over_limit(limits: ServeLimits, size: float | None = None) -> UploadError:
+    what = f"the upload is {size / 1e6:.1f} MB, over" if size else "the upload is over"
+    return UploadError(413, f"{what} the limit of {limits.max_upload_mb:g} MB (--max-upload-mb)")
+
+
+async def read_upload(request: Any, limits: ServeLimits, field: str = "file") -> tuple[bytes, str]:
+    """The bytes and file name of the multipart/form-data field ``field`` of ``request`` (a
+    Starlette request), parsed in memory as the body arrives: nothing is written to disk. Refused
+    with :class:`UploadError`: 413 from the headers alone when the Content-Length is over
+    ``limits.max_upload_mb`` (plus :data:`MULTIPART_ALLOWANCE`) and before more than that has been
+    read otherwise; 400 for a body that is not multipart, is malformed, or has no field ``field``."""
+    from python_multipart.multipart import MultipartParser, parse_options_header
+    from starlette.requests import ClientDisconnect
+
+    no_file = UploadError(400, f"no file: send the image as multipart form field '{field}'")
+    kind, params = parse_options_header(request.headers.get("content-type"))
+    if kind != b"multipart/form-data":
+        raise no_file
+    if not params.get(b"boundary"):
+        raise UploadError(400, "malformed multipart body: the Content-Type has no boundary")
+    file_limit = int(limits.max_upload_mb * 1e6)
+    body_limit = file_limit + MULTIPART_ALLOWANCE
+    length = request.headers.get("content-length")
+    if length is not None:
+        try:
+            declared = int(length)
+        except ValueError:
+            raise UploadError(400, f"the Content-Length {length!r} is not a number") from None
+        if declared > body_limit:
+            raise _over_limit(limits, declared)
+
+    chunks: list[bytes] = []  # the data of the field, once found
+    state = {"headers": [], "name": b"", "value": b"", "ours": False, "found": False, "size": 0,
+             "filename": "", "ended": False}
+
+    def header_end() -> None:
+        state["headers"].append((state["name"].lower(), state["value"]))
+        state["name"] = state["value"] = b""
+
+    def headers_finished() -> None:
+        disposition = dict(state["headers"]).get(b"content-disposition")
+        state["headers"] = []
+        _, options = parse_options_header(disposition)
+        state["ours"] = options.get(b"name") == field.encode() and not state["found"]
+        if state["ours"]:
+            state["found"] = True
+            state["filename"] = options.get(b"filename", b"").decode("utf-8", "replace")
+
+    def part_data(data: bytes, start: int, end: int) -> None:
+        if state["ours"]:
+            state["size"] += end - start
+            if state["size"] > file_limit:
+                raise _over_limit(limits)
+            chunks.append(data[start:end])
+
+    def part_end() -> None:
+        state["ours"] = False
+
+    def ended() -> None:
+        state["ended"] = True
+
+    def keep(key: str):
+        return lambda data, start, end: state.__setitem__(key, state[key] + data[start:end])
+
+    parser = MultipartParser(params[b"boundary"], {
+        "on_header_field": keep("name"), "on_header_value": keep("value"), "on_header_end": header_end,
+        "on_headers_finished": headers_finished, "on_part_data": part_data, "on_part_end": part_end,
+        "on_end": ended})
+    received = 0
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > body_limit:
+                raise _over_limit(limits)
+            parser.write(chunk)
+        parser.finalize()
+    except ClientDisconnect:
+        raise UploadError(400, "the client went away before the upload ended") from None
+    except ValueError as err:  # python-multipart's FormParserError and its kin
+        if isinstance(err, UploadError):
+            raise
+        raise UploadError(400, f"malformed multipart body: {err}") from None
+    if not state["found"]:
+        raise no_file
+    if not state["ended"]:
+        raise UploadError(400, "malformed multipart body: it ends before its closing boundary")
+    return b"".join(chunks), state["filename"]
 
 
 def _html(text: str) -> str:

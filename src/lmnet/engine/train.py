@@ -3,7 +3,6 @@ of a training step for planning; :func:`train` is the entry point."""
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import platform
@@ -30,9 +29,10 @@ from lmnet.deploy.checkpoint import build_model, load_checkpoint, load_weights
 from lmnet.engine.callbacks import LOG_FIELDS, Callback, default_callbacks
 from lmnet.engine.distributed import DistContext, resolve_device
 from lmnet.engine.evaluate import evaluate_samples
+from lmnet.engine.warm_start import initial_weights
 from lmnet.losses import SegmentationLoss, class_balanced_weights
 from lmnet.run_folder import RunFolder
-from lmnet.runtime import ThreadGovernor, cpu_name
+from lmnet.runtime import ThreadGovernor, cpu_name, installed_versions
 
 __all__ = ["Trainer", "train", "run_folder", "run_split", "read_log", "read_sessions", "step_seconds", "step_memory",
            "LOG_FIELDS", "RESUME_OVERRIDABLE"]
@@ -61,11 +61,7 @@ def _versions() -> dict[str, Any]:
     from lmnet.layers.native import native_status
 
     info["native_kernels"] = native_status()
-    for mod in ("monai", "albumentations", "cv2", "PIL"):
-        try:
-            info[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - a missing optional module is not an error here
-            info[mod] = None
+    info.update(installed_versions("monai", "albumentations", "cv2", "PIL"))
     try:
         src = Path(__file__).resolve().parent
         info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True,
@@ -298,7 +294,8 @@ class Trainer:
 
     # -- seams ----------------------------------------------------------------------------------
     def build_model(self) -> torch.nn.Module:
-        """The network, in training form (``cfg.model``)."""
+        """The network (``cfg.model``), in training form unless ``cfg.deployed_form``; a new run
+        with ``init_weights`` then gets those weights (:mod:`lmnet.engine.warm_start`)."""
         fn = self._fns["model"]
         return fn(self.cfg) if fn else build_model(self.cfg)
 
@@ -425,8 +422,12 @@ class Trainer:
         self.cfg, self.fmt, self.run_dir, self.folder = cfg, fmt, run_dir, RunFolder(run_dir)
         self.resumed = bool(resume)
         self.device = device = resolve_device(cfg.device, ctx.local_rank)
-        # a resumed run reads its checkpoint before anything is written: a failed command changes nothing
+        # a resumed run reads its checkpoint, a new one its init_weights, before anything is
+        # written: a failed command changes nothing
         ckpt = load_checkpoint(self.folder.last, map_location=device) if self.resumed else None
+        init = initial_weights(cfg) if cfg.init_weights and not self.resumed else None
+        if init is not None:
+            cfg = self.cfg = cfg.replace(init_weights=init.source, deployed_form=init.deployed)
         if cfg.batch_size % (ctx.world * cfg.grad_accum):
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by processes x grad_accum "
                              f"= {ctx.world} x {cfg.grad_accum}")
@@ -445,6 +446,8 @@ class Trainer:
             save_split({**split, "format": fmt, "data": str(cfg.data)}, self.folder.split)
             env = _versions()
             self.folder.write_env(env)
+            if init is not None:
+                self.folder.write_init(init.record)
             done = 0 if ckpt is None else int(ckpt["epoch"]) + 1  # where and when each part ran:
             self.folder.add_session({"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                                      "epochs_done": done, "cpu": env["cpu"], "threads": env["threads"],
@@ -460,6 +463,8 @@ class Trainer:
         self.sampler = DistributedSampler(self.train_ds, num_replicas=ctx.world, rank=ctx.rank,
                                           shuffle=True, seed=cfg.seed)
         self.setup(weights)
+        if init is not None:
+            load_weights(self.model, init.state, init.source)
         self.partial: dict[str, Any] | None = None  # progress inside an epoch that a stop cut short
         if ckpt is not None:
             self.load_state_dict(ckpt)
@@ -561,10 +566,9 @@ class Trainer:
         if ctx.world > 1:
             diff = _replica_difference(self.model)
             if ctx.is_main:
-                (self.run_dir / "ddp.json").write_text(json.dumps(
+                self.folder.write_ddp(
                     {"world_size": ctx.world, "backend": "nccl" if self.device.type == "cuda" else "gloo",
-                     "per_process_batch": self.per_rank, "max_param_diff_across_replicas": diff},
-                    indent=2) + "\n")
+                     "per_process_batch": self.per_rank, "max_param_diff_across_replicas": diff})
 
 
 def read_log(run_dir: str | Path) -> list[dict[str, str]]:

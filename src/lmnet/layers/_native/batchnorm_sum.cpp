@@ -3,14 +3,15 @@
 // with per-channel batch statistics of each z_b, and its backward. K = 1 is one BatchNorm2d;
 // K = 4 is the four depthwise branches of an LM-Net multi-branch block and their sum. act is
 // 0 (none) or 1 (Hardswish, with the derivative torch's hardswish_backward uses); the backward
-// recomputes u from the z_b it reads anyway, so u is never stored. (GELU is not fused here:
-// scalar erf and exp cost more than the memory traffic saved; PyTorch's vectorised GELU runs.)
+// recomputes u (and so du = act'(u) dy) from the z_b it reads anyway, in each of its two passes,
+// so neither u nor du is ever stored. (GELU is not fused here: scalar erf and exp cost more than
+// the memory traffic saved; PyTorch's vectorised GELU runs.)
 //
 // On a CPU whose memory bandwidth limits these full-resolution maps, the gain is in memory
 // traffic: the forward reads every z_b twice and writes y once (PyTorch: K normalisations and
 // K - 1 additions, each a read and a write of whole maps), the backward reads dy and the z_b
-// twice and writes each dz_b once. Statistics are summed in double, in a fixed order of fixed
-// chunks, so the result does not depend on the number of threads.
+// twice and writes each dz_b once, whatever the activation. Statistics are summed in double, in
+// a fixed order of fixed chunks, so the result does not depend on the number of threads.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -196,34 +197,29 @@ std::vector<at::Tensor> bn_sum_backward(const at::Tensor& dy_in, const std::vect
   const float* be = beta.data_ptr<float>();
   const float* mu = mean.data_ptr<float>();
   const float* rs = invstd.data_ptr<float>();
-  // with an activation: du = act'(u) * dy, u recomputed from the z_b (as the forward made it)
-  at::Tensor du = dy;
-  if (act != 0) {
-    du = at::empty_like(dy, dy.options().memory_format(at::MemoryFormat::ChannelsLast));
-    std::vector<float> scale, shift;
-    coefficients(g, be, mu, rs, K, C, scale, shift);
-    const float* dyp0 = dy.data_ptr<float>();
-    float* dup = du.data_ptr<float>();
-    at::parallel_for(0, P, 256, [&](int64_t begin, int64_t end) {
-      std::vector<float> u(C);
-      for (int64_t p = begin; p < end; ++p) {
-        normalized_sum(u.data(), zp, p, scale, shift, C);
-        const float* d = dyp0 + p * C;
-        float* o = dup + p * C;
+  // with an activation the kernel works on du = act'(u) * dy, with u recomputed from the z_b it
+  // reads anyway (as the forward made it), pixel by pixel in both passes: du is never stored
+  std::vector<float> scale, shift;
+  if (act != 0) coefficients(g, be, mu, rs, K, C, scale, shift);
+  const float* dyp = dy.data_ptr<float>();
+  // du of pixel p: dy itself without an activation, else computed into buf
+  auto du_of = [&](int64_t p, float* u, float* buf) -> const float* {
+    const float* d = dyp + p * C;
+    if (act == 0) return d;
+    normalized_sum(u, zp, p, scale, shift, C);
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) o[c] = d[c] * activate_grad(u[c], act);
-      }
-    });
-  }
-  const float* dyp = du.data_ptr<float>();
+    for (int64_t c = 0; c < C; ++c) buf[c] = d[c] * activate_grad(u[c], act);
+    return buf;
+  };
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    std::vector<float> u(C), buf(C);
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
       const int64_t p0 = P * chunk / chunks, p1 = P * (chunk + 1) / chunks;
       double* acc = sums.data() + chunk * (K + 1) * C;
       std::vector<float> f((K + 1) * C, 0.f);
       int64_t in_block = 0;
       for (int64_t p = p0; p < p1; ++p) {
-        const float* d = dyp + p * C;
+        const float* d = du_of(p, u.data(), buf.data());
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) f[c] += d[c];
         for (int64_t b = 0; b < K; ++b) {
@@ -272,8 +268,9 @@ std::vector<at::Tensor> bn_sum_backward(const at::Tensor& dy_in, const std::vect
     dzp[b] = out.back().data_ptr<float>();
   }
   at::parallel_for(0, P, 256, [&](int64_t begin, int64_t end) {
+    std::vector<float> u(C), buf(C);
     for (int64_t p = begin; p < end; ++p) {
-      const float* d = dyp + p * C;
+      const float* d = du_of(p, u.data(), buf.data());
       for (int64_t b = 0; b < K; ++b) {
         const float* z = zp[b] + p * C;
         float* dz = dzp[b] + p * C;
