@@ -48,7 +48,7 @@ def fake_timer(monkeypatch):
         def fake(run, engine, x, precision, **_):
             timed.append(engine)
             return ms[engine] / 1000
-        monkeypatch.setattr(loading, "_time_runner", fake)
+        monkeypatch.setattr(loading, "time_runner", fake)
         monkeypatch.setattr(loading, "make_runner", build)
         timed.clear()
         timed.built.clear()
@@ -133,7 +133,7 @@ def _auto_timer(monkeypatch, ms: dict[str, float], agreement: float | None, bf16
         checked.append(f"{engine} {precision}")
         return agreement
 
-    monkeypatch.setattr(loading, "_time_runner", fake)
+    monkeypatch.setattr(loading, "time_runner", fake)
     monkeypatch.setattr(loading, "make_runner", lambda model, cfg, engine, precision="fp32", threads=None: model)
     monkeypatch.setattr(loading, "mask_agreement", agree)
     monkeypatch.setattr(loading, "native_bf16", lambda: bf16_cpu)

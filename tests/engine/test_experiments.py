@@ -30,6 +30,7 @@ def _rows(path):
     return list(csv.DictReader(path.open()))
 
 
+@pytest.mark.slow  # trains a matrix of tiny runs
 def test_matrix_skip_resume_and_tables(experiment, capsys, monkeypatch, ctrl_c_at_step):
     cfg = load_experiment(experiment)
     runs = plan_runs(cfg)
@@ -107,6 +108,7 @@ def test_matrix_skip_resume_and_tables(experiment, capsys, monkeypatch, ctrl_c_a
     assert (runs[0].run_dir / "log.csv").read_text() == before
 
 
+@pytest.mark.slow  # trains a matrix of tiny runs
 def test_setting_and_wall_clock_budget(experiment):
     cfg = load_experiment(experiment, "longer")
     assert cfg.name == "tiny_longer" and cfg.recipe["epochs"] == 3 and cfg.budget_minutes == 1e-4
@@ -122,6 +124,7 @@ def test_setting_and_wall_clock_budget(experiment):
         load_experiment(experiment, "gpu")
 
 
+@pytest.mark.slow  # trains a matrix of tiny runs
 def test_call_time_budget_stops_the_matrix_cleanly_and_the_same_command_resumes(experiment, capsys):
     """``--time-budget``: a session's share of a long matrix. The run in progress is saved where it
     stands (not evaluated: its own budget is not spent) and the rest wait for the next call."""
@@ -290,6 +293,7 @@ def test_no_curves_before_any_epoch(tmp_path):
     assert not (tmp_path / "c.png").exists()
 
 
+@pytest.mark.slow  # trains a matrix of tiny runs
 def test_experiments_sharing_a_runs_folder_train_a_model_once(busi_mini, tmp_path, capsys):
     def write(name, models, epochs=1):
         path = tmp_path / f"{name}.yaml"
@@ -324,6 +328,7 @@ def test_experiments_sharing_a_runs_folder_train_a_model_once(busi_mini, tmp_pat
     assert "budget_minutes None there, 30 here" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # trains a matrix of tiny runs
 def test_a_row_with_its_own_recipe_trains_apart_and_says_so(busi_mini, tmp_path):
     """An equal wall-clock row (a faster baseline trained for more epochs): its own run folder
     beside the shared ones, its epochs in the table and its keys in the caption."""
@@ -349,6 +354,7 @@ def test_a_row_with_its_own_recipe_trains_apart_and_says_so(busi_mini, tmp_path)
     assert verdict_rows == {"basic_unet", "basic, LM-Net's time"}
 
 
+@pytest.mark.slow  # trains a matrix of tiny runs
 def test_budget_counts_validation_and_a_run_is_left_to_the_process_training_it(experiment, tmp_path):
     """The budget is the wall-clock of the runner's training calls (validation included, as the
     trainer's own clock counts it): a run whose record reaches it is trained, to be evaluated.
@@ -384,6 +390,7 @@ def test_budget_counts_validation_and_a_run_is_left_to_the_process_training_it(e
     assert record["budget_minutes"] == 5.0 and record["seconds"] > 0
 
 
+@pytest.mark.slow  # trains a matrix of tiny runs
 def test_finished_runs_rebuild_tables_and_figures_from_their_small_files(experiment):
     """A matrix's run folders without their checkpoints (the files a session commits as results)
     still give the same tables and figures, and the runs stay done."""

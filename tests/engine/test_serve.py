@@ -273,6 +273,7 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+@pytest.mark.slow  # starts a browser
 @pytest.mark.skipif(_chromium() is None, reason="needs Chromium (Debian: apt-get install chromium; "
                     ".ci/run installs it)")
 def test_the_page_in_a_real_browser(kvasir_server, tmp_path):

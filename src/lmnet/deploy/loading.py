@@ -36,7 +36,8 @@ from lmnet.models._hub import read_config
 from lmnet.runtime import cpu_name, installed_versions, native_bf16
 
 __all__ = ["ENGINE_CHOICES", "PRECISION_CHOICES", "BF16_AGREEMENT", "Predictor", "choose_engine",
-           "load_model", "load_predictor", "mask_agreement", "probe_cache_path", "stored_split"]
+           "load_model", "load_predictor", "mask_agreement", "probe_cache_path", "stored_split",
+           "time_runner"]
 
 #: What ``--backend`` accepts: ``auto`` (measured) or one backend.
 ENGINE_CHOICES = ("auto", *ENGINES)
@@ -173,10 +174,11 @@ def _probe_key(cfg: TrainConfig, batch_size: int, precision: str, threads: int,
                        "precision": precision}, sort_keys=True, default=str)
 
 
-def _time_runner(run: Any, engine: str, x: torch.Tensor, precision: str,
+def time_runner(run: Any, engine: str, x: torch.Tensor, precision: str,
                  calls: int = 5, warmup: int = 2, max_seconds: float = 5.0) -> float:
-    """Median seconds of one call (after ``warmup`` calls), at most ``calls`` calls or about
-    ``max_seconds`` of them (at least 3)."""
+    """Median seconds of one call of ``run`` (an engine's runner) on ``x`` (after ``warmup``
+    calls), at most ``calls`` calls or about ``max_seconds`` of them (at least 3): what
+    :func:`choose_engine` compares engines by (a seam that tests replace with given times)."""
     if engine == "torch":
         xt = x.contiguous(memory_format=torch.channels_last)
 
@@ -281,7 +283,7 @@ def choose_engine(model: nn.Module, cfg: TrainConfig, batch_size: int = 1, preci
     timings = {}
     for engine, prec in candidates:
         run = make_runner(model, cfg, engine, prec, threads)
-        seconds = _time_runner(run, engine, x, prec)
+        seconds = time_runner(run, engine, x, prec)
         timings[_label(engine, prec, auto)] = round(seconds * 1000, 2)
         measured.append((seconds, engine, prec, run))
     measured.sort(key=lambda m: m[0])
