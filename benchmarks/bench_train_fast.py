@@ -5,8 +5,9 @@ run (run by hand, not in CI).
                                           [--profile] [--out benchmarks/results/train_fast.json]
 
 The stock path is lmnet's training as it was at b5568b3: autograd's backward of neighborhood
-attention (``lmnet.layers.neighborhood_attention.FAST_BACKWARD = False``) and PyTorch's
-BatchNorm modules, summed (``lmnet.layers.fused_norm.NATIVE = False``); both switched by
+attention (``lmnet.layers.neighborhood_attention.FAST_BACKWARD = False``), PyTorch's
+BatchNorm modules, summed (``lmnet.layers.fused_norm.NATIVE = False``) and PyTorch's weight
+gradient of the depthwise convolutions (``lmnet.layers.depthwise.NATIVE = False``); all switched by
 ``lmnet.layers.fast_path.fast_path``. The fast path is
 today's default. Both train the same model (LM-Net, channels-last, fp32, AdamW, the paper's loss)
 on the same random batch; each round takes one step of every variant in turn, so that a noisy

@@ -110,6 +110,28 @@ def test_the_native_kernels_refuse_what_they_cannot_read():
         with pytest.raises(RuntimeError, match=re.escape(message)):
             call()
 
+
+def test_the_batchnorm_kernels_give_the_same_bits_on_one_thread_or_two():
+    """Statistics are summed over fixed chunks, not per thread (the kernels run in parallel)."""
+    from lmnet.layers.native import native_ops
+
+    torch.manual_seed(2)
+    zs = [torch.randn(3, 24, 33, 35).contiguous(memory_format=torch.channels_last) for _ in range(4)]
+    g, b = torch.rand(4, 24) + 0.5, torch.randn(4, 24)
+    dy = torch.randn_like(zs[0])
+    threads = torch.get_num_threads()
+    found = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            y, mean, invstd, var = native_ops().bn_sum_forward(zs, g, b, 1e-5, 1)
+            found.append([y, mean, invstd, var,
+                          *native_ops().bn_sum_backward(dy, zs, g, b, mean, invstd, 1)])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*found))
+
+
 TABLE6 = [lmnet.create_model(n).config.branches for n in list_models("lmnet_mb_*")]
 
 

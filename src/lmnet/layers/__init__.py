@@ -1,4 +1,5 @@
 """Building blocks of LM-Net, one concept per module."""
+from lmnet.layers.depthwise import depthwise_conv
 from lmnet.layers.fuse import bn_scale_shift, fuse_conv_bn
 from lmnet.layers.fused_norm import batchnorm_sum
 from lmnet.layers.multibranch import (
@@ -27,5 +28,5 @@ __all__ = [
     "parse_branches", "NeighborhoodAttention2d", "neighborhood_attention_2d",
     "neighborhood_window_index", "ConvBnAct", "LocalPyramidSkip", "Up2Conv", "up2",
     "SqueezeExcite", "GlobalFeatureTransformer", "LocalFeatureTransformer", "Mlp",
-    "MultiHeadSelfAttention", "batchnorm_sum", "native_status",
+    "MultiHeadSelfAttention", "batchnorm_sum", "native_status", "depthwise_conv",
 ]

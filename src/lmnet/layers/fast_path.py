@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
-from lmnet.layers import fused_norm, neighborhood_attention
+from lmnet.layers import depthwise, fused_norm, neighborhood_attention
 
 __all__ = ["fast_path"]
 
@@ -12,13 +12,14 @@ __all__ = ["fast_path"]
 @contextlib.contextmanager
 def fast_path(enabled: bool = True) -> Iterator[None]:
     """Within the block, train with (``enabled``) or without lmnet's fast path: the hand-written
-    backward of neighborhood attention (``neighborhood_attention.FAST_BACKWARD``) and the native
-    BatchNorm kernel (``fused_norm.NATIVE``). Without it, training computes as PyTorch's own
+    backward of neighborhood attention (``neighborhood_attention.FAST_BACKWARD``), the native
+    BatchNorm kernel (``fused_norm.NATIVE``) and the native weight gradient of the larger
+    depthwise convolutions (``depthwise.NATIVE``). Without it, training computes as PyTorch's own
     modules do (lmnet at b5568b3): the reference the tests and ``benchmarks/bench_train_fast.py``
     compare against. Not thread-safe: it sets module-wide switches."""
-    before = neighborhood_attention.FAST_BACKWARD, fused_norm.NATIVE
-    neighborhood_attention.FAST_BACKWARD = fused_norm.NATIVE = enabled
+    before = neighborhood_attention.FAST_BACKWARD, fused_norm.NATIVE, depthwise.NATIVE
+    neighborhood_attention.FAST_BACKWARD = fused_norm.NATIVE = depthwise.NATIVE = enabled
     try:
         yield
     finally:
-        neighborhood_attention.FAST_BACKWARD, fused_norm.NATIVE = before
+        neighborhood_attention.FAST_BACKWARD, fused_norm.NATIVE, depthwise.NATIVE = before

@@ -28,8 +28,9 @@ __all__ = ["native_ops", "native_status", "SOURCES"]
 log = logging.getLogger(__name__)
 
 #: The C++ sources, compiled into one library.
-SOURCES = (Path(__file__).with_name("_native") / "batchnorm_sum.cpp",)
-_FLAGS = ["-O3", "-march=native", "-fopenmp-simd"]
+SOURCES = tuple(Path(__file__).with_name("_native") / name
+                for name in ("batchnorm_sum.cpp", "depthwise.cpp"))
+_FLAGS = ["-O3", "-march=native", "-fopenmp"]
 _state: dict[str, Any] = {}
 _lock = threading.Lock()
 
@@ -73,7 +74,7 @@ def native_ops() -> Any | None:
                                 "about half a minute on two cores)")
                 folder.mkdir(parents=True, exist_ok=True)
                 cpp_extension.load(name=name, sources=[str(s) for s in SOURCES],
-                                   build_directory=str(folder), extra_cflags=_FLAGS,
+                                   build_directory=str(folder), extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
                                    verbose=False, is_python_module=False)
                 ops = torch.ops.lmnet_native
                 ops.bn_sum_forward  # noqa: B018 - fails here if the library registered nothing
