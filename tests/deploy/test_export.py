@@ -241,3 +241,18 @@ def test_int8_errors(tiny_checkpoint, tmp_path, capsys):
     err = capsys.readouterr().err
     assert ("split is not known" in err or "no dataset" in err) and "Traceback" not in err
     assert not (tmp_path / "m.xml").exists()
+
+
+def test_export_check_runs_sizes_the_model_accepts(tmp_path):
+    """The check's second input (another size, batch 2) respects a network's side multiple: a
+    DynUNet (H, W % 32) exports and checks, where a size 16 px off would be refused."""
+    import lmnet
+    from lmnet.deploy.export import export_model
+
+    torch.manual_seed(0)
+    model = lmnet.create_model("dynunet").eval()
+    assert model.side_multiple == 32
+    cfg = TrainConfig(model="dynunet", image_size=64)
+    result = export_model(model, cfg, "onnx", tmp_path / "dynunet.onnx")
+    assert result["check_shapes"] == [[1, 3, 64, 64], [2, 3, 128, 96]]
+    assert result["max_abs_diff"] < 1e-3

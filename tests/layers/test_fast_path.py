@@ -203,9 +203,11 @@ def test_whole_lmnet_fast_equals_stock():
     model = randomize_batchnorm(lmnet.create_model("lmnet", drop=0.0))
     x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
     model = model.to(memory_format=torch.channels_last)
-    # seventy layers deep, rounding differences grow on the way back: 1e-3 of each tensor's
-    # largest value (a wrong formula differs by the size of the values)
-    _compare(model, x, atol=1e-3)
+    # seventy layers deep, rounding differences grow on the way back: PyTorch's own path gives
+    # stage 1's Squeeze-Excite gradients 2e-3 to 6e-3 of their largest value apart on one thread
+    # and on two (measured), so 1e-2 of each tensor's largest value here; a wrong formula differs
+    # by the size of the values, and each layer is held to 2e-4 above
+    _compare(model, x, atol=1e-2)
 
 
 def test_without_a_compiler_the_stock_path_runs_after_one_notice(tmp_path):

@@ -133,8 +133,9 @@ def export_model(model: nn.Module, cfg: TrainConfig, fmt: str, out: str | Path, 
     result: dict[str, Any] = {"path": str(out), "format": fmt,
                               "precision": "int8" if int8_inputs is not None else "fp32"}
     if check:
-        s = cfg.image_size
-        shapes = [(1, cfg.in_channels, s, s), (2, cfg.in_channels, s + 32, s - 16 if s > 32 else s + 16)]
+        # the training size, and a batch of 2 at another, non-square size the model accepts
+        s, m = cfg.image_size, int(getattr(model, "side_multiple", 16))
+        shapes = [(1, cfg.in_channels, s, s), (2, cfg.in_channels, s + 2 * m, s - m if s > 2 * m else s + m)]
         run = load_exported(out, fmt)
         diffs = []
         for shape in shapes:

@@ -1,21 +1,27 @@
-"""A depthwise convolution whose weight gradient is lmnet's native kernel where PyTorch's is slow:
-:func:`depthwise_conv`.
+"""Depthwise convolutions of one input (LM-Net's parallel branches) with lmnet's native backward
+where PyTorch's is slow: :func:`depthwise_convs` (and :func:`depthwise_conv` for one).
 
-PyTorch's CPU convolutions (oneDNN) have a depthwise kernel for the weight gradient of a 3 x 3
-only. A larger depthwise kernel (LM-Net's 5 x 5 branch, the 7 x 7 and dilated branches of Table 6,
-and every deployed multi-branch block, whose branches fold into one 5 x 5) takes oneDNN's grouped
-convolution path, which computes 16 x 16 channel blocks of which it keeps one diagonal: 70 ms at
-8 x 24 x 256 x 256 for the 5 x 5, where the 3 x 3 takes 5 ms (``docs/performance.md``). The native
-kernel (``_native/depthwise.cpp``) computes the same sums, one multiply-add per tap, channel and
-pixel: 11 ms there. The forward and the input gradient stay PyTorch's (oneDNN's depthwise kernels
-are fast for them).
+The weight gradient: PyTorch's CPU convolutions (oneDNN) have a depthwise kernel for the weight
+gradient of a 3 x 3 only. A larger depthwise kernel (LM-Net's 5 x 5 branch, the 7 x 7 and dilated
+branches of Table 6, and every deployed multi-branch block, whose branches fold into one 5 x 5)
+takes oneDNN's grouped convolution path, which computes 16 x 16 channel blocks of which it keeps
+one diagonal: 70 ms at 8 x 24 x 256 x 256 for the 5 x 5, where the 3 x 3 takes 5 ms
+(``docs/performance.md``). The native kernel (``_native/depthwise.cpp``) computes the same sums,
+one multiply-add per tap, channel and pixel: 11 ms there. Kernels of 3 x 3 and smaller keep
+oneDNN's.
 
-The weight gradient equals PyTorch's up to the summation order of fp32 (the native one sums each
-row in float and the rows in double), the same bits on any number of threads.
+The input gradient: the branches read the same map, so its gradient is the sum of theirs. PyTorch
+computes one per branch and adds them (four whole maps written, three additions); the native
+kernel sums every branch's taps into one pass that writes the gradient once (35 ms against 128 ms
+for LM-Net's four branches at 8 x 24 x 256 x 256). The forward stays PyTorch's (oneDNN's depthwise
+forward is fast).
+
+Both equal PyTorch's up to the summation order of fp32 (the weight gradient sums each row in float
+and the rows in double), the same bits on any number of threads.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -23,26 +29,31 @@ from torch.nn import functional as F
 
 from lmnet.layers.native import native_ops
 
-__all__ = ["depthwise_conv", "native_weight_grad_applies", "NATIVE"]
+__all__ = ["depthwise_convs", "depthwise_conv", "native_backward_applies", "NATIVE"]
 
-#: Use the native weight gradient where it applies. False: PyTorch's own, as lmnet did before; for
+#: Use the native backward where it applies. False: PyTorch's own, as lmnet did before; for
 #: comparisons (``benchmarks/bench_train_fast.py``, the tests).
 NATIVE = True
 
 
-def native_weight_grad_applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
-    """Whether :func:`depthwise_conv` takes the native weight gradient for ``conv`` on ``x``: a
-    stride-1, zero-padded depthwise convolution larger than 3 x 3 (or dilated; where oneDNN has no
-    depthwise kernel for it), training a float32 weight on channels-last CPU maps, outside
-    autocast, tracing, export and compilation."""
-    c = conv.in_channels
-    return (NATIVE and torch.is_grad_enabled() and conv.weight.requires_grad
-            and type(conv) is nn.Conv2d and conv.groups == c == conv.out_channels
-            and conv.stride == (1, 1) and conv.padding_mode == "zeros"
-            and isinstance(conv.padding, tuple)
-            and (max(conv.kernel_size) > 3 or max(conv.dilation) > 1)
-            and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
-            and x.shape[1] == c and conv.weight.dtype == torch.float32
+def _native_weight_grad(kernel: Sequence[int], dilation: Sequence[int]) -> bool:
+    """Where oneDNN has no depthwise kernel for the weight gradient: larger than 3 x 3, dilated."""
+    return max(kernel) > 3 or max(dilation) > 1
+
+
+def native_backward_applies(convs: Sequence[nn.Conv2d], x: torch.Tensor) -> bool:
+    """Whether :func:`depthwise_convs` takes the native backward for ``convs`` on ``x``: stride-1,
+    zero-padded depthwise convolutions of ``x``'s channels, training float32 weights on a
+    channels-last CPU map, outside autocast, tracing, export and compilation (a single convolution
+    only where its weight gradient is native: larger than 3 x 3 or dilated)."""
+    c = x.shape[1] if x.dim() == 4 else -1
+    return (NATIVE and len(convs) > 0 and torch.is_grad_enabled()
+            and all(type(conv) is nn.Conv2d and conv.groups == c == conv.in_channels == conv.out_channels
+                    and conv.stride == (1, 1) and conv.padding_mode == "zeros"
+                    and isinstance(conv.padding, tuple) and conv.weight.requires_grad
+                    and conv.weight.dtype == torch.float32 for conv in convs)
+            and (len(convs) > 1 or _native_weight_grad(convs[0].kernel_size, convs[0].dilation))
+            and x.device.type == "cpu" and x.dtype == torch.float32
             and x.is_contiguous(memory_format=torch.channels_last)
             and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing()
             and not torch.jit.is_scripting() and not torch.onnx.is_in_onnx_export()
@@ -50,34 +61,62 @@ def native_weight_grad_applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
             and native_ops() is not None)
 
 
+def depthwise_convs(convs: Sequence[nn.Conv2d], x: torch.Tensor) -> list[torch.Tensor]:
+    """``[conv(x) for conv in convs]``, with the native backward where
+    :func:`native_backward_applies` (see the module docstring)."""
+    if not native_backward_applies(convs, x):
+        return [conv(x) for conv in convs]
+    geometry = [(conv.padding, conv.dilation, conv.bias is not None) for conv in convs]
+    params = [p for conv in convs for p in (conv.weight, conv.bias) if p is not None]
+    return list(_DepthwiseConvs.apply(x, geometry, *params))
+
+
 def depthwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``conv(x)``, with the native weight gradient where :func:`native_weight_grad_applies`."""
-    if not native_weight_grad_applies(conv, x):
-        return conv(x)
-    return _DepthwiseConv.apply(x, conv.weight, conv.bias, conv.padding, conv.dilation)
+    """``conv(x)``, with the native backward where :func:`native_backward_applies`."""
+    return depthwise_convs([conv], x)[0]
 
 
-class _DepthwiseConv(torch.autograd.Function):
+class _DepthwiseConvs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                padding: tuple[int, int], dilation: tuple[int, int]) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.padding, ctx.dilation, ctx.has_bias = padding, dilation, bias is not None
-        return F.conv2d(x, weight, bias, 1, padding, dilation, x.shape[1])
+    def forward(ctx: Any, x: torch.Tensor, geometry: list, *params: torch.Tensor) -> tuple:
+        weights, biases, it = [], [], iter(params)
+        for _, _, has_bias in geometry:
+            weights.append(next(it))
+            biases.append(next(it) if has_bias else None)
+        ctx.save_for_backward(x, *weights)
+        ctx.set_materialize_grads(False)  # an unused branch: no gradient, as PyTorch's
+        ctx.geometry = geometry
+        c = x.shape[1]
+        return tuple(F.conv2d(x, w, b, 1, pad, dil, c)
+                     for w, b, (pad, dil, _) in zip(weights, biases, geometry))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
-        x, weight = ctx.saved_tensors
-        grad = grad.contiguous(memory_format=torch.channels_last)
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.ops.aten.convolution_backward(
-                grad, x, weight, None, [1, 1], list(ctx.padding), list(ctx.dilation), False,
-                [0, 0], x.shape[1], [True, False, False])[0]
-        if ctx.needs_input_grad[1]:
-            kh, kw = weight.shape[2:]
-            dw = native_ops().depthwise_weight_grad(grad, x, kh, kw, *ctx.padding, *ctx.dilation)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = grad.sum((0, 2, 3))
-        return dx, dw, db, None, None
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple:
+        # grads[i] is None where branch i's output was not used: its parameters get none
+        x, *weights = ctx.saved_tensors
+        c, (h, w) = x.shape[1], x.shape[2:]
+        grads = [None if g is None else g.contiguous(memory_format=torch.channels_last)
+                 for g in grads]
+        used = [i for i, g in enumerate(grads) if g is not None]
+        dx = None
+        if ctx.needs_input_grad[0] and used:
+            flat = [v for i in used for v in (*ctx.geometry[i][0], *ctx.geometry[i][1])]
+            dx = native_ops().depthwise_input_grad([grads[i] for i in used],
+                                                   [weights[i].contiguous() for i in used],
+                                                   flat, h, w)
+        out: list[torch.Tensor | None] = []
+        needs = iter(ctx.needs_input_grad[2:])
+        for g, wt, (pad, dil, has_bias) in zip(grads, weights, ctx.geometry):
+            dw = None
+            if next(needs) and g is not None:
+                if _native_weight_grad(wt.shape[2:], dil):
+                    dw = native_ops().depthwise_weight_grad(g, x, wt.shape[2], wt.shape[3], *pad, *dil)
+                else:  # oneDNN's depthwise kernel
+                    dw = torch.ops.aten.convolution_backward(
+                        g, x, wt, None, [1, 1], list(pad), list(dil), False, [0, 0], c,
+                        [False, True, False])[1]
+            out.append(dw)
+            if has_bias:
+                out.append(g.sum((0, 2, 3)) if next(needs) and g is not None else None)
+        return (dx, None, *out)

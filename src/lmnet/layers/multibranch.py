@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from lmnet.layers.depthwise import depthwise_conv
+from lmnet.layers.depthwise import depthwise_conv, depthwise_convs
 from lmnet.layers.fuse import bn_scale_shift, fuse_conv_bn
 from lmnet.layers.fused_norm import batchnorm_sum
 from lmnet.layers.squeeze_excite import SqueezeExcite
@@ -124,12 +124,12 @@ class MultiBranchBlock(nn.Module):
             h = batchnorm_sum([h], [self.expand_bn], self.expand_act)
         else:  # deployed: the BN is folded into the expand conv
             h = self.expand_act(self.expand_bn(h))
-        # depthwise_conv: the native weight gradient of a kernel larger than 3 x 3 in training on
-        # a CPU, the module itself elsewhere
+        # depthwise_conv(s): the native backward of the depthwise convolutions in training on a
+        # CPU (the branches' input gradients summed in one pass), the modules themselves elsewhere
         if self.fused is not None:
             h = self.act(depthwise_conv(self.fused, h))
         else:
-            h = batchnorm_sum([depthwise_conv(branch[0], h) for branch in self.branches],
+            h = batchnorm_sum(depthwise_convs([branch[0] for branch in self.branches], h),
                               [branch[1] for branch in self.branches], self.act)
         h = self.se(h)
         return self.pointwise(h) + self.shortcut(x)

@@ -30,7 +30,8 @@ class FirstOutput(nn.Module):
 def _sides_multiple_of(model: nn.Module, multiple: int, name: str) -> nn.Module:
     """Give ``model`` a clear ``ValueError`` for inputs whose H or W is not a multiple of
     ``multiple`` (where MONAI's network would fail deep inside with a shape mismatch); a forward
-    pre-hook, so the weights' names stay MONAI's."""
+    pre-hook, so the weights' names stay MONAI's. ``model.side_multiple`` records it (checks of
+    an exported model run sizes it accepts)."""
 
     def check(module: nn.Module, args: tuple[Any, ...]) -> None:
         h, w = args[0].shape[-2:]
@@ -40,6 +41,7 @@ def _sides_multiple_of(model: nn.Module, multiple: int, name: str) -> nn.Module:
                              f"nearest valid size is {near[0]} x {near[1]}")
 
     model.register_forward_pre_hook(check)
+    model.side_multiple = multiple
     return model
 
 
@@ -96,8 +98,8 @@ def swin_unetr(in_channels: int = 3, n_classes: int = 2, **kwargs: Any) -> nn.Mo
     _check(kwargs, "swin_unetr")
     from monai.networks.nets import SwinUNETR
 
-    return SwinUNETR(in_channels=in_channels, out_channels=n_classes, spatial_dims=2,
-                     feature_size=24)
+    return _sides_multiple_of(SwinUNETR(in_channels=in_channels, out_channels=n_classes,
+                                        spatial_dims=2, feature_size=24), 32, "swin_unetr")
 
 
 @register_model("dynunet", "nnU-Net's network (MONAI DynUNet), 2-D plan for 256x256, 6 stages",

@@ -115,6 +115,84 @@ void row_sums(const float* g, const float* xr, float* a, int64_t C, int64_t kw, 
   }
 }
 
+// The input gradient: for one output row of dx (W pixels of C channels, in memory `o`) and one
+// kernel row of one branch (its weights w: KW taps of C channels, taps contiguous by channel),
+// o[wi] += sum_j w[j] * g[wi - off[j]] with g that branch's gradient row. As in row_block, the
+// KW x CB weights stay in registers across the interior columns.
+template <int KW, int CB>
+void in_block(const float* g, const float* w, float* o, int64_t C, int64_t c0, int64_t Wo,
+              int64_t W, int64_t pw, int64_t dw) {
+  int64_t off[KW];
+  for (int j = 0; j < KW; ++j) off[j] = j * dw - pw;  // input column = output column + off[j]
+  // dx column wi takes g[wi - off[j]]: every tap inside g for wi in [lo, hi)
+  const int64_t lo = std::min<int64_t>(W, std::max<int64_t>(0, off[KW - 1]));
+  const int64_t hi = std::max<int64_t>(lo, std::min<int64_t>(W, Wo + off[0]));
+  v8 wv[KW][CB];
+  for (int j = 0; j < KW; ++j)
+    for (int b = 0; b < CB; ++b) wv[j][b] = load8(w + j * C + c0 + 8 * b);
+  for (int64_t wi = lo; wi < hi; ++wi) {
+    float* op = o + wi * C + c0;
+    v8 acc[CB];
+#pragma GCC unroll 4
+    for (int b = 0; b < CB; ++b) acc[b] = load8(op + 8 * b);
+#pragma GCC unroll 8
+    for (int j = 0; j < KW; ++j) {
+      const float* gp = g + (wi - off[j]) * C + c0;
+#pragma GCC unroll 4
+      for (int b = 0; b < CB; ++b) acc[b] += wv[j][b] * load8(gp + 8 * b);
+    }
+    for (int b = 0; b < CB; ++b) std::memcpy(op + 8 * b, &acc[b], sizeof(v8));
+  }
+  for (int64_t wi = 0; wi < W; ++wi) {
+    if (wi == lo) wi = hi;
+    if (wi >= W) break;
+    float* op = o + wi * C;
+    for (int j = 0; j < KW; ++j) {
+      const int64_t wo = wi - off[j];
+      if (wo < 0 || wo >= Wo) continue;
+      const float* gp = g + wo * C;
+      const float* wj = w + j * C;
+      for (int64_t c = c0; c < c0 + 8 * CB; ++c) op[c] += wj[c] * gp[c];
+    }
+  }
+}
+
+void in_plain(const float* g, const float* w, float* o, int64_t C, int64_t c0, int64_t c1,
+              int64_t kw, int64_t Wo, int64_t W, int64_t pw, int64_t dw) {
+  for (int64_t j = 0; j < kw; ++j) {
+    const int64_t off = j * dw - pw;
+    const int64_t lo = std::max<int64_t>(0, off), hi = std::min<int64_t>(W, Wo + off);
+    const float* wj = w + j * C;
+    for (int64_t wi = lo; wi < hi; ++wi) {
+      float* op = o + wi * C;
+      const float* gp = g + (wi - off) * C;
+#pragma omp simd
+      for (int64_t c = c0; c < c1; ++c) op[c] += wj[c] * gp[c];
+    }
+  }
+}
+
+template <int KW>
+void in_all(const float* g, const float* w, float* o, int64_t C, int64_t Wo, int64_t W,
+            int64_t pw, int64_t dw) {
+  const int64_t blocks = C / 8;
+  int64_t b = 0;
+  for (; b + 2 <= blocks; b += 2) in_block<KW, 2>(g, w, o, C, 8 * b, Wo, W, pw, dw);
+  if (b < blocks) in_block<KW, 1>(g, w, o, C, 8 * b, Wo, W, pw, dw);
+  if (8 * blocks < C) in_plain(g, w, o, C, 8 * blocks, C, KW, Wo, W, pw, dw);
+}
+
+void in_sums(const float* g, const float* w, float* o, int64_t C, int64_t kw, int64_t Wo,
+             int64_t W, int64_t pw, int64_t dw) {
+  switch (kw) {
+    case 1: return in_all<1>(g, w, o, C, Wo, W, pw, dw);
+    case 3: return in_all<3>(g, w, o, C, Wo, W, pw, dw);
+    case 5: return in_all<5>(g, w, o, C, Wo, W, pw, dw);
+    case 7: return in_all<7>(g, w, o, C, Wo, W, pw, dw);
+    default: return in_plain(g, w, o, C, 0, C, kw, Wo, W, pw, dw);
+  }
+}
+
 }  // namespace
 
 at::Tensor depthwise_weight_grad(const at::Tensor& dy, const at::Tensor& x, int64_t kh, int64_t kw,
@@ -167,7 +245,74 @@ at::Tensor depthwise_weight_grad(const at::Tensor& dy, const at::Tensor& x, int6
   return out;
 }
 
+// dx = sum_b (input gradient of depthwise convolution b, stride 1, zero padding) for K branches
+// that read the same input of H x W: dys[b] is branch b's output gradient (channels-last),
+// weights[b] its (C, 1, kh, kw) kernel, geometry[b] = (ph, pw, dh, dw). One pass writes dx once
+// (PyTorch: one input gradient per branch, then K - 1 additions of whole maps). Each dx row is
+// written by one thread, in a fixed order: the same bits on any number of threads.
+at::Tensor depthwise_input_grad(const std::vector<at::Tensor>& dys,
+                                const std::vector<at::Tensor>& weights,
+                                const std::vector<int64_t>& geometry, int64_t H, int64_t W) {
+  const int64_t K = static_cast<int64_t>(dys.size());
+  TORCH_CHECK(K >= 1 && static_cast<int64_t>(weights.size()) == K &&
+              static_cast<int64_t>(geometry.size()) == 4 * K,
+              "lmnet depthwise_input_grad: one gradient, one kernel and four geometry numbers "
+              "(ph, pw, dh, dw) per branch");
+  TORCH_CHECK(H > 0 && W > 0, "lmnet depthwise_input_grad: empty input");
+  const int64_t N = dys[0].size(0), C = dys[0].size(1);
+  TORCH_CHECK(N > 0 && C > 0, "lmnet depthwise_input_grad: empty maps");
+  std::vector<const float*> gp(K), wp(K);
+  std::vector<at::Tensor> wt(K);  // (kh, kw, C): a tap's channels contiguous
+  std::vector<int64_t> kh(K), kw(K), Ho(K), Wo(K);
+  for (int64_t b = 0; b < K; ++b) {
+    const auto& g = dys[b];
+    const auto& w = weights[b];
+    TORCH_CHECK(g.dim() == 4 && g.scalar_type() == at::kFloat && g.device().is_cpu() &&
+                g.is_contiguous(at::MemoryFormat::ChannelsLast),
+                "lmnet depthwise_input_grad: gradients must be channels-last float32 CPU maps");
+    TORCH_CHECK(w.dim() == 4 && w.scalar_type() == at::kFloat && w.device().is_cpu() &&
+                w.size(0) == C && w.size(1) == 1,
+                "lmnet depthwise_input_grad: kernels must be (C, 1, kh, kw) float32");
+    const int64_t ph = geometry[4 * b], pw = geometry[4 * b + 1];
+    const int64_t dh = geometry[4 * b + 2], dw = geometry[4 * b + 3];
+    TORCH_CHECK(ph >= 0 && pw >= 0 && dh >= 1 && dw >= 1,
+                "lmnet depthwise_input_grad: padding >= 0 and dilation >= 1");
+    kh[b] = w.size(2);
+    kw[b] = w.size(3);
+    Ho[b] = H + 2 * ph - dh * (kh[b] - 1);
+    Wo[b] = W + 2 * pw - dw * (kw[b] - 1);
+    TORCH_CHECK(g.size(0) == N && g.size(1) == C && g.size(2) == Ho[b] && g.size(3) == Wo[b],
+                "lmnet depthwise_input_grad: a gradient's shape does not fit the input, its "
+                "kernel and padding (stride 1)");
+    wt[b] = w.reshape({C, kh[b] * kw[b]}).t().contiguous();
+    gp[b] = g.data_ptr<float>();
+    wp[b] = wt[b].data_ptr<float>();
+  }
+  auto dx = at::empty({N, C, H, W}, dys[0].options().memory_format(at::MemoryFormat::ChannelsLast));
+  float* op = dx.data_ptr<float>();
+  at::parallel_for(0, N * H, 1, [&](int64_t rb, int64_t re) {
+    for (int64_t r = rb; r < re; ++r) {
+      const int64_t n = r / H, hi = r % H;
+      float* o = op + r * W * C;
+      std::fill(o, o + W * C, 0.f);
+      for (int64_t b = 0; b < K; ++b) {
+        const int64_t ph = geometry[4 * b], pw = geometry[4 * b + 1];
+        const int64_t dh = geometry[4 * b + 2], dw = geometry[4 * b + 3];
+        for (int64_t i = 0; i < kh[b]; ++i) {
+          const int64_t ho = hi + ph - i * dh;  // the gradient row that tap row i reads here
+          if (ho < 0 || ho >= Ho[b]) continue;
+          in_sums(gp[b] + (n * Ho[b] + ho) * Wo[b] * C, wp[b] + i * kw[b] * C, o, C, kw[b],
+                  Wo[b], W, pw, dw);
+        }
+      }
+    }
+  });
+  return dx;
+}
+
 TORCH_LIBRARY_FRAGMENT(lmnet_native, m) {
   m.def("depthwise_weight_grad(Tensor dy, Tensor x, int kh, int kw, int ph, int pw, int dh, int dw)"
         " -> Tensor", &depthwise_weight_grad);
+  m.def("depthwise_input_grad(Tensor[] dys, Tensor[] weights, int[] geometry, int H, int W)"
+        " -> Tensor", &depthwise_input_grad);
 }
