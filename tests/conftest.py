@@ -144,3 +144,16 @@ def ctrl_c_at_step(monkeypatch):
 
     yield arm
     monkeypatch.setattr(SegmentationLoss, "forward", forward)
+
+
+def biases_before_batchnorm(module: nn.Module) -> set[str]:
+    """Names of conv biases that feed a training-mode BatchNorm straight away (a block's expand
+    conv, a ConvBnAct's conv): their gradient is exactly zero in exact arithmetic."""
+    from lmnet.layers import ConvBnAct, MultiBranchBlock
+
+    names = set()
+    for prefix, m in module.named_modules():
+        pairs = {MultiBranchBlock: ("expand", "expand_bn"), ConvBnAct: ("conv", "bn")}.get(type(m))
+        if pairs and isinstance(getattr(m, pairs[1]), nn.BatchNorm2d):
+            names.add(f"{prefix}.{pairs[0]}.bias".lstrip("."))
+    return names

@@ -139,6 +139,21 @@ def test_a_run_stopped_by_the_code_before_the_trainer_resumes_exactly(tmp_path, 
             assert float(got[i]) == pytest.approx(float(want[i]), rel=1e-4, abs=1e-6), col
     weights = digest(run / "checkpoint_last.pt")
     assert weights.keys() == expected["weights"].keys()
+    # a bias feeding a training-mode BatchNorm has a gradient of zero in exact arithmetic: what it
+    # gets is rounding noise, which AdamW scales up to steps of the learning rate's size, so its
+    # value depends on the summation order of every kernel (7e-3 of it apart once the native
+    # depthwise backward came); that noise reaches the other weights a little through the
+    # BatchNorm statistics (up to 1.3e-3 of a tensor's magnitude, the running mean after such a
+    # bias;
+    # 4e-3 of a small sum, measured), hence 3e-3 and 3e-2 for them (the log above stays at 1e-4),
+    # where a wrong resume (a lost epoch, a restarted schedule) moves
+    # weights by their own size
+    import lmnet
+    from tests.conftest import biases_before_batchnorm
+
+    noise = biases_before_batchnorm(lmnet.create_model("lmnet", **config["model_args"]))
+    assert "stage1.0.expand.bias" in noise
     for name, (total, magnitude) in expected["weights"].items():
-        assert weights[name][1] == pytest.approx(magnitude, rel=1e-4, abs=1e-6), name
-        assert weights[name][0] == pytest.approx(total, rel=1e-3, abs=1e-4), name
+        rel = 3e-2 if name in noise else 3e-3
+        assert weights[name][1] == pytest.approx(magnitude, rel=rel, abs=1e-6), name
+        assert weights[name][0] == pytest.approx(total, rel=10 * rel, abs=1e-4), name

@@ -21,7 +21,7 @@ from lmnet.layers.fast_path import fast_path
 from lmnet.layers.fused_norm import reference_batchnorm_sum
 from lmnet.layers.neighborhood_attention import neighborhood_attention_2d
 from lmnet.models import list_models
-from tests.conftest import randomize_batchnorm
+from tests.conftest import biases_before_batchnorm, randomize_batchnorm
 
 #: fp32 rounding: other summation orders (statistics in double, gradients accumulated in place);
 #: ATOL is relative to the largest value of the tensor compared (sums of a thousand terms that
@@ -53,19 +53,6 @@ def _train_step(module: nn.Module, x: torch.Tensor, fast: bool) -> tuple[torch.T
     return out.detach(), grads
 
 
-def _biases_before_batchnorm(module: nn.Module) -> set[str]:
-    """Names of conv biases that feed a training-mode BatchNorm straight away (a block's expand
-    conv, a ConvBnAct's conv): their gradient is exactly zero in exact arithmetic."""
-    from lmnet.layers import ConvBnAct
-
-    names = set()
-    for prefix, m in module.named_modules():
-        pairs = {MultiBranchBlock: ("expand", "expand_bn"), ConvBnAct: ("conv", "bn")}.get(type(m))
-        if pairs and isinstance(getattr(m, pairs[1]), nn.BatchNorm2d):
-            names.add(f"{prefix}.{pairs[0]}.bias".lstrip("."))
-    return names
-
-
 def _compare(module: nn.Module, x: torch.Tensor, atol: float = ATOL) -> None:
     out_fast, fast = _train_step(module, x, True)
     out_stock, stock = _train_step(module, x, False)
@@ -75,7 +62,7 @@ def _compare(module: nn.Module, x: torch.Tensor, atol: float = ATOL) -> None:
         list(module.parameters()))  # every parameter got a gradient on both paths
     largest = max(float(g.abs().max()) for n, g in stock.items() if not n.startswith("buffer"))
     for name in stock:
-        if name in _biases_before_batchnorm(module):  # zero in exact arithmetic: rounding noise
+        if name in biases_before_batchnorm(module):  # zero in exact arithmetic: rounding noise
             for grad in (fast[name], stock[name]):  # on both paths
                 assert float(grad.abs().max()) < 1e-3 * largest, name
             continue
