@@ -5,6 +5,7 @@ import json
 import resource
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -190,3 +191,44 @@ def test_installed_versions_come_from_the_metadata_without_importing():
     import PIL
 
     assert found["PIL"] == PIL.__version__ and found["no-such-package-lmnet"] is None
+
+
+def _signal_stack() -> tuple[int, int]:
+    import ctypes
+
+    class _Stack(ctypes.Structure):
+        _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+    old = _Stack()
+    ctypes.CDLL(None).sigaltstack(None, ctypes.byref(old))
+    return old.ss_sp or 0, old.ss_size
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sigaltstack: Linux")
+def test_openvino_leaves_a_signal_stack_that_outlives_it():
+    """OpenVINO's CPU plugin swaps the thread's alternate signal stack when it compiles (and may
+    put back a freed one later: a segfault at the next Ctrl-C). After lmnet compiles, the stack is
+    lmnet's own, which is never freed, and a SIGINT is still an ordinary KeyboardInterrupt."""
+    import gc
+    import os
+    import signal
+
+    ov = pytest.importorskip("openvino")
+    from torch import nn
+
+    from lmnet.deploy.backends import _compile
+    from lmnet.runtime import steady_signal_stack
+
+    assert steady_signal_stack()
+    ours = _signal_stack()
+    assert ours[1] == 256 * 1024
+    model = ov.convert_model(nn.Conv2d(3, 2, 3, padding=1).eval(), example_input=torch.randn(1, 3, 8, 8))
+    compiled = _compile(ov.Core(), model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    compiled(np.zeros((1, 3, 8, 8), np.float32))
+    assert _signal_stack() == ours
+    del compiled, model
+    gc.collect()
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(100):  # the handler runs between bytecodes
+            pass

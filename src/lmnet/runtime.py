@@ -22,7 +22,8 @@ import sys
 import time
 
 __all__ = ["installed_versions", "keep_freed_memory", "available_cpus", "available_memory", "cgroup_cpu_quota", "cpu_name",
-           "native_bf16", "set_threads", "threads_were_chosen", "ThreadGovernor", "cpu_busy_seconds", "govern_threads"]
+           "native_bf16", "set_threads", "threads_were_chosen", "ThreadGovernor", "cpu_busy_seconds", "govern_threads",
+           "steady_signal_stack"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -316,4 +317,39 @@ def native_bf16() -> bool:
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
+        return False
+
+
+#: lmnet's alternate signal stack: allocated once, never freed (256 KiB: the kernel's signal frame
+#: with AVX-512 and AMX state is about 12 KiB, and a handler runs on top of it)
+_SIGNAL_STACK: dict[str, object] = {}
+
+
+def steady_signal_stack() -> bool:
+    """Give the calling thread an alternate signal stack that lives as long as the process; True
+    where it was installed (Linux, glibc).
+
+    OpenVINO's CPU plugin installs its own alternate signal stack on the thread that compiles a
+    model, and puts back the one it found when it is released. Released in another order than it
+    was made (two models, a garbage collector), it can put back one that was already freed. Python
+    runs every signal handler on the alternate stack (``SA_ONSTACK``), so the next signal (Ctrl-C,
+    the tests' SIGINT) then has nowhere to go: the kernel kills the process with a segmentation
+    fault that no handler sees (seen in CI, ``si_code`` SI_KERNEL, in ``kill``). Calling this
+    before and after OpenVINO compiles, and before lmnet installs its signal handlers, means any
+    stack OpenVINO saves and restores is this one, which is never freed."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    class _Stack(ctypes.Structure):
+        _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if "buffer" not in _SIGNAL_STACK:
+            _SIGNAL_STACK["buffer"] = ctypes.create_string_buffer(256 * 1024)
+        buf = _SIGNAL_STACK["buffer"]
+        new = _Stack(ctypes.cast(buf, ctypes.c_void_p), 0, ctypes.sizeof(buf))
+        return libc.sigaltstack(ctypes.byref(new), None) == 0
+    except (OSError, AttributeError):
         return False

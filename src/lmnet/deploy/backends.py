@@ -31,6 +31,17 @@ ENGINES, ENGINE_FILES = BACKENDS, BACKEND_FILES
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
+
+def _compile(core: Any, model: Any, device: str, config: dict) -> Any:
+    """``core.compile_model``, with a signal stack that outlives it (:func:`lmnet.runtime.steady_signal_stack`)."""
+    from lmnet.runtime import steady_signal_stack
+
+    steady_signal_stack()
+    try:
+        return core.compile_model(model, device, config)
+    finally:
+        steady_signal_stack()
+
 def precision_context(precision: str, device_type: str = "cpu") -> contextlib.AbstractContextManager:
     """Autocast for ``bf16`` and ``fp16``, nothing for ``fp32``."""
     if precision not in PRECISIONS:
@@ -88,13 +99,13 @@ def openvino_runner(model: nn.Module | str | Path, in_channels: int = 3, size: i
     shape = ov_model.input(0).get_partial_shape()
     if not (fixed_size and size and shape.rank.is_static and shape.rank.get_length() == 4
             and shape[2].is_dynamic and shape[3].is_dynamic):
-        compiled = core.compile_model(ov_model, "CPU", config)
+        compiled = _compile(core, ov_model, "CPU", config)
         return lambda x: compiled(np.ascontiguousarray(x, dtype=np.float32))[0]
 
     def for_batch(n: int) -> Any:
         fixed = ov_model.clone()
         fixed.reshape({fixed.input(0): ov.PartialShape([n, shape[1], size, size])})
-        return core.compile_model(fixed, "CPU", config)
+        return _compile(core, fixed, "CPU", config)
 
     compiled, other = {1: for_batch(1)}, []
 
@@ -105,7 +116,7 @@ def openvino_runner(model: nn.Module | str | Path, in_channels: int = 3, size: i
                 compiled[x.shape[0]] = for_batch(x.shape[0])
             return compiled[x.shape[0]](x)[0]
         if not other:
-            other.append(core.compile_model(ov_model, "CPU", config))
+            other.append(_compile(core, ov_model, "CPU", config))
         return other[0](x)[0]
 
     return run

@@ -21,6 +21,7 @@ from typing import Any
 from tqdm import tqdm
 
 from lmnet._files import atomic_path
+from lmnet.runtime import steady_signal_stack
 
 #: :class:`lmnet.engine.train.Trainer`, which imports this module (so it is not imported here).
 Trainer = Any
@@ -168,6 +169,7 @@ class GracefulStop(Callback):
     def on_fit_start(self, trainer: Trainer) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
+        steady_signal_stack()  # where the handlers run: never a stack a library has freed
         for name in ("SIGINT", "SIGTERM", "SIGHUP"):
             sig = getattr(signal, name, None)
             if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
