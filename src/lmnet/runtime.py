@@ -330,8 +330,9 @@ def steady_signal_stack() -> bool:
     where it was installed (Linux, glibc).
 
     OpenVINO's CPU plugin installs its own alternate signal stack on the thread that compiles a
-    model, and puts back the one it found when it is released. Released in another order than it
-    was made (two models, a garbage collector), it can put back one that was already freed. Python
+    model, and puts back the one it found when it is released (both seen with ``sigaltstack``).
+    Released in another order than they were made (several models, a garbage collector), such
+    swaps can presumably leave a stack that was already freed. Python
     runs every signal handler on the alternate stack (``SA_ONSTACK``), so the next signal (Ctrl-C,
     the tests' SIGINT) then has nowhere to go: the kernel kills the process with a segmentation
     fault that no handler sees (seen in CI, ``si_code`` SI_KERNEL, in ``kill``). Calling this

@@ -14,6 +14,7 @@ from lmnet._files import cache_dir
 from lmnet._optional import require
 from lmnet.config import TrainConfig
 from lmnet.deploy.convert import cached_onnx_export, cached_openvino_model
+from lmnet.runtime import steady_signal_stack
 
 __all__ = ["BACKENDS", "BACKEND_FILES", "ENGINES", "ENGINE_FILES", "PRECISIONS", "backend_available",
            "engine_available", "load_exported", "make_runner", "openvino_runner", "precision_context"]
@@ -31,16 +32,15 @@ ENGINES, ENGINE_FILES = BACKENDS, BACKEND_FILES
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
-
 def _compile(core: Any, model: Any, device: str, config: dict) -> Any:
-    """``core.compile_model``, with a signal stack that outlives it (:func:`lmnet.runtime.steady_signal_stack`)."""
-    from lmnet.runtime import steady_signal_stack
-
+    """``core.compile_model``, with a signal stack that outlives it
+    (:func:`lmnet.runtime.steady_signal_stack`)."""
     steady_signal_stack()
     try:
         return core.compile_model(model, device, config)
     finally:
         steady_signal_stack()
+
 
 def precision_context(precision: str, device_type: str = "cpu") -> contextlib.AbstractContextManager:
     """Autocast for ``bf16`` and ``fp16``, nothing for ``fp32``."""

@@ -6,7 +6,7 @@ The build is cached (``$LMNET_NATIVE_CACHE``, else ``$LMNET_CACHE_DIR/native``, 
 ``~/.cache/lmnet/native``) under a name that
 holds a digest of the sources, the compiler flags, the processor and PyTorch's version, so a
 build made on another machine is never loaded here. The first use on a machine compiles (about
-30 s on two cores; :func:`native_status` reports it); later processes load the cached library in a
+40 s on two cores; :func:`native_status` reports it); later processes load the cached library in a
 fraction of a second. Where it cannot be built (no compiler, another OS), or with
 ``LMNET_NATIVE=0``, :func:`native_ops` returns None after a one-line notice and every caller runs
 its pure-PyTorch path, which gives the same numbers.
@@ -71,10 +71,11 @@ def native_ops() -> Any | None:
                 folder = _cache_root() / name
                 if not any(folder.glob("*.so")):
                     log.warning("note: building lmnet's native CPU kernels (once per machine, "
-                                "about half a minute on two cores)")
+                                "about 40 s on two cores)")
                 folder.mkdir(parents=True, exist_ok=True)
                 cpp_extension.load(name=name, sources=[str(s) for s in SOURCES],
-                                   build_directory=str(folder), extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
+                                   build_directory=str(folder), extra_cflags=_FLAGS,
+                                   extra_ldflags=["-fopenmp"],
                                    verbose=False, is_python_module=False)
                 ops = torch.ops.lmnet_native
                 ops.bn_sum_forward  # noqa: B018 - fails here if the library registered nothing
