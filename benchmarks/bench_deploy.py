@@ -9,7 +9,10 @@ deployed in PyTorch channels-last fp32 (the reference of the ratios), PyTorch + 
 Runtime, OpenVINO fp32 (compiled for the input size; and with height and width left dynamic, as
 before), OpenVINO with the bf16 hint, OpenVINO int8 (the IR of ``--int8``, from
 ``lmnet export --format openvino --int8``; without it, NNCF on 16 random images, timing only), and
-MONAI BasicUNet in the same engines. Weights do not change speed, except which layers an
+MONAI BasicUNet in the same engines. The PyTorch and OpenVINO rows of LM-Net run lmnet's native
+attention kernel where it loads (in OpenVINO as one fused node per attention), as ``lmnet predict``
+does; the "stock attention" rows compute it as lmnet did before that kernel (PyTorch's whole-map
+operations; OpenVINO's own nodes). Weights do not change speed, except which layers an
 accuracy-controlled int8 IR keeps in fp32: pass the real one.
 
 Part 2, ``lmnet predict`` on ``--images`` images of ``--folder`` (whole commands as a user runs
@@ -37,6 +40,7 @@ import lmnet  # noqa: E402
 from lmnet.config import TrainConfig  # noqa: E402
 from lmnet.deploy.backends import make_runner, openvino_runner, precision_context  # noqa: E402
 from lmnet.deploy.loading import load_model  # noqa: E402
+from lmnet.layers import neighborhood_attention as na  # noqa: E402
 from lmnet.runtime import keep_freed_memory  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,13 +49,17 @@ ROOT = Path(__file__).resolve().parents[1]
 def engine_rows(model: torch.nn.Module, cfg: TrainConfig, label: str, int8: str | None,
                 threads: int) -> dict[str, callable]:
     """name -> factory of ``run(x_numpy)``."""
-    def torch_run(bf16: bool = False):
+    def torch_run(bf16: bool = False, native_attention: bool = True):
         m = model.to(memory_format=torch.channels_last)
 
         def run(x):
             xt = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode(), precision_context("bf16" if bf16 else "fp32"):
-                return m(xt)
+            before, na.NATIVE_FORWARD = na.NATIVE_FORWARD, native_attention
+            try:
+                with torch.inference_mode(), precision_context("bf16" if bf16 else "fp32"):
+                    return m(xt)
+            finally:
+                na.NATIVE_FORWARD = before
         return run
 
     def int8_run():
@@ -77,7 +85,13 @@ def engine_rows(model: torch.nn.Module, cfg: TrainConfig, label: str, int8: str 
         f"{label}, OpenVINO fp32": lambda: make_runner(model, cfg, "openvino", "fp32", threads),
         f"{label}, OpenVINO bf16 hint": lambda: make_runner(model, cfg, "openvino", "bf16", threads),
     }
-    if label == "lmnet":
+    if label == "lmnet":  # as before the native attention kernel (lmnet at 2fefbea)
+        rows[f"{label}, PyTorch channels-last fp32, stock attention"] = lambda: torch_run(
+            native_attention=False)
+        for precision in ("fp32", "bf16"):
+            rows[f"{label}, OpenVINO {precision}, stock attention"] = (
+                lambda p=precision: openvino_runner(model, cfg.in_channels, cfg.image_size, p,
+                                                    threads, fused_attention=False))
         rows[f"{label}, OpenVINO fp32, dynamic H x W"] = lambda: openvino_runner(
             model, cfg.in_channels, cfg.image_size, "fp32", threads, fixed_size=False)
         rows[f"{label}, OpenVINO int8" + ("" if int8 else " (random calibration)")] = int8_run

@@ -13,6 +13,7 @@ from torch import nn
 from lmnet._files import cache_dir
 from lmnet._optional import require
 from lmnet.config import TrainConfig
+from lmnet.deploy import openvino_ops
 from lmnet.deploy.convert import cached_onnx_export, cached_openvino_model
 from lmnet.runtime import steady_signal_stack
 
@@ -65,8 +66,8 @@ def _ir_image_size(ov_model: Any) -> int | None:
 
 
 def openvino_runner(model: nn.Module | str | Path, in_channels: int = 3, size: int | None = 256,
-                    precision: str = "fp32", threads: int | None = None, fixed_size: bool = True
-                    ) -> Callable[[np.ndarray], np.ndarray]:
+                    precision: str = "fp32", threads: int | None = None, fixed_size: bool = True,
+                    fused_attention: bool | None = None) -> Callable[[np.ndarray], np.ndarray]:
     """A function ``numpy (N, C, H, W) float32 -> numpy logits`` running OpenVINO on the CPU.
 
     ``model``: a deployed PyTorch model (converted with batch and size dynamic, the conversion
@@ -78,17 +79,22 @@ def openvino_runner(model: nn.Module | str | Path, in_channels: int = 3, size: i
     ``precision``: ``fp32``, or ``bf16`` as OpenVINO's inference precision hint (used where the
     CPU has bf16 instructions, else OpenVINO computes in fp32). ``threads``: default PyTorch's
     thread count (``--threads``). Compiled kernels are cached by OpenVINO in ``cache_dir()``.
+    ``fused_attention``: convert each neighborhood attention to one node run by lmnet's native
+    kernel (:mod:`lmnet.deploy.openvino_ops`); default: where that kernel loads.
     """
     ov = require("openvino", "openvino")
     hints = {"fp32": "f32", "bf16": "bf16"}
     if precision not in hints:
         raise ValueError(f"OpenVINO runs fp32 or bf16 on a CPU, got {precision!r}")
     core = ov.Core()
+    openvino_ops.register(core)
     if isinstance(model, (str, Path)):
         ov_model = core.read_model(str(model))
         size = _ir_image_size(ov_model) or size
     else:
-        ov_model = cached_openvino_model(model, in_channels, size or 256)
+        if fused_attention is None:
+            fused_attention = openvino_ops.attention_op_available()
+        ov_model = cached_openvino_model(model, in_channels, size or 256, fused_attention)
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": hints[precision],
               "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads())}
     try:

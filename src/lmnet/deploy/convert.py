@@ -2,6 +2,7 @@
 ``openvino.Model``; the conversions backends need at run time are cached by a digest of the weights."""
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from pathlib import Path
@@ -81,16 +82,28 @@ def export_torchscript(model: nn.Module, path: str | Path, in_channels: int, siz
     return path
 
 
-def convert_to_openvino(model: nn.Module, in_channels: int = 3, size: int = 256) -> Any:
-    """An ``openvino.Model`` of a deployed PyTorch model, batch and spatial size dynamic."""
-    import warnings
+def convert_to_openvino(model: nn.Module, in_channels: int = 3, size: int = 256,
+                        fused_attention: bool = False) -> Any:
+    """An ``openvino.Model`` of a deployed PyTorch model, batch and spatial size dynamic.
 
+    ``fused_attention``: each neighborhood attention becomes one node run by lmnet's kernel
+    (:mod:`lmnet.deploy.openvino_ops`; such a model runs only where lmnet is installed); else
+    OpenVINO's own operations throughout (what ``lmnet export`` writes).
+    """
     ov = require("openvino", "openvino")
+    extensions = []
+    if fused_attention:
+        from lmnet.deploy.openvino_ops import conversion_extensions
+
+        extensions = conversion_extensions()
+        # OpenVINO (2026.4) leaves the replaced modules' forward patched after converting: a copy
+        # is converted, so that the caller's model still runs (and converts) as PyTorch's
+        model = copy.deepcopy(model)
     model.eval()
     example = torch.randn(1, in_channels, size, size)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings about shape-dependent Python branches
-        return ov.convert_model(model, example_input=example,
+        return ov.convert_model(model, example_input=example, extension=extensions or None,
                                 input=[ov.PartialShape([-1, in_channels, -1, -1])])
 
 
@@ -110,19 +123,26 @@ def _model_digest(model: nn.Module, in_channels: int, tool: str) -> str:
     return h.hexdigest()[:32]
 
 
-def cached_openvino_model(model: nn.Module, in_channels: int = 3, size: int = 256) -> Any:
+def cached_openvino_model(model: nn.Module, in_channels: int = 3, size: int = 256,
+                          fused_attention: bool = False) -> Any:
     """:func:`convert_to_openvino`, kept in ``cache_dir()/openvino`` so that converting (seconds)
     happens once per model: an IR named by a digest of the weights (:func:`_model_digest`), read
     back on later calls. A cache that cannot be written only costs the conversion."""
     ov = require("openvino", "openvino")
     folder = cache_dir() / "openvino"
-    xml = folder / f"{_model_digest(model, in_channels, 'openvino')}.xml"
+    digest = _model_digest(model, in_channels, "openvino")
+    xml = folder / (f"{digest}_fused_attention.xml" if fused_attention else f"{digest}.xml")
     if xml.is_file() and xml.with_suffix(".bin").is_file():
         try:
-            return ov.Core().read_model(str(xml))
+            core = ov.Core()
+            if fused_attention:
+                from lmnet.deploy.openvino_ops import register
+
+                register(core)
+            return core.read_model(str(xml))
         except Exception:  # noqa: BLE001 - a damaged cache entry: convert again
             pass
-    ov_model = convert_to_openvino(model, in_channels, size)
+    ov_model = convert_to_openvino(model, in_channels, size, fused_attention)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_path(xml, suffix_keep=True) as tmp:  # the .xml last: never one without its .bin

@@ -14,12 +14,14 @@ def fast_path(enabled: bool = True) -> Iterator[None]:
     """Within the block, train with (``enabled``) or without lmnet's fast path: the hand-written
     backward of neighborhood attention (``neighborhood_attention.FAST_BACKWARD``), the native
     BatchNorm kernel (``fused_norm.NATIVE``) and the native weight gradient of the larger
-    depthwise convolutions (``depthwise.NATIVE``). Without it, training computes as PyTorch's own
+    depthwise convolutions (``depthwise.NATIVE``), and outside autograd the native attention kernel
+    (``neighborhood_attention.NATIVE_FORWARD``). Without it, training computes as PyTorch's own
     modules do (lmnet at b5568b3): the reference the tests and ``benchmarks/bench_train_fast.py``
     compare against. Not thread-safe: it sets module-wide switches."""
-    before = neighborhood_attention.FAST_BACKWARD, fused_norm.NATIVE, depthwise.NATIVE
-    neighborhood_attention.FAST_BACKWARD = fused_norm.NATIVE = depthwise.NATIVE = enabled
+    na = neighborhood_attention
+    before = na.FAST_BACKWARD, na.NATIVE_FORWARD, fused_norm.NATIVE, depthwise.NATIVE
+    na.FAST_BACKWARD = na.NATIVE_FORWARD = fused_norm.NATIVE = depthwise.NATIVE = enabled
     try:
         yield
     finally:
-        neighborhood_attention.FAST_BACKWARD, fused_norm.NATIVE, depthwise.NATIVE = before
+        na.FAST_BACKWARD, na.NATIVE_FORWARD, fused_norm.NATIVE, depthwise.NATIVE = before

@@ -3,13 +3,13 @@ PyTorch's extension tools (``torch.utils.cpp_extension``, a C++ compiler needed)
 ``torch.ops.lmnet_native.*`` through ``TORCH_LIBRARY``.
 
 The build is cached (``$LMNET_NATIVE_CACHE``, else ``$LMNET_CACHE_DIR/native``, else
-``~/.cache/lmnet/native``) under a name that
-holds a digest of the sources, the compiler flags, the processor and PyTorch's version, so a
-build made on another machine is never loaded here. The first use on a machine compiles (about
-40 s on two cores; :func:`native_status` reports it); later processes load the cached library in a
-fraction of a second. Where it cannot be built (no compiler, another OS), or with
-``LMNET_NATIVE=0``, :func:`native_ops` returns None after a one-line notice and every caller runs
-its pure-PyTorch path, which gives the same numbers.
+``~/.cache/lmnet/native``) under a name that holds a digest of the sources, the compiler flags,
+the processor and PyTorch's version, so a build made on another machine is never loaded here. The
+first use on a machine (training, or inference: the attention kernel) compiles, about 80 s for the
+three sources on two cores of a Zen 3 (:func:`native_status` reports it); later processes load the
+cached library in a fraction of a second. Where it cannot be built (no compiler, another OS), or
+with ``LMNET_NATIVE=0``, :func:`native_ops` returns None after a one-line notice and every caller
+runs its pure-PyTorch path, which gives the same numbers.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 #: The C++ sources, compiled into one library.
 SOURCES = tuple(Path(__file__).with_name("_native") / name
-                for name in ("batchnorm_sum.cpp", "depthwise.cpp"))
+                for name in ("batchnorm_sum.cpp", "depthwise.cpp", "neighborhood_attention.cpp"))
 _FLAGS = ["-O3", "-march=native", "-fopenmp"]
 _state: dict[str, Any] = {}
 _lock = threading.Lock()
@@ -53,40 +53,60 @@ def _build_name() -> str:
     return "lmnet_native_" + h.hexdigest()[:16]
 
 
-def native_ops() -> Any | None:
+def native_ops(build: bool = True) -> Any | None:
     """``torch.ops.lmnet_native`` once the library is built and loaded (built on first call),
-    or None where it cannot be (see the module docstring)."""
+    or None where it cannot be (see the module docstring).
+
+    ``build=False`` (inference): load a library already built on this machine, but do not compile
+    one (None then): a first ``lmnet predict`` does not wait a minute for kernels that save a few
+    per cent of its time; any training (``lmnet demo`` too) builds them. A library built before
+    is loaded directly (no compiler needed), a damaged one built again.
+    """
     with _lock:
         if "ops" in _state:
             return _state["ops"]
-        ops = None
         if os.environ.get("LMNET_NATIVE", "1") == "0":
             _state["reason"] = "turned off by LMNET_NATIVE=0"
-        else:
-            t0 = time.perf_counter()
-            try:
+            _state["ops"] = None
+            return None
+        if "library" not in _state:  # the digest reads the sources: once a process
+            name = _build_name()
+            _state["library"] = _cache_root() / name / f"{name}.so"
+        library = _state["library"]
+        folder, name = library.parent, library.stem
+        if not build and not library.is_file():
+            return None  # not built here yet: inference does not compile
+        ops = None
+        t0 = time.perf_counter()
+        try:
+            loaded = False
+            if library.is_file():  # built before (keyed by the digest): load it, no compiler
+                try:
+                    torch.ops.load_library(str(library))
+                    loaded = True
+                except OSError:
+                    if not build:
+                        raise
+            if not loaded:  # build it (or a damaged library again)
                 from torch.utils import cpp_extension
 
-                name = _build_name()
-                folder = _cache_root() / name
-                if not any(folder.glob("*.so")):
-                    log.warning("note: building lmnet's native CPU kernels (once per machine, "
-                                "about 40 s on two cores)")
+                log.warning("note: building lmnet's native CPU kernels (once per machine, "
+                            "about 80 s on two cores)")
                 folder.mkdir(parents=True, exist_ok=True)
                 cpp_extension.load(name=name, sources=[str(s) for s in SOURCES],
                                    build_directory=str(folder), extra_cflags=_FLAGS,
                                    extra_ldflags=["-fopenmp"],
                                    verbose=False, is_python_module=False)
-                ops = torch.ops.lmnet_native
-                ops.bn_sum_forward  # noqa: B018 - fails here if the library registered nothing
-                _state["seconds"] = time.perf_counter() - t0
-            except Exception as err:  # noqa: BLE001 - no compiler, another OS: the PyTorch path
-                lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-                _state["reason"] = f"{type(err).__name__}: {lines[-1] if lines else ''}"[:300]
-                ops = None
-                log.warning("note: lmnet's native CPU kernels could not be built (%s); using "
-                            "PyTorch's own operations (the same results, slower on a CPU)",
-                            _state["reason"])
+            ops = torch.ops.lmnet_native
+            ops.bn_sum_forward  # noqa: B018 - fails here if the library registered nothing
+            _state["seconds"] = time.perf_counter() - t0
+        except Exception as err:  # noqa: BLE001 - no compiler, another OS: the PyTorch path
+            lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+            _state["reason"] = f"{type(err).__name__}: {lines[-1] if lines else ''}"[:300]
+            ops = None
+            log.warning("note: lmnet's native CPU kernels could not be built (%s); using "
+                        "PyTorch's own operations (the same results, slower on a CPU)",
+                        _state["reason"])
         _state["ops"] = ops
         return ops
 

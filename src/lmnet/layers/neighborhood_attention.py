@@ -13,6 +13,12 @@ the map) are computed together: one gather of their keys, values and biases by p
 indices, one softmax. Every step is a whole-map tensor op (about 33 of them, whatever the map size),
 so the memory use is a few copies of the map, autograd works, and the graph exports to ONNX with
 dynamic batch and spatial size.
+
+Outside autograd (inference, validation) on float32 CPU maps, the same mathematics runs as one
+native kernel where lmnet's native library loads (``neighborhood_attention_forward`` in
+``layers/_native``: one pass over the map instead of the whole-map operations above; equal to them
+within float rounding, a test compares the two); :class:`NeighborhoodAttentionCore` is the module
+around it that the OpenVINO engine replaces by the same kernel (``lmnet.deploy.openvino_ops``).
 """
 from __future__ import annotations
 
@@ -21,13 +27,19 @@ import functools
 import torch
 from torch import nn
 
+from lmnet.layers.native import native_ops
+
 __all__ = ["neighborhood_window_index", "neighborhood_attention_2d", "NeighborhoodAttention2d",
-           "FAST_BACKWARD"]
+           "NeighborhoodAttentionCore", "native_forward_applies", "FAST_BACKWARD", "NATIVE_FORWARD"]
 
 #: Train with :class:`_InteriorAttention`'s hand-written backward (the same mathematics as
 #: autograd's, several times faster on a CPU). False: autograd's own, as lmnet did before; for
 #: comparisons (``benchmarks/bench_train_fast.py``, the tests).
 FAST_BACKWARD = True
+
+#: Outside autograd, compute with the native kernel where it applies
+#: (:func:`native_forward_applies`). False: the whole-map PyTorch operations, as lmnet did before.
+NATIVE_FORWARD = True
 
 def neighborhood_window_index(length: int, kernel_size: int, device: torch.device | None = None
                               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,6 +236,20 @@ def _attend_border(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ks: int,
     return (attn * windows(v)).sum(3)
 
 
+def native_forward_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           rpb: torch.Tensor | None) -> bool:
+    """Whether :func:`neighborhood_attention_2d` runs the native kernel on these inputs: float32
+    CPU maps, nothing that autograd records, outside tracing, export and compilation, the
+    native library loaded."""
+    tensors = (q, k, v) if rpb is None else (q, k, v, rpb)
+    return (NATIVE_FORWARD
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+            and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()
+            and not torch.compiler.is_compiling()
+            and native_ops(build=False) is not None)
+
+
 def neighborhood_attention_2d(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -258,6 +284,8 @@ def neighborhood_attention_2d(
         raise ValueError(f"{C} channels do not split into {num_heads} heads")
     h, d, r = num_heads, C // num_heads, ks // 2
     scale = d ** -0.5 if scale is None else scale
+    if native_forward_applies(q, k, v, rpb):
+        return native_ops().neighborhood_attention_forward(q, k, v, rpb, h, ks, float(scale))
     q = (q * scale).reshape(B, h, d, H, W)
     k = k.reshape(B, h, d, H, W)
     v = v.reshape(B, h, d, H, W)
@@ -275,6 +303,20 @@ def neighborhood_attention_2d(
                         right.reshape(B, h, d, H - 2 * r, r)], dim=4)
     return torch.cat([top.reshape(B, h, d, r, W), middle, bottom.reshape(B, h, d, r, W)],
                      dim=3).reshape(B, C, H, W)
+
+
+class NeighborhoodAttentionCore(nn.Module):
+    """:func:`neighborhood_attention_2d` as a module without parameters: ``forward(q, k, v, rpb)``
+    on channels-first maps. A module so that a converter can replace it as a whole (the OpenVINO
+    engine, ``lmnet.deploy.openvino_ops``); it adds nothing to a state dict."""
+
+    def __init__(self, num_heads: int, kernel_size: int, scale: float) -> None:
+        super().__init__()
+        self.num_heads, self.kernel_size, self.scale = num_heads, kernel_size, scale
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                rpb: torch.Tensor | None) -> torch.Tensor:
+        return neighborhood_attention_2d(q, k, v, self.num_heads, self.kernel_size, rpb, self.scale)
 
 
 class NeighborhoodAttention2d(nn.Module):
@@ -304,10 +346,10 @@ class NeighborhoodAttention2d(nn.Module):
             nn.init.trunc_normal_(self.rpb, std=0.02)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.core = NeighborhoodAttentionCore(num_heads, kernel_size, self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: tokens ``(B, H, W, C)``; returns ``(B, H, W, C)``."""
         q, k, v = self.qkv(x).permute(0, 3, 1, 2).contiguous().chunk(3, dim=1)  # (B, C, H, W)
-        out = neighborhood_attention_2d(q, k, v, self.num_heads, self.kernel_size, self.rpb,
-                                        self.scale)
+        out = self.core(q, k, v, self.rpb)
         return self.proj_drop(self.proj(out.permute(0, 2, 3, 1)))
