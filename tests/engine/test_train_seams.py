@@ -136,24 +136,23 @@ def test_a_run_stopped_by_the_code_before_the_trainer_resumes_exactly(tmp_path, 
     for got, want in zip(rows[1:], expected["log"]):
         for col in ("epoch", "train_size", "train_loss", "val_paper_mdice", "val_fg_dice", "lr"):
             i = header.index(col)
-            assert float(got[i]) == pytest.approx(float(want[i]), rel=1e-4, abs=1e-6), col
+            # the epoch's mean loss follows the kernels' rounding of the CPU: 2.8e-4 of it apart
+            # on an AVX2 Zen 3 from the machine that made the fixture (1e-3 allowed); a
+            # lost or repeated epoch moves it by 8e-3 (epoch 1's loss against epoch 2's)
+            rel = 1e-3 if col == "train_loss" else 1e-4
+            assert float(got[i]) == pytest.approx(float(want[i]), rel=rel, abs=1e-6), col
     weights = digest(run / "checkpoint_last.pt")
     assert weights.keys() == expected["weights"].keys()
     # a bias feeding a training-mode BatchNorm has a gradient of zero in exact arithmetic: what it
     # gets is rounding noise, which AdamW scales up to steps of the learning rate's size, so its
-    # value depends on the summation order of every kernel (7e-3 of it apart once the native
-    # depthwise backward came); that noise reaches the other weights a little through the
-    # BatchNorm statistics (up to 1.3e-3 of a tensor's magnitude, the running mean after such a
-    # bias;
-    # 4e-3 of a small sum, measured), hence 3e-3 and 3e-2 for them (the log above stays at 1e-4),
-    # where a wrong resume (a lost epoch, a restarted schedule) moves
-    # weights by their own size
-    import lmnet
-    from tests.conftest import biases_before_batchnorm
-
-    noise = biases_before_batchnorm(lmnet.create_model("lmnet", **config["model_args"]))
-    assert "stage1.0.expand.bias" in noise
-    for name, (total, magnitude) in expected["weights"].items():
-        rel = 3e-2 if name in noise else 3e-3
-        assert weights[name][1] == pytest.approx(magnitude, rel=rel, abs=1e-6), name
-        assert weights[name][0] == pytest.approx(total, rel=10 * rel, abs=1e-4), name
+    # value depends on the summation order of every kernel, and that noise reaches the other
+    # weights through the BatchNorm statistics. On another CPU (an AVX2 Zen 3 against the
+    # fixture's machine) some BatchNorm biases of the branches ended 16 % of their size apart,
+    # more than the epoch moved them. So the weights are compared as a whole, against how far the
+    # epoch moves them: the sum over tensors of the change of their magnitude was 0.2 % of the
+    # epoch's there; 2 % allowed, where a lost or repeated epoch is of the order of 100 %
+    epoch_1 = digest(fixture / "checkpoint_last.pt")
+    for k in (0, 1):  # the sum, then the magnitude, of each tensor
+        moved = sum(abs(epoch_1[n][k] - w[k]) for n, w in expected["weights"].items())
+        off = sum(abs(weights[n][k] - w[k]) for n, w in expected["weights"].items())
+        assert off < 0.02 * moved, (k, off, moved)
