@@ -69,6 +69,15 @@ def _op_types(ov_model) -> list[str]:
     return [op.get_type_name() for op in ov_model.get_ops()]
 
 
+def _record_fused_flag(monkeypatch, module, name: str) -> list[bool]:
+    """Wrap ``module.name(model, in_channels, size, fused_attention)``: the list of the
+    ``fused_attention`` of each call."""
+    calls: list[bool] = []
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a: calls.append(a[3]) or real(*a))
+    return calls
+
+
 def _close(a: np.ndarray, b: np.ndarray) -> None:
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.abs(b).max()))
 
@@ -113,10 +122,7 @@ def test_fused_model_is_cached_apart_and_read_back(small, cache, monkeypatch):
     from lmnet.deploy.backends import openvino_runner
 
     model, x, reference = small
-    calls = []
-    real = conversion.convert_to_openvino
-    monkeypatch.setattr(conversion, "convert_to_openvino",
-                        lambda *a: calls.append(a[3]) or real(*a))
+    calls = _record_fused_flag(monkeypatch, conversion, "convert_to_openvino")
     first = openvino_runner(model, 3, 20, fused_attention=True)(x)
     second = openvino_runner(model, 3, 20, fused_attention=True)(x)  # read back: needs the op
     openvino_runner(model, 3, 20, fused_attention=False)(x)
@@ -130,10 +136,7 @@ def test_default_is_fused_only_where_the_native_kernel_loads(small, warm_cache, 
     from lmnet.deploy import backends, openvino_ops
 
     model, x, reference = small
-    calls = []
-    real = backends.cached_openvino_model
-    monkeypatch.setattr(backends, "cached_openvino_model",
-                        lambda *a: calls.append(a[3]) or real(*a))
+    calls = _record_fused_flag(monkeypatch, backends, "cached_openvino_model")
     _close(backends.openvino_runner(model, 3, 20)(x), reference)
     monkeypatch.setattr(openvino_ops, "attention_op_available", lambda: False)
     _close(backends.openvino_runner(model, 3, 20)(x), reference)
