@@ -87,7 +87,9 @@ def test_auto_runs_the_real_probe(tiny_checkpoint, cache):
     chosen = choose_engine(model, cfg)
     ms = next(iter(json.loads(cache.read_text()).values()))["ms"]
     assert set(ms) == set(INSTALLED) and all(v > 0 for v in ms.values())
-    assert chosen.engine == min(ms, key=ms.get)
+    # the cache rounds to 0.01 ms: two engines of a tiny model can round to one value, and the
+    # choice (made on the unrounded times) is either of them
+    assert ms[chosen.engine] == min(ms.values())
     x = np.zeros((1, 3, cfg.image_size, cfg.image_size), np.float32)
     if chosen.engine != "torch":
         assert chosen.model(x).shape == (1, 2, cfg.image_size, cfg.image_size)
