@@ -150,8 +150,7 @@ def test_the_circle_finder_finds_circles():
 def test_deploy_reads_bottom_up():
     """Inside deploy, each module imports only the ones listed before it."""
     order = ["checkpoint", "metadata", "preprocess", "postprocess", "openvino_ops", "convert",
-             "backends",
-             "quantize", "pretrained", "loading", "export"]
+             "backends", "quantize", "pretrained", "loading", "export"]
     graph = _module_imports()
     deploy = {m.removeprefix("lmnet.deploy."): {d.removeprefix("lmnet.deploy.") for d in deps
                                                  if d.startswith("lmnet.deploy.")}
