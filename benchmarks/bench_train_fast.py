@@ -7,9 +7,10 @@ run (run by hand, not in CI).
 The stock path is lmnet's training as it was at b5568b3: autograd's backward of neighborhood
 attention (``lmnet.layers.neighborhood_attention.FAST_BACKWARD = False``), PyTorch's
 BatchNorm modules, summed (``lmnet.layers.fused_norm.NATIVE = False``) and PyTorch's weight
-gradient of the depthwise convolutions (``lmnet.layers.depthwise.NATIVE = False``); all switched by
-``lmnet.layers.fast_path.fast_path``. The fast path is
-today's default. Both train the same model (LM-Net, channels-last, fp32, AdamW, the paper's loss)
+gradient of the depthwise convolutions (``lmnet.layers.depthwise.NATIVE = False``) and PyTorch's
+dropout (``lmnet.layers.dropout.NATIVE = False``); all switched by
+``lmnet.layers.fast_path.fast_path``. The fast path is today's default. A third variant, the fast
+path with PyTorch's dropout, measures what the hashed-mask dropout adds. Both train the same model (LM-Net, channels-last, fp32, AdamW, the paper's loss)
 on the same random batch; each round takes one step of every variant in turn, so that a noisy
 period of this shared machine slows them alike. The native kernels are built first (their build
 time, on a fresh cache, is reported: it is paid once per machine). ``--bf16`` adds the fast path
@@ -35,12 +36,21 @@ import torch  # noqa: E402
 from _common import interleaved_times, machine, report  # noqa: E402  (first: oneDNN's cache)
 
 import lmnet  # noqa: E402
+from lmnet.layers import dropout  # noqa: E402
 from lmnet.layers.fast_path import fast_path as path  # noqa: E402
 from lmnet.losses import SegmentationLoss  # noqa: E402
 from lmnet.runtime import keep_freed_memory  # noqa: E402
 
 
-def make_step(fast: bool, bf16: bool, size: int, batch: int):
+@contextlib.contextmanager
+def switches(fast: bool, hashed_dropout: bool):
+    """The fast path (or not), with the hashed-mask dropout only where ``hashed_dropout``."""
+    with path(fast):
+        dropout.NATIVE = fast and hashed_dropout
+        yield
+
+
+def make_step(fast: bool, bf16: bool, size: int, batch: int, hashed_dropout: bool = True):
     torch.manual_seed(0)
     model = lmnet.create_model("lmnet").to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
@@ -51,9 +61,9 @@ def make_step(fast: bool, bf16: bool, size: int, batch: int):
 
     def step() -> None:
         ac = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-        with path(fast), ac:
+        with switches(fast, hashed_dropout), ac:
             loss = loss_fn(model(x), y)
-        with path(fast):
+        with switches(fast, hashed_dropout):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -89,11 +99,12 @@ def main() -> None:
 
     status = native_status()  # loads the cached build in this process
     print(f"native kernels: {status}; a fresh build took {built:.1f} s")
-    variants = {"stock (b5568b3 path)": (False, False), "fast": (True, False)}
+    variants = {"stock (b5568b3 path)": (False, False, False), "fast": (True, False, True),
+                "fast, PyTorch's dropout": (True, False, False)}
     if args.bf16:
-        variants["fast, bf16 autocast"] = (True, True)
-    steps = {name: make_step(fast, bf16, args.size, args.batch)
-             for name, (fast, bf16) in variants.items()}
+        variants["fast, bf16 autocast"] = (True, True, True)
+    steps = {name: make_step(fast, bf16, args.size, args.batch, hashed)
+             for name, (fast, bf16, hashed) in variants.items()}
     t0 = time.perf_counter()
     times = interleaved_times(steps, repeats=args.rounds, per_round=1, warmup=2)
     base = sorted(times["stock (b5568b3 path)"])[len(times["stock (b5568b3 path)"]) // 2]

@@ -352,3 +352,13 @@ def test_evaluate_and_predict_in_bf16(trained_run, tmp_path, disc_data):
     assert (tmp_path / "p" / "masks" / f"{src.stem}.png").is_file()
     assert main(["predict", str(trained_run), str(src), "--precision", "bf16", "--backend", "onnx",
                  "--out", str(tmp_path / "q"), "--quiet"]) == 2
+
+
+def test_every_config_file_loads():
+    """Every recipe in configs/ is a valid TrainConfig (a typo in a key is an error here, not in
+    the first minute of a long run)."""
+    files = sorted((ROOT / "configs").glob("*.yaml"))
+    assert len(files) >= 4
+    for path in files:
+        cfg = load_config(path)
+        assert cfg.format and path.stem.startswith(cfg.format), path

@@ -1,5 +1,6 @@
 """Building blocks of LM-Net, one concept per module."""
 from lmnet.layers.depthwise import depthwise_conv, depthwise_convs
+from lmnet.layers.dropout import Dropout
 from lmnet.layers.fuse import bn_scale_shift, fuse_conv_bn
 from lmnet.layers.fused_norm import batchnorm_sum
 from lmnet.layers.multibranch import (
@@ -29,5 +30,5 @@ __all__ = [
     "neighborhood_window_index", "ConvBnAct", "LocalPyramidSkip", "Up2Conv", "up2",
     "SqueezeExcite", "GlobalFeatureTransformer", "LocalFeatureTransformer", "Mlp",
     "MultiHeadSelfAttention", "batchnorm_sum", "native_status", "depthwise_conv",
-    "depthwise_convs",
+    "depthwise_convs", "Dropout",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
-from lmnet.layers import depthwise, fused_norm, neighborhood_attention
+from lmnet.layers import depthwise, dropout, fused_norm, neighborhood_attention
 
 __all__ = ["fast_path"]
 
@@ -14,14 +14,18 @@ def fast_path(enabled: bool = True) -> Iterator[None]:
     """Within the block, train with (``enabled``) or without lmnet's fast path: the hand-written
     backward of neighborhood attention (``neighborhood_attention.FAST_BACKWARD``), the native
     BatchNorm kernel (``fused_norm.NATIVE``) and the native weight gradient of the larger
-    depthwise convolutions (``depthwise.NATIVE``), and outside autograd the native attention kernel
+    depthwise convolutions (``depthwise.NATIVE``), the hashed-mask dropout (``dropout.NATIVE``;
+    the same mathematics, other random numbers), and outside autograd the native attention kernel
     (``neighborhood_attention.NATIVE_FORWARD``). Without it, training computes as PyTorch's own
     modules do (lmnet at b5568b3): the reference the tests and ``benchmarks/bench_train_fast.py``
     compare against. Not thread-safe: it sets module-wide switches."""
     na = neighborhood_attention
-    before = na.FAST_BACKWARD, na.NATIVE_FORWARD, fused_norm.NATIVE, depthwise.NATIVE
+    before = (na.FAST_BACKWARD, na.NATIVE_FORWARD, fused_norm.NATIVE, depthwise.NATIVE,
+              dropout.NATIVE)
     na.FAST_BACKWARD = na.NATIVE_FORWARD = fused_norm.NATIVE = depthwise.NATIVE = enabled
+    dropout.NATIVE = enabled
     try:
         yield
     finally:
-        na.FAST_BACKWARD, na.NATIVE_FORWARD, fused_norm.NATIVE, depthwise.NATIVE = before
+        (na.FAST_BACKWARD, na.NATIVE_FORWARD, fused_norm.NATIVE, depthwise.NATIVE,
+         dropout.NATIVE) = before

@@ -5,8 +5,8 @@ PyTorch's extension tools (``torch.utils.cpp_extension``, a C++ compiler needed)
 The build is cached (``$LMNET_NATIVE_CACHE``, else ``$LMNET_CACHE_DIR/native``, else
 ``~/.cache/lmnet/native``) under a name that holds a digest of the sources, the compiler flags,
 the processor and PyTorch's version, so a build made on another machine is never loaded here. The
-first use on a machine (training, or inference: the attention kernel) compiles, about 80 s for the
-three sources on two cores of a Zen 3 (:func:`native_status` reports it); later processes load the
+first use on a machine (training, or inference: the attention kernel) compiles, about 80-100 s for the
+four sources on two cores of a Zen 3 (:func:`native_status` reports it); later processes load the
 cached library in a fraction of a second. Where it cannot be built (no compiler, another OS), or
 with ``LMNET_NATIVE=0``, :func:`native_ops` returns None after a one-line notice and every caller
 runs its pure-PyTorch path, which gives the same numbers.
@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 #: The C++ sources, compiled into one library.
 SOURCES = tuple(Path(__file__).with_name("_native") / name
-                for name in ("batchnorm_sum.cpp", "depthwise.cpp", "neighborhood_attention.cpp"))
+                for name in ("batchnorm_sum.cpp", "depthwise.cpp", "neighborhood_attention.cpp",
+                             "dropout.cpp"))
 _FLAGS = ["-O3", "-march=native", "-fopenmp"]
 _state: dict[str, Any] = {}
 _lock = threading.Lock()
@@ -91,7 +92,7 @@ def native_ops(build: bool = True) -> Any | None:
                 from torch.utils import cpp_extension
 
                 log.warning("note: building lmnet's native CPU kernels (once per machine, "
-                            "about 80 s on two cores)")
+                            "about 1.5 minutes on two cores)")
                 folder.mkdir(parents=True, exist_ok=True)
                 cpp_extension.load(name=name, sources=[str(s) for s in SOURCES],
                                    build_directory=str(folder), extra_cflags=_FLAGS,

@@ -27,6 +27,7 @@ import functools
 import torch
 from torch import nn
 
+from lmnet.layers.dropout import Dropout
 from lmnet.layers.native import native_ops
 
 __all__ = ["neighborhood_window_index", "neighborhood_attention_2d", "NeighborhoodAttention2d",
@@ -345,7 +346,7 @@ class NeighborhoodAttention2d(nn.Module):
         if self.rpb is not None:
             nn.init.trunc_normal_(self.rpb, std=0.02)
         self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
+        self.proj_drop = Dropout(proj_drop)
         self.core = NeighborhoodAttentionCore(num_heads, kernel_size, self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

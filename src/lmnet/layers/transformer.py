@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmnet.layers.dropout import Dropout
 from lmnet.layers.neighborhood_attention import NeighborhoodAttention2d
 
 __all__ = ["Mlp", "MultiHeadSelfAttention", "GlobalFeatureTransformer", "LocalFeatureTransformer"]
@@ -24,9 +25,9 @@ class Mlp(nn.Module):
         hidden = int(dim * ratio)
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
-        self.drop1 = nn.Dropout(drop)
+        self.drop1 = Dropout(drop)
         self.fc2 = nn.Linear(hidden, dim)
-        self.drop2 = nn.Dropout(drop)
+        self.drop2 = Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
