@@ -76,3 +76,37 @@ def test_weights_of_another_model_are_refused_before_anything_is_written(disc_da
     err = capsys.readouterr().err
     assert "do not fit this run" in err and "'lmnet'" in err and "'basic_unet'" in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_warm_restart_of_a_warm_restart_carries_every_stage_in_its_card(
+        disc_data, pretrained_folder, tmp_path):
+    """Stage 2 starts from a pretrained folder and is exported with its card; stage 3 starts from
+    that export. Stage 3's card names three stages: the first from stage 2's card, the second
+    from stage 2's own config, its own last; the time lines of stage 2 say whose they are."""
+    from lmnet.engine.model_card import export_with_card
+
+    stage2 = train(TrainConfig(data=str(disc_data), out=str(tmp_path), name="stage2",
+                               init_weights=str(pretrained_folder), **SMALL), progress=False)
+    shipped2 = export_with_card(stage2, tmp_path / "stage2_weights")
+    card2 = (shipped2 / "README.md").read_text()
+    assert "**Stage 2** (this run)" in card2 and "**Stage 3**" not in card2
+    stage3 = train(TrainConfig(data=str(disc_data), out=str(tmp_path), name="stage3",
+                               init_weights=str(shipped2), **{**SMALL, "lr": 5e-4, "epochs": 2}),
+                   progress=False)
+    init = json.loads((stage3 / "init.json").read_text())
+    assert any(line.startswith("**Stage 2** (this run)") for line in init["card_recipe"])
+    card3 = model_card(stage3, curve=False)
+    recipe = card3.split("## Recipe")[1].split("## Training time")[0]
+    stages = [line for line in recipe.splitlines() if line.startswith("- **Stage")]
+    assert [s.split("**")[1] for s in stages] == ["Stage 1", "Stage 2", "Stage 3"], stages
+    assert "(from `stage2_weights`'s own card)" in stages[0] and "`pretrained`" in stages[0]
+    assert "(the starting weights): `stage2_weights`" in stages[1]
+    assert "a warm restart of stage 1 in deployed form, trained for 1 epochs" in stages[1]
+    assert "lr 0.001" in stages[1] and "(this run)" in stages[2]
+    assert "lr 0.0005" in recipe.split(stages[2])[1]  # this run's own schedule follows
+    assert "starting from the weights of stage 2" in recipe
+    times = card3.split("## Training time and machine")[1].split("## ")[0]
+    assert "2 of 2 epochs (stage 3; earlier stages below)" in times
+    assert "- Stage 2, from its own card: 1 of 1 epochs (stage 2; " in times
+    assert "Stage 2, from its own card: Stage" not in times
+    assert "(after the 2 earlier stages above)" in card3

@@ -5,6 +5,7 @@ number is read from the run folder; nothing is typed in by hand."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -104,20 +105,66 @@ def _schedule(cfg: TrainConfig) -> str:
             f"{f' ({cfg.grad_accum} micro-batches)' if cfg.grad_accum > 1 else ''}")
 
 
+def _source_stages(init: dict[str, Any]) -> list[str]:
+    """The stage lines (``**Stage k** ...``) of the starting weights' own card, if it has any."""
+    return [line for line in init.get("card_recipe", []) if line.startswith("**Stage ")]
+
+
+def earlier_stage_count(init: dict[str, Any] | None) -> int:
+    """How many stages trained the weights a run started from: 0 without ``init.json``, 1 for
+    weights trained in one run, more for weights that were themselves a warm restart (their own
+    card lists their stages)."""
+    if not init:
+        return 0
+    return max(len(_source_stages(init)), 1)
+
+
 def init_section(init: dict[str, Any] | None) -> list[str]:
-    """The recipe's first stage, for a run that started from trained weights (``init.json``)."""
+    """The stages before this run, for a run that started from trained weights (``init.json``),
+    and this run's stage line. Weights that were themselves a warm restart bring their earlier
+    stages from their own card; their last stage is described from their training config."""
     if not init:
         return []
     src = TrainConfig.from_dict(init["train_config"])
+    name = Path(init["source"]).name or init["source"]
     done = f", {init['epochs_done']} of them trained" if "epochs_done" in init else ""
-    return [
-        f"- **Stage 1** (the starting weights): `{Path(init['source']).name or init['source']}`, "
-        f"a {init['kind']}, trained for {src.epochs} epochs{done}: {_sizes(src)}; "
-        f"{_schedule(src)}.",
-        f"- **Stage 2** (this run): a warm restart from those weights "
-        f"({init['form']} form{': the re-parameterised network, without batch normalisation, is what trains' if init['form'] == 'deployed' else ''}) "
-        "with a new schedule, as follows.",
-    ]
+    n = earlier_stage_count(init)
+    if n == 1:
+        lines = [f"- **Stage 1** (the starting weights): `{name}`, a {init['kind']}, trained for "
+                 f"{src.epochs} epochs{done}: {_sizes(src)}; {_schedule(src)}."]
+    else:
+        lines = ["- " + re.sub(r"^\*\*Stage \d+\*\*( \([^)]*\))?",
+                               f"**Stage {k}** (from `{name}`'s own card)", line)
+                 for k, line in enumerate(_source_stages(init)[:-1], start=1)]
+        lines.append(f"- **Stage {n}** (the starting weights): `{name}`, a {init['kind']}, a warm "
+                     f"restart of stage {n - 1}"
+                     f"{' in deployed form' if src.deployed_form else ''}, trained for "
+                     f"{src.epochs} epochs{done}: {_sizes(src)}; {_schedule(src)}.")
+    form = init["form"]
+    lines.append(
+        f"- **Stage {n + 1}** (this run): a warm restart from those weights ({form} form"
+        f"{': the re-parameterised network, without batch normalisation, is what trains' if form == 'deployed' else ''}) "
+        "with a new schedule, as follows.")
+    return lines
+
+
+def earlier_time_and_machine(init: dict[str, Any] | None) -> list[str]:
+    """The starting weights' wall-clock and machine lines from their own card, each saying which
+    stage it is about (lines that already name a stage are kept as they are)."""
+    n = earlier_stage_count(init)
+    return [line if line.startswith("Stage ") else f"Stage {n}, from its own card: {line}"
+            for line in (init or {}).get("time_and_machine", [])]
+
+
+def _stage_note(init: dict[str, Any] | None) -> str:
+    """What the card's first time line says of the stages: none for a run from scratch."""
+    if not init:
+        return ""
+    n = earlier_stage_count(init)
+    below = "stage 1 below" if n == 1 else "earlier stages below"
+    if init.get("time_and_machine"):
+        return f" (stage {n + 1}; {below})"
+    return f" (stage {n + 1}; the time and machine of stage {n} are in its own card)"
 
 
 def model_card(run: str | Path, title: str | None = None, curve: bool = True,
@@ -143,8 +190,13 @@ def model_card(run: str | Path, title: str | None = None, curve: bool = True,
     threads = env.get("threads")
     sizes = _sizes(cfg)
     init = RunFolder(run).read_init()
-    stage1 = (f"{TrainConfig.from_dict(init['train_config']).epochs}" if init else "")
-    start = "starting from the weights of stage 1" if init else "the authors' initialisation"
+    earlier = earlier_stage_count(init)
+    if earlier == 1:
+        after = f" (after stage 1's {TrainConfig.from_dict(init['train_config']).epochs})"
+    else:
+        after = f" (after the {earlier} earlier stages above)" if earlier else ""
+    start = (f"starting from the weights of stage {earlier}" if init
+             else "the authors' initialisation")
     lines = [
         "---",
         "library_name: lmnet",
@@ -207,16 +259,14 @@ def model_card(run: str | Path, title: str | None = None, curve: bool = True,
         "",
         "## Training time and machine",
         "",
-        f"- {epoch_done} of {cfg.epochs} epochs" + ((" (stage 2; stage 1 below)" if init.get("time_and_machine")
-                                                    else " (stage 2; stage 1's time and machine are "
-                                                    "in its own card)") if init else "") +
+        f"- {epoch_done} of {cfg.epochs} epochs" + _stage_note(init) +
         f", {hours:.1f} hours of training (sum of the logged "
         "epoch times, validation included; start-up and pauses between sessions not counted)"
         + (f", in {len(sessions)} session{'s (a start and `lmnet train --resume`s)' if len(sessions) > 1 else ''}."
            if sessions else "."),
         f"- Machine: {machine}" + (f", {threads} threads" if threads else "") +
         (f"; CUDA {env['cuda']}" if env.get("cuda") else ", CPU only") + ".",
-        *(f"- Stage 1, from its own card: {line}" for line in (init or {}).get("time_and_machine", [])),
+        *(f"- {line}" for line in earlier_time_and_machine(init)),
         "",
     ]
     metrics = _metrics_rows(run)
@@ -255,7 +305,7 @@ def model_card(run: str | Path, title: str | None = None, curve: bool = True,
         lines.append(f"- {data['limits']}")
     lines += [
         f"- Trained for {epoch_done} epochs"
-        + (f" (after stage 1's {stage1})" if stage1 else "") + " at a CPU budget, against the paper's 200 at 256 x 256 "
+        + after + " at a CPU budget, against the paper's 200 at 256 x 256 "
         "on a GPU: a longer schedule is likely to do better.",
         "- Images are squeezed to a square of the input size whatever their aspect ratio, as in "
         "training; very small lesions lose detail at that size.",

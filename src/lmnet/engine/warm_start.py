@@ -59,6 +59,7 @@ def initial_weights(cfg: TrainConfig) -> InitialWeights:
     path = Path(source)
     epochs_done = None
     card_lines: list[str] = []
+    card_recipe: list[str] = []
     if path.exists() and not is_pretrained_folder(path):  # a run folder or checkpoint
         ckpt = load_checkpoint(path)
         src_cfg = TrainConfig.from_dict(ckpt["config"])
@@ -76,10 +77,10 @@ def initial_weights(cfg: TrainConfig) -> InitialWeights:
         kind = "pretrained model"
         version = model.pretrained_config.get("lmnet_version")
         card = resolve_pretrained(source) / CARD_NAME
-        if card.is_file():  # stage 1's wall-clock and machine, for the card of the run
-            section = card_section(card.read_text(), "Training time and machine")
-            if section:
-                card_lines = section
+        if card.is_file():  # its recipe, wall-clock and machine, for the card of the run
+            text = card.read_text()
+            card_lines = card_section(text, "Training time and machine")
+            card_recipe = card_section(text, "Recipe")
     for name in ("mean", "std"):
         if list(getattr(src_cfg, name)) != list(getattr(cfg, name)):
             log.warning("note: init_weights %s were trained with %s %s; this run normalises with %s",
@@ -102,6 +103,8 @@ def initial_weights(cfg: TrainConfig) -> InitialWeights:
         record["lmnet_version"] = version
     if card_lines:
         record["time_and_machine"] = card_lines
+    if card_recipe:
+        record["card_recipe"] = card_recipe
     return InitialWeights(source, state, deployed, src_cfg, record)
 
 
