@@ -121,7 +121,21 @@ def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.fixture()
-def ctrl_c_at_step(monkeypatch):
+def sigint_as_in_a_terminal():
+    """SIGINT raises KeyboardInterrupt during the test, as in a terminal, even where the suite runs
+    as a background job (``pytest &`` or ``nohup``), whose SIGINT is inherited as ignored and which
+    lmnet's training rightly leaves ignored."""
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    if before is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+@pytest.fixture()
+def ctrl_c_at_step(monkeypatch, sigint_as_in_a_terminal):
     """``ctrl_c_at_step(n[, sig])``: the n-th loss computation from now on presses Ctrl-C (a real
     SIGINT to this process, or ``sig``), as a user would in the middle of a training step."""
     import os

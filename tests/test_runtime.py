@@ -205,7 +205,7 @@ def _signal_stack() -> tuple[int, int]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sigaltstack: Linux")
-def test_openvino_leaves_a_signal_stack_that_outlives_it():
+def test_openvino_leaves_a_signal_stack_that_outlives_it(sigint_as_in_a_terminal):
     """OpenVINO's CPU plugin swaps the thread's alternate signal stack when it compiles (and may
     put back a freed one later: a segfault at the next Ctrl-C). After lmnet compiles, the stack is
     lmnet's own, which is never freed, and a SIGINT is still an ordinary KeyboardInterrupt."""
