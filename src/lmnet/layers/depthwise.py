@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lmnet.layers.native import native_ops
+from lmnet.layers.native import in_plain_eager, native_ops
 
 __all__ = ["depthwise_convs", "depthwise_conv", "native_backward_applies", "NATIVE"]
 
@@ -55,9 +55,7 @@ def native_backward_applies(convs: Sequence[nn.Conv2d], x: torch.Tensor) -> bool
             and (len(convs) > 1 or _native_weight_grad(convs[0].kernel_size, convs[0].dilation))
             and x.device.type == "cpu" and x.dtype == torch.float32
             and x.is_contiguous(memory_format=torch.channels_last)
-            and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing()
-            and not torch.jit.is_scripting() and not torch.onnx.is_in_onnx_export()
-            and not torch.compiler.is_compiling()
+            and not torch.is_autocast_enabled("cpu") and in_plain_eager()
             and native_ops() is not None)
 
 

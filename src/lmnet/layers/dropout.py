@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lmnet.layers.native import native_ops
+from lmnet.layers.native import in_plain_eager, native_ops
 
 __all__ = ["Dropout", "dropout", "native_dropout_applies", "reference_mask", "NATIVE"]
 
@@ -71,9 +71,7 @@ def native_dropout_applies(x: torch.Tensor, p: float, training: bool) -> bool:
     """Whether :func:`dropout` takes the native kernel: training, ``0 < p < 1``, a float32 CPU
     tensor, outside tracing, export and compilation, the kernels built."""
     return (NATIVE and training and 0.0 < p < 1.0 and x.device.type == "cpu"
-            and x.dtype == torch.float32 and not torch.jit.is_tracing()
-            and not torch.jit.is_scripting() and not torch.onnx.is_in_onnx_export()
-            and not torch.compiler.is_compiling() and native_ops() is not None)
+            and x.dtype == torch.float32 and in_plain_eager() and native_ops() is not None)
 
 
 def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True,

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from lmnet.layers.native import native_ops
+from lmnet.layers.native import in_plain_eager, native_ops
 
 __all__ = ["batchnorm_sum", "reference_batchnorm_sum", "NATIVE", "ACTIVATIONS"]
 
@@ -54,9 +54,7 @@ def _native_applies(zs: Sequence[torch.Tensor], bns: Sequence[nn.BatchNorm2d]) -
             and all(z.shape == z0.shape and z.dtype == z0.dtype
                     and z.is_contiguous(memory_format=torch.channels_last) for z in zs)
             and len({bn.eps for bn in bns}) == 1
-            and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing()
-            and not torch.jit.is_scripting() and not torch.onnx.is_in_onnx_export()
-            and not torch.compiler.is_compiling()
+            and not torch.is_autocast_enabled("cpu") and in_plain_eager()
             and z0.numel() // z0.shape[1] > 1
             and native_ops() is not None)
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["native_ops", "native_status", "SOURCES"]
+__all__ = ["native_ops", "native_status", "in_plain_eager", "SOURCES"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,13 @@ def _build_name() -> str:
     for source in SOURCES:
         h.update(source.read_bytes())
     return "lmnet_native_" + h.hexdigest()[:16]
+
+
+def in_plain_eager() -> bool:
+    """Whether code runs as plain eager PyTorch: not traced, scripted, exported to ONNX or
+    compiled, where a native kernel (opaque to those tools) may stand in for PyTorch's ops."""
+    return not (torch.jit.is_tracing() or torch.jit.is_scripting()
+                or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling())
 
 
 def native_ops(build: bool = True) -> Any | None:
