@@ -6,8 +6,9 @@ threshold, and scaled by ``1 / (1 - p)`` as PyTorch's dropout does; the backward
 same mask from the keys. The mathematics is PyTorch's (each element kept with probability
 ``1 - p``, rounded to a multiple of 2^-24, independently of the others as far as the hash goes);
 the random numbers differ. Why: PyTorch's CPU dropout draws a whole float map of Bernoulli numbers,
-divides, multiplies and keeps the map for its backward, about 5 % of LM-Net's training step; the
-native kernel (``_native/dropout.cpp``) reads the input once and writes the output once.
+divides, multiplies and keeps the map for its backward; the native kernel
+(``_native/dropout.cpp``) reads the input once and writes the output once (the training step's
+gain is measured in ``docs/performance.md``, run 7).
 
 :func:`reference_mask` computes the same mask with PyTorch's integer operations, the fallback the
 tests compare the kernel with. Elsewhere (evaluation, another device or dtype, tracing, export,

@@ -4,11 +4,11 @@
 // element's index in memory order. The backward applies the same mask to the gradient, recomputed
 // from the keys, so no mask is stored between forward and backward.
 //
-// Why by hand: PyTorch's CPU dropout draws a whole float map of Bernoulli numbers (bernoulli_:
-// 115 ms at 8 x 256 x 256 x 24 on two cores of a Zen 3), divides it by 1 - p, multiplies, and
-// keeps that map for the backward: about 5 % of LM-Net's training step, in the transformers'
-// MLPs at full resolution. Here one pass reads x and writes y (21 ms there, as fast as one
-// PyTorch multiply), and each element's mask is a few integer operations on vector registers.
+// Why by hand: PyTorch's CPU dropout draws a whole float map of Bernoulli numbers, divides it by
+// 1 - p, multiplies, and keeps that map for the backward (bernoulli_ alone was 4 % of a profiled
+// LM-Net training step, in the transformers' MLPs at full resolution). Here one pass reads x and
+// writes y, and each element's mask is a few integer operations on vector registers. The whole
+// step with it against PyTorch's dropout: docs/performance.md (training, run 7).
 //
 // The mask depends on the keys and the index only: the same bits on any number of threads;
 // lmnet/layers/dropout.py holds the same hash in PyTorch operations (the tests compare them).
