@@ -191,3 +191,17 @@ def test_model_card_reports_what_the_run_measured(tiny_run, tmp_path, capsys):
     assert f"test {len(split['test'])} images" in card and "not a medical device" in card
     assert "from_pretrained(\"kvasir\")" in card and "research and education" in card
     assert lmnet.from_pretrained(out).pretrained_cfg["input_size"] == [3, 32, 32]
+
+
+def test_each_shipped_card_loads_its_model_by_its_shipped_name():
+    """A shipped card's code and commands name the folder it ships in (``lmnet export`` writes
+    the out folder's name; exporting elsewhere and copying leaves the wrong one)."""
+    from pathlib import Path
+
+    shipped = Path(lmnet.__file__).parent / "pretrained"
+    cards = sorted(shipped.glob("*/README.md"))
+    assert cards
+    for card in cards:
+        text, name = card.read_text(), card.parent.name
+        assert f'lmnet.from_pretrained("{name}")' in text, card
+        assert f"--weights {name} " in text and "--weights /" not in text, card

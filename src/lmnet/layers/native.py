@@ -7,7 +7,8 @@ The build is cached (``$LMNET_NATIVE_CACHE``, else ``$LMNET_CACHE_DIR/native``, 
 the processor and PyTorch's version, so a build made on another machine is never loaded here. The
 first use on a machine (training, or inference: the attention kernel) compiles, about 85 s for the
 four sources on two cores of a Xeon (87.4 s in ``benchmarks/results/train_fast_xeon207.json``;
-:func:`native_status` reports it); later processes load the cached library in a fraction of a second. Where it cannot be built (no compiler, another OS), or
+:func:`native_status` reports it); later processes load the cached library in a fraction of a
+second. Where it cannot be built (no compiler, another OS), or
 with ``LMNET_NATIVE=0``, :func:`native_ops` returns None after a one-line notice and every caller
 runs its pure-PyTorch path, which gives the same numbers.
 """
