@@ -9,14 +9,17 @@ attention (``lmnet.layers.neighborhood_attention.FAST_BACKWARD = False``), PyTor
 BatchNorm modules, summed (``lmnet.layers.fused_norm.NATIVE = False``) and PyTorch's weight
 gradient of the depthwise convolutions (``lmnet.layers.depthwise.NATIVE = False``) and PyTorch's
 dropout (``lmnet.layers.dropout.NATIVE = False``); all switched by
-``lmnet.layers.fast_path.fast_path``. The fast path is today's default. A third variant, the fast
-path with PyTorch's dropout, measures what the hashed-mask dropout adds. Both train the same model (LM-Net, channels-last, fp32, AdamW, the paper's loss)
-on the same random batch; each round takes one step of every variant in turn, so that a noisy
-period of this shared machine slows them alike. The native kernels are built first (their build
-time, on a fresh cache, is reported: it is paid once per machine). ``--bf16`` adds the fast path
-under bf16 autocast. ``--profile`` then profiles one step of the fast path
-(``torch.profiler``, self CPU time per operation) and keeps the 15 largest in the JSON, and the
-25 largest by operation and input shapes (which layer at which resolution).
+``lmnet.layers.fast_path.fast_path``. The fast path is today's default. Two more variants
+measure what one piece of it adds: the fast path with PyTorch's dropout, and with the PyTorch
+formulation of neighborhood attention (``NATIVE_TRAINING = False``: its hand-written backward of
+the interior instead of the native forward and backward). All train the same model (LM-Net,
+channels-last, fp32, AdamW, the paper's loss) on the same random batch; each round takes one
+step of every variant in turn, so that a noisy period of this shared machine slows them alike.
+The native kernels are built first (their build time, on a fresh cache, is reported: it is paid
+once per machine). ``--bf16`` adds the fast path under bf16 autocast. ``--profile`` then
+profiles one step of the fast path (``torch.profiler``, self CPU time per operation) and keeps
+the 15 largest in the JSON, and the 25 largest by operation and input shapes (which layer at
+which resolution).
 
 Prints a table (median seconds per step, images per second, speed-up against stock) and writes
 the JSON with the command, the machine and every step's time.
@@ -37,20 +40,24 @@ from _common import interleaved_times, machine, report  # noqa: E402  (first: on
 
 import lmnet  # noqa: E402
 from lmnet.layers import dropout  # noqa: E402
+from lmnet.layers import neighborhood_attention as na  # noqa: E402
 from lmnet.layers.fast_path import fast_path as path  # noqa: E402
 from lmnet.losses import SegmentationLoss  # noqa: E402
 from lmnet.runtime import keep_freed_memory  # noqa: E402
 
 
 @contextlib.contextmanager
-def switches(fast: bool, hashed_dropout: bool):
-    """The fast path (or not), with the hashed-mask dropout only where ``hashed_dropout``."""
+def switches(fast: bool, hashed_dropout: bool, native_attention: bool):
+    """The fast path (or not), with the hashed-mask dropout only where ``hashed_dropout`` and the
+    native attention kernels only where ``native_attention``."""
     with path(fast):
         dropout.NATIVE = fast and hashed_dropout
+        na.NATIVE_TRAINING = fast and native_attention
         yield
 
 
-def make_step(fast: bool, bf16: bool, size: int, batch: int, hashed_dropout: bool = True):
+def make_step(fast: bool, bf16: bool, size: int, batch: int, hashed_dropout: bool = True,
+              native_attention: bool = True):
     torch.manual_seed(0)
     model = lmnet.create_model("lmnet").to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
@@ -61,9 +68,9 @@ def make_step(fast: bool, bf16: bool, size: int, batch: int, hashed_dropout: boo
 
     def step() -> None:
         ac = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-        with switches(fast, hashed_dropout), ac:
+        with switches(fast, hashed_dropout, native_attention), ac:
             loss = loss_fn(model(x), y)
-        with switches(fast, hashed_dropout):
+        with switches(fast, hashed_dropout, native_attention):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -99,12 +106,15 @@ def main() -> None:
 
     status = native_status()  # loads the cached build in this process
     print(f"native kernels: {status}; a fresh build took {built:.1f} s")
-    variants = {"stock (b5568b3 path)": (False, False, False), "fast": (True, False, True),
-                "fast, PyTorch's dropout": (True, False, False)}
+    # (fast path, bf16 autocast, hashed-mask dropout, native attention training)
+    variants = {"stock (b5568b3 path)": (False, False, False, False),
+                "fast": (True, False, True, True),
+                "fast, PyTorch's dropout": (True, False, False, True),
+                "fast, PyTorch's attention": (True, False, True, False)}
     if args.bf16:
-        variants["fast, bf16 autocast"] = (True, True, True)
-    steps = {name: make_step(fast, bf16, args.size, args.batch, hashed)
-             for name, (fast, bf16, hashed) in variants.items()}
+        variants["fast, bf16 autocast"] = (True, True, True, True)
+    steps = {name: make_step(fast, bf16, args.size, args.batch, hashed, attention)
+             for name, (fast, bf16, hashed, attention) in variants.items()}
     t0 = time.perf_counter()
     times = interleaved_times(steps, repeats=args.rounds, per_round=1, warmup=2)
     base = sorted(times["stock (b5568b3 path)"])[len(times["stock (b5568b3 path)"]) // 2]

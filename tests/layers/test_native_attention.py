@@ -1,8 +1,9 @@
-"""The native neighborhood-attention forward (``layers/_native/neighborhood_attention.cpp``) equals
+"""The native neighborhood-attention kernels (``layers/_native/neighborhood_attention.cpp``) equal
 the whole-map PyTorch formulation within fp32 rounding: LM-Net's shapes, odd map sizes, every
 window size, with and without a position bias, a custom scale, the same bits on one thread or two;
-it runs only outside autograd, refuses what it cannot compute with an error, and the model gives
-the same logits with it and without it."""
+the forward alone outside autograd, forward and backward in training (every input's gradient
+against autograd of the PyTorch formulation in float64); they refuse what they cannot compute
+with an error, and the model gives the same logits with them and without them."""
 from __future__ import annotations
 
 import pytest
@@ -11,7 +12,8 @@ import torch
 import lmnet
 from lmnet.layers import neighborhood_attention as na
 from lmnet.layers.native import native_ops
-from lmnet.layers.neighborhood_attention import native_forward_applies, neighborhood_attention_2d
+from lmnet.layers.neighborhood_attention import (native_forward_applies, native_training_applies,
+                                                 neighborhood_attention_2d)
 
 pytestmark = pytest.mark.skipif(native_ops() is None, reason="lmnet's native kernels do not build here")
 
@@ -86,9 +88,104 @@ def test_only_outside_autograd():
     with torch.no_grad():
         assert native_forward_applies(q, k, v, rpb)
     assert not native_forward_applies(q.double(), k.double(), v.double(), None)
-    # with autograd recording, the result still has its gradient (the PyTorch formulation ran)
+    # with autograd recording, the result still has its gradient (the training kernels ran)
+    assert native_training_applies(q, k, v, rpb)
     neighborhood_attention_2d(q, k, v, 2, 3, rpb).sum().backward()
     assert rpb.grad is not None and rpb.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("shape,heads,ks,bias", [
+    ((2, 12, 14, 15), 12, 3, True),    # LM-Net's full-resolution attention: 12 heads of 1 channel
+    ((2, 24, 33, 17), 12, 3, True),    # odd sizes, 2 channels a head
+    ((1, 8, 9, 11), 2, 5, False),      # no bias
+    ((1, 6, 7, 7), 3, 7, True),        # the window as large as the map: every query a border one
+    ((3, 16, 12, 10), 4, 5, True),
+    ((2, 96, 8, 8), 12, 3, True),      # LM-Net's coarsest attention: 8 channels a head
+])
+def test_native_training_gradients_equal_autograd_in_float64(shape, heads, ks, bias):
+    g = torch.Generator().manual_seed(4)
+    inputs64 = [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(3)]
+    if bias:
+        inputs64.append(torch.randn(heads, 2 * ks - 1, 2 * ks - 1, generator=g,
+                                    dtype=torch.float64))
+    grad64 = torch.randn(shape, generator=g, dtype=torch.float64)
+
+    def run(inputs: list, grad: torch.Tensor, native: bool) -> tuple:
+        inputs = [t.clone().requires_grad_() for t in inputs]
+        rpb = inputs[3] if bias else None
+        before = na.NATIVE_TRAINING
+        try:
+            na.NATIVE_TRAINING = native
+            assert native_training_applies(*inputs[:3], rpb) == native
+            out = neighborhood_attention_2d(*inputs[:3], heads, ks, rpb)
+        finally:
+            na.NATIVE_TRAINING = before
+        return out, torch.autograd.grad(out, inputs, grad)
+
+    out64, grads64 = run(inputs64, grad64, native=False)  # float64: not the native kernel's type
+    out, grads = run([t.float() for t in inputs64], grad64.float(), native=True)
+    assert torch.allclose(out.double(), out64, rtol=1e-5, atol=1e-5)
+    assert len(grads) == len(grads64) == len(inputs64)
+    for name, a, b in zip("qkv", grads, grads64):
+        scale = float(b.abs().max())
+        assert scale > 0 and torch.allclose(a.double(), b, rtol=1e-5, atol=1e-5 * scale), \
+            (name, float((a.double() - b).abs().max()), scale)
+    if bias:  # sums over the batch and the map: rounding relative to the sum of magnitudes
+        assert torch.allclose(grads[3].double(), grads64[3], rtol=1e-5, atol=1e-4), \
+            float((grads[3].double() - grads64[3]).abs().max())
+
+
+def test_native_training_with_a_window_of_one():
+    """A window of one key: its weight is 1 whatever the logits: only the values get a gradient."""
+    q, k, v = (torch.randn(1, 4, 5, 6, requires_grad=True) for _ in range(3))
+    rpb = torch.randn(2, 1, 1, requires_grad=True)
+    assert native_training_applies(q, k, v, rpb)
+    out = neighborhood_attention_2d(q, k, v, 2, 1, rpb)
+    grad = torch.randn_like(out)
+    dq, dk, dv, drpb = torch.autograd.grad(out, (q, k, v, rpb), grad)
+    assert torch.equal(out, v) and torch.equal(dv, grad)
+    assert not dq.any() and not dk.any() and not drpb.any()
+
+
+def test_native_training_takes_the_model_s_strided_gradient_and_bits_on_one_thread_or_two():
+    """The gradient arrives channels-last (the output projection reads the map permuted), and
+    the backward's bits do not depend on the thread count (dk, dv and the bias's gradient are
+    summed per (batch, head) plane and then over the batch in a fixed order)."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 24, 21, 19, generator=g) for _ in range(3))
+    rpb = torch.randn(12, 5, 5, generator=g)
+    grad = torch.randn(2, 21, 19, 24, generator=g).permute(0, 3, 1, 2)  # channels-last strides
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            inputs = [t.clone().requires_grad_() for t in (q, k, v, rpb)]
+            out = neighborhood_attention_2d(*inputs[:3], 12, 3, inputs[3])
+            results.append((out, *torch.autograd.grad(out, inputs, grad)))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    contiguous = [t.clone().requires_grad_() for t in (q, k, v, rpb)]
+    out = neighborhood_attention_2d(*contiguous[:3], 12, 3, contiguous[3])
+    for a, b in zip(torch.autograd.grad(out, contiguous, grad.contiguous()), results[0][1:]):
+        assert torch.equal(a, b)
+
+
+def test_native_training_applies_only_where_it_should():
+    q, k, v = (torch.randn(1, 4, 6, 6, requires_grad=True) for _ in range(3))
+    assert native_training_applies(q, k, v, None)
+    with torch.no_grad():
+        assert not native_training_applies(q, k, v, None)  # the forward kernel's case
+    assert not native_training_applies(q.detach(), k.detach(), v.detach(), None)
+    assert not native_training_applies(q.double(), k.double(), v.double(), None)
+    before = na.NATIVE_TRAINING
+    try:
+        na.NATIVE_TRAINING = False
+        assert not native_training_applies(q, k, v, None)
+    finally:
+        na.NATIVE_TRAINING = before
 
 
 @pytest.mark.parametrize("call,message", [
@@ -106,6 +203,23 @@ def test_only_outside_autograd():
         q.double(), q.double(), q.double(), None, 2, 3, 1.0), "float32"),
 ])
 def test_kernel_refuses_what_it_cannot_compute(call, message):
+    with pytest.raises(RuntimeError, match=message):
+        call(torch.randn(1, 4, 6, 6))
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda q: torch.ops.lmnet_native.neighborhood_attention_backward(q[:, :, 1:], q, q, q, None,
+                                                                       2, 3, 1.0), "gradient"),
+    (lambda q: torch.ops.lmnet_native.neighborhood_attention_backward(q.double(), q, q, q, None,
+                                                                       2, 3, 1.0), "gradient"),
+    (lambda q: torch.ops.lmnet_native.neighborhood_attention_backward(q, q, q, q[:, :2], None,
+                                                                       2, 3, 1.0), "one shape"),
+    (lambda q: torch.ops.lmnet_native.neighborhood_attention_backward(
+        q, q, q, q, torch.zeros(2, 5, 4), 2, 3, 1.0), "bias"),
+    (lambda q: torch.ops.lmnet_native.neighborhood_attention_backward(q, q, q, q, None,
+                                                                       2, 9, 1.0), "fit"),
+])
+def test_backward_kernel_refuses_what_it_cannot_compute(call, message):
     with pytest.raises(RuntimeError, match=message):
         call(torch.randn(1, 4, 6, 6))
 

@@ -14,11 +14,13 @@ indices, one softmax. Every step is a whole-map tensor op (about 33 of them, wha
 so the memory use is a few copies of the map, autograd works, and the graph exports to ONNX with
 dynamic batch and spatial size.
 
-Outside autograd (inference, validation) on float32 CPU maps, the same mathematics runs as one
-native kernel where lmnet's native library loads (``neighborhood_attention_forward`` in
-``layers/_native``: one pass over the map instead of the whole-map operations above; equal to them
-within float rounding, a test compares the two); :class:`NeighborhoodAttentionCore` is the module
-around it that the OpenVINO engine replaces by the same kernel (``lmnet.deploy.openvino_ops``).
+On float32 CPU maps the same mathematics runs as native kernels where lmnet's native library
+loads (``layers/_native/neighborhood_attention.cpp``: one pass over the map instead of the
+whole-map operations above; equal to them within float rounding, tests compare the two): outside
+autograd (inference, validation) ``neighborhood_attention_forward``, and in training the same
+forward with ``neighborhood_attention_backward`` (:class:`_NativeAttention`), which recomputes the
+window weights instead of keeping them. :class:`NeighborhoodAttentionCore` is the module around
+it that the OpenVINO engine replaces by the forward kernel (``lmnet.deploy.openvino_ops``).
 """
 from __future__ import annotations
 
@@ -28,10 +30,11 @@ import torch
 from torch import nn
 
 from lmnet.layers.dropout import Dropout
-from lmnet.layers.native import native_ops
+from lmnet.layers.native import in_plain_eager, native_ops
 
 __all__ = ["neighborhood_window_index", "neighborhood_attention_2d", "NeighborhoodAttention2d",
-           "NeighborhoodAttentionCore", "native_forward_applies", "FAST_BACKWARD", "NATIVE_FORWARD"]
+           "NeighborhoodAttentionCore", "native_forward_applies", "native_training_applies",
+           "FAST_BACKWARD", "NATIVE_FORWARD", "NATIVE_TRAINING"]
 
 #: Train with :class:`_InteriorAttention`'s hand-written backward (the same mathematics as
 #: autograd's, several times faster on a CPU). False: autograd's own, as lmnet did before; for
@@ -41,6 +44,11 @@ FAST_BACKWARD = True
 #: Outside autograd, compute with the native kernel where it applies
 #: (:func:`native_forward_applies`). False: the whole-map PyTorch operations, as lmnet did before.
 NATIVE_FORWARD = True
+
+#: Under autograd, compute forward and backward with the native kernels where they apply
+#: (:func:`native_training_applies`). False: the PyTorch formulation (with :data:`FAST_BACKWARD`'s
+#: hand-written backward of the interior), as lmnet did before; for comparisons.
+NATIVE_TRAINING = True
 
 def neighborhood_window_index(length: int, kernel_size: int, device: torch.device | None = None
                               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,6 +259,37 @@ def native_forward_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             and native_ops(build=False) is not None)
 
 
+def native_training_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            rpb: torch.Tensor | None) -> bool:
+    """Whether :func:`neighborhood_attention_2d` trains with the native kernels on these inputs:
+    float32 CPU maps that autograd records, in plain eager PyTorch (not traced, exported or
+    compiled), the native library built (training builds it on first use)."""
+    tensors = (q, k, v) if rpb is None else (q, k, v, rpb)
+    return (NATIVE_TRAINING and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and in_plain_eager() and native_ops() is not None)
+
+
+class _NativeAttention(torch.autograd.Function):
+    """The native forward and backward; the backward recomputes the window weights from ``q`` and
+    ``k`` (one pass over a row of queries) instead of keeping a ``ks * ks`` map per head."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, rpb, heads, ks, scale):  # noqa: ANN001, ANN205 - autograd.Function
+        ctx.save_for_backward(q, k, v, rpb)
+        ctx.args = (heads, ks, scale)
+        return native_ops().neighborhood_attention_forward(q, k, v, rpb, heads, ks, scale)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205 - autograd.Function signature
+        q, k, v, rpb = ctx.saved_tensors
+        ops = native_ops()
+        dq, dk, dv, drpb = ops.neighborhood_attention_backward(grad, q, k, v, rpb, *ctx.args)
+        need = ctx.needs_input_grad
+        return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
+                drpb if rpb is not None and need[3] else None, None, None, None)
+
+
 def neighborhood_attention_2d(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -287,6 +326,8 @@ def neighborhood_attention_2d(
     scale = d ** -0.5 if scale is None else scale
     if native_forward_applies(q, k, v, rpb):
         return native_ops().neighborhood_attention_forward(q, k, v, rpb, h, ks, float(scale))
+    if native_training_applies(q, k, v, rpb):
+        return _NativeAttention.apply(q, k, v, rpb, h, ks, float(scale))
     q = (q * scale).reshape(B, h, d, H, W)
     k = k.reshape(B, h, d, H, W)
     v = v.reshape(B, h, d, H, W)

@@ -1,4 +1,4 @@
-// 2-D neighborhood attention, forward only (inference), on channels-first float32 maps
+// 2-D neighborhood attention, forward and backward, on channels-first float32 maps
 // q, k, v (B, heads * d, H, W), the window of a query at (i, j) the ks x ks keys starting at
 // row clamp(i - ks / 2, 0, H - ks) and column clamp(j - ks / 2, 0, W - ks), as NATTEN and
 // lmnet.layers.neighborhood_attention (which is the reference this is tested against):
@@ -44,20 +44,20 @@ inline float exp_nonpositive(float x) {
   return p * scale;
 }
 
-// One row i of queries of one (batch, head): q, k, v point at the head's d channels (plane
-// stride HW); logits is a ks * ks * W scratch buffer, m and s two W-float ones.
-void attend_row(const float* q, const float* k, const float* v, const float* bias, float* out,
-                int64_t d, int64_t H, int64_t W, int64_t ks, int64_t i, float scale,
-                float* logits, float* m, float* s) {
+// The softmax weights of row i of queries of one (batch, head) over their windows: q, k point at
+// the head's d channels (plane stride HW); w[p * W + j], p = a * ks + b, receives the weight of
+// window position (a, b) of query (i, j); m and s are two W-float scratch buffers.
+void row_weights(const float* q, const float* k, const float* bias, int64_t d, int64_t H,
+                 int64_t W, int64_t ks, int64_t i, float scale, float* w, float* m, float* s) {
   const int64_t HW = H * W, r = ks / 2, nb = 2 * ks - 1;
   const int64_t rs = std::clamp<int64_t>(i - r, 0, H - ks);
   const int64_t lo = std::min<int64_t>(r, W), hi = std::max<int64_t>(lo, W - r);
-  // logits[p * W + j], p = a * ks + b: the interior columns [lo, hi), whose window starts at
-  // j - r, as vector loops over j; the r border columns on each side one by one.
+  // the logits: the interior columns [lo, hi), whose window starts at j - r, as vector loops
+  // over j; the r border columns on each side one by one.
   for (int64_t a = 0; a < ks; ++a) {
     const int64_t kr = rs + a, brow = kr - i + ks - 1;
     for (int64_t b = 0; b < ks; ++b) {
-      float* L = logits + (a * ks + b) * W;
+      float* L = w + (a * ks + b) * W;
       const float bc = bias ? bias[brow * nb + b + r] : 0.f;  // kc - j + ks - 1 = b + r inside
       for (int64_t j = lo; j < hi; ++j) L[j] = 0.f;
       for (int64_t c = 0; c < d; ++c) {
@@ -82,15 +82,15 @@ void attend_row(const float* q, const float* k, const float* v, const float* bia
   }
   // softmax over the window, per column
   const int64_t P = ks * ks;
-  for (int64_t j = 0; j < W; ++j) m[j] = logits[j];
+  for (int64_t j = 0; j < W; ++j) m[j] = w[j];
   for (int64_t p = 1; p < P; ++p) {
-    const float* L = logits + p * W;
+    const float* L = w + p * W;
 #pragma omp simd
     for (int64_t j = 0; j < W; ++j) m[j] = std::max(m[j], L[j]);
   }
   for (int64_t j = 0; j < W; ++j) s[j] = 0.f;
   for (int64_t p = 0; p < P; ++p) {
-    float* L = logits + p * W;
+    float* L = w + p * W;
 #pragma omp simd
     for (int64_t j = 0; j < W; ++j) {
       L[j] = exp_nonpositive(L[j] - m[j]);
@@ -100,18 +100,27 @@ void attend_row(const float* q, const float* k, const float* v, const float* bia
 #pragma omp simd
   for (int64_t j = 0; j < W; ++j) s[j] = 1.f / s[j];
   for (int64_t p = 0; p < P; ++p) {
-    float* L = logits + p * W;
+    float* L = w + p * W;
 #pragma omp simd
     for (int64_t j = 0; j < W; ++j) L[j] *= s[j];
   }
-  // out = sum over the window of weight * value
+}
+
+// Row i of the output: out = sum over the window of weight * value, v and out as q above.
+void attend_row(const float* q, const float* k, const float* v, const float* bias, float* out,
+                int64_t d, int64_t H, int64_t W, int64_t ks, int64_t i, float scale,
+                float* w, float* m, float* s) {
+  row_weights(q, k, bias, d, H, W, ks, i, scale, w, m, s);
+  const int64_t HW = H * W, r = ks / 2;
+  const int64_t rs = std::clamp<int64_t>(i - r, 0, H - ks);
+  const int64_t lo = std::min<int64_t>(r, W), hi = std::max<int64_t>(lo, W - r);
   for (int64_t c = 0; c < d; ++c) {
     float* o = out + c * HW + i * W;
     for (int64_t j = 0; j < W; ++j) o[j] = 0.f;
     for (int64_t a = 0; a < ks; ++a) {
       const int64_t kr = rs + a;
       for (int64_t b = 0; b < ks; ++b) {
-        const float* L = logits + (a * ks + b) * W;
+        const float* L = w + (a * ks + b) * W;
         const float* vp = v + c * HW + kr * W + b - r;
 #pragma omp simd
         for (int64_t j = lo; j < hi; ++j) o[j] += L[j] * vp[j];
@@ -126,27 +135,144 @@ void attend_row(const float* q, const float* k, const float* v, const float* bia
   }
 }
 
+// The backward of row i (training): the weights w recomputed from q and k (cheaper than keeping
+// a ks * ks map per head from the forward and reading it back), then with g = d out:
+//     dw[p] = sum_c g[c] v[c, key_p]            dl[p] = w[p] (dw[p] - sum_p' w[p'] dw[p'])
+//     dq[c] = scale sum_p dl[p] k[c, key_p]     dk[c, key_p] += scale q[c] dl[p]
+//     dv[c, key_p] += w[p] g[c]                 dbias[key_p - (i, j) + ks - 1] += dl[p]
+// dq's row is written, dk and dv accumulate into the plane (the caller zero-fills them; one
+// thread owns a plane), dbias into the plane's nb * nb doubles. dl is a ks * ks * W buffer.
+void attend_row_backward(const float* q, const float* k, const float* v, const float* bias,
+                         const float* g, float* dq, float* dk, float* dv, double* dbias,
+                         int64_t d, int64_t H, int64_t W, int64_t ks, int64_t i, float scale,
+                         float* w, float* dl, float* m, float* s) {
+  row_weights(q, k, bias, d, H, W, ks, i, scale, w, m, s);
+  const int64_t HW = H * W, r = ks / 2, nb = 2 * ks - 1, P = ks * ks;
+  const int64_t rs = std::clamp<int64_t>(i - r, 0, H - ks);
+  const int64_t lo = std::min<int64_t>(r, W), hi = std::max<int64_t>(lo, W - r);
+  // dw into dl
+  for (int64_t a = 0; a < ks; ++a) {
+    const int64_t kr = rs + a;
+    for (int64_t b = 0; b < ks; ++b) {
+      float* D = dl + (a * ks + b) * W;
+      for (int64_t j = 0; j < W; ++j) D[j] = 0.f;
+      for (int64_t c = 0; c < d; ++c) {
+        const float* gr = g + c * HW + i * W;
+        const float* vp = v + c * HW + kr * W + b - r;
+#pragma omp simd
+        for (int64_t j = lo; j < hi; ++j) D[j] += gr[j] * vp[j];
+        for (int64_t j = 0; j < W; ++j) {
+          if (j == lo) j = hi;
+          if (j >= W) break;
+          const int64_t kc = std::clamp<int64_t>(j - r, 0, W - ks) + b;
+          D[j] += gr[j] * v[c * HW + kr * W + kc];
+        }
+      }
+    }
+  }
+  // the softmax's backward: dl = w (dw - sum_p w dw)
+  for (int64_t j = 0; j < W; ++j) m[j] = 0.f;
+  for (int64_t p = 0; p < P; ++p) {
+    const float* L = w + p * W;
+    const float* D = dl + p * W;
+#pragma omp simd
+    for (int64_t j = 0; j < W; ++j) m[j] += L[j] * D[j];
+  }
+  for (int64_t p = 0; p < P; ++p) {
+    const float* L = w + p * W;
+    float* D = dl + p * W;
+#pragma omp simd
+    for (int64_t j = 0; j < W; ++j) D[j] = L[j] * (D[j] - m[j]);
+  }
+  // the bias: one table entry per window position inside, the border's column by column
+  if (dbias) {
+    for (int64_t a = 0; a < ks; ++a) {
+      const int64_t brow = rs + a - i + ks - 1;
+      for (int64_t b = 0; b < ks; ++b) {
+        const float* D = dl + (a * ks + b) * W;
+        float inner = 0.f;
+#pragma omp simd reduction(+ : inner)
+        for (int64_t j = lo; j < hi; ++j) inner += D[j];
+        dbias[brow * nb + b + r] += inner;
+        for (int64_t j = 0; j < W; ++j) {
+          if (j == lo) j = hi;
+          if (j >= W) break;
+          const int64_t kc = std::clamp<int64_t>(j - r, 0, W - ks) + b;
+          dbias[brow * nb + kc - j + ks - 1] += D[j];
+        }
+      }
+    }
+  }
+  // dq, dk and dv, channel by channel
+  for (int64_t c = 0; c < d; ++c) {
+    const float* qr = q + c * HW + i * W;
+    const float* gr = g + c * HW + i * W;
+    float* dqr = dq + c * HW + i * W;
+    for (int64_t j = 0; j < W; ++j) dqr[j] = 0.f;
+    for (int64_t a = 0; a < ks; ++a) {
+      const int64_t kr = rs + a;
+      for (int64_t b = 0; b < ks; ++b) {
+        const float* L = w + (a * ks + b) * W;
+        const float* D = dl + (a * ks + b) * W;
+        const int64_t off = c * HW + kr * W + b - r;
+        const float* kp = k + off;
+        float* dkp = dk + off;
+        float* dvp = dv + off;
+#pragma omp simd
+        for (int64_t j = lo; j < hi; ++j) {
+          dqr[j] += D[j] * kp[j];
+          dkp[j] += D[j] * (qr[j] * scale);
+          dvp[j] += L[j] * gr[j];
+        }
+        for (int64_t j = 0; j < W; ++j) {
+          if (j == lo) j = hi;
+          if (j >= W) break;
+          const int64_t at = c * HW + kr * W + std::clamp<int64_t>(j - r, 0, W - ks) + b;
+          dqr[j] += D[j] * k[at];
+          dk[at] += D[j] * (qr[j] * scale);
+          dv[at] += L[j] * gr[j];
+        }
+      }
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < W; ++j) dqr[j] *= scale;
+  }
+}
+
+// The inputs' checks, shared by the forward and the backward; returns the bias, contiguous
+// (undefined where there is none).
+at::Tensor check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
+                        const at::Tensor& v, const c10::optional<at::Tensor>& rpb_in,
+                        int64_t heads, int64_t ks) {
+  TORCH_CHECK(q.dim() == 4 && q.sizes() == k.sizes() && q.sizes() == v.sizes(), "lmnet ", op,
+              ": q, k and v must be (B, C, H, W) of one shape");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
+                  v.scalar_type() == at::kFloat && q.device().is_cpu() && k.device().is_cpu() &&
+                  v.device().is_cpu(),
+              "lmnet ", op, ": float32 CPU tensors only");
+  const int64_t C = q.size(1), H = q.size(2), W = q.size(3);
+  TORCH_CHECK(ks >= 1 && ks % 2 == 1 && H >= ks && W >= ks, "lmnet ", op,
+              ": the window must be odd and fit the map");
+  TORCH_CHECK(heads >= 1 && C % heads == 0, "lmnet ", op,
+              ": the channels do not split into the heads");
+  at::Tensor rpb;
+  if (rpb_in.has_value() && rpb_in->defined()) {
+    rpb = rpb_in->contiguous();
+    TORCH_CHECK(rpb.scalar_type() == at::kFloat && rpb.device().is_cpu() && rpb.dim() == 3 &&
+                    rpb.size(0) == heads && rpb.size(1) == 2 * ks - 1 &&
+                    rpb.size(2) == 2 * ks - 1,
+                "lmnet ", op, ": the bias must be (heads, 2k - 1, 2k - 1)");
+  }
+  return rpb;
+}
+
 at::Tensor neighborhood_attention_forward(const at::Tensor& q_in, const at::Tensor& k_in,
                                           const at::Tensor& v_in,
                                           const c10::optional<at::Tensor>& rpb_in,
                                           int64_t heads, int64_t ks, double scale) {
-  TORCH_CHECK(q_in.dim() == 4 && q_in.sizes() == k_in.sizes() && q_in.sizes() == v_in.sizes(),
-              "lmnet neighborhood_attention_forward: q, k and v must be (B, C, H, W) of one shape");
-  TORCH_CHECK(q_in.scalar_type() == at::kFloat && k_in.scalar_type() == at::kFloat &&
-                  v_in.scalar_type() == at::kFloat && q_in.device().is_cpu(),
-              "lmnet neighborhood_attention_forward: float32 CPU tensors only");
+  const at::Tensor rpb = check_inputs("neighborhood_attention_forward", q_in, k_in, v_in, rpb_in,
+                                      heads, ks);
   const int64_t B = q_in.size(0), C = q_in.size(1), H = q_in.size(2), W = q_in.size(3);
-  TORCH_CHECK(ks >= 1 && ks % 2 == 1 && H >= ks && W >= ks,
-              "lmnet neighborhood_attention_forward: the window must be odd and fit the map");
-  TORCH_CHECK(heads >= 1 && C % heads == 0,
-              "lmnet neighborhood_attention_forward: the channels do not split into the heads");
-  at::Tensor rpb;
-  if (rpb_in.has_value() && rpb_in->defined()) {
-    rpb = rpb_in->contiguous();
-    TORCH_CHECK(rpb.scalar_type() == at::kFloat && rpb.dim() == 3 && rpb.size(0) == heads &&
-                    rpb.size(1) == 2 * ks - 1 && rpb.size(2) == 2 * ks - 1,
-                "lmnet neighborhood_attention_forward: the bias must be (heads, 2k - 1, 2k - 1)");
-  }
   const auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   auto out = at::empty({B, C, H, W}, q.options());
   const int64_t d = C / heads, HW = H * W, nb = 2 * ks - 1;
@@ -169,10 +295,70 @@ at::Tensor neighborhood_attention_forward(const at::Tensor& q_in, const at::Tens
   return out;
 }
 
+// The gradients of neighborhood_attention_forward's inputs given that of its output: dq, dk, dv
+// (B, C, H, W) and the bias's (heads, 2k - 1, 2k - 1), empty where there is no bias. One thread
+// owns a (batch, head) plane, whose keys and values only its own queries read, so dk and dv
+// accumulate without contention; the bias's gradient is summed per plane in double, then over
+// the batch in a fixed order, so the bits do not depend on the thread count.
+std::vector<at::Tensor> neighborhood_attention_backward(
+    const at::Tensor& grad_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const c10::optional<at::Tensor>& rpb_in, int64_t heads, int64_t ks,
+    double scale) {
+  const at::Tensor rpb = check_inputs("neighborhood_attention_backward", q_in, k_in, v_in, rpb_in,
+                                      heads, ks);
+  TORCH_CHECK(grad_in.sizes() == q_in.sizes() && grad_in.scalar_type() == at::kFloat &&
+                  grad_in.device().is_cpu(),
+              "lmnet neighborhood_attention_backward: the gradient must be float32 of q's shape");
+  const int64_t B = q_in.size(0), C = q_in.size(1), H = q_in.size(2), W = q_in.size(3);
+  const auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const auto g = grad_in.contiguous();
+  auto dq = at::empty({B, C, H, W}, q.options());
+  auto dk = at::zeros({B, C, H, W}, q.options());
+  auto dv = at::zeros({B, C, H, W}, q.options());
+  const int64_t d = C / heads, HW = H * W, nb = 2 * ks - 1, P = ks * ks;
+  std::vector<double> dbias(rpb.defined() ? B * heads * nb * nb : 0, 0.0);
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const float* gp = g.data_ptr<float>();
+  const float* bp = rpb.defined() ? rpb.data_ptr<float>() : nullptr;
+  float* dqp = dq.data_ptr<float>();
+  float* dkp = dk.data_ptr<float>();
+  float* dvp = dv.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, B * heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch((2 * P + 2) * W);
+    float* w = scratch.data();
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t h = bh % heads, base = bh * d * HW;
+      double* db = bp ? dbias.data() + bh * nb * nb : nullptr;
+      for (int64_t i = 0; i < H; ++i)
+        attend_row_backward(qp + base, kp + base, vp + base, bp ? bp + h * nb * nb : nullptr,
+                            gp + base, dqp + base, dkp + base, dvp + base, db, d, H, W, ks, i, sc,
+                            w, w + P * W, w + 2 * P * W, w + (2 * P + 1) * W);
+    }
+  });
+  at::Tensor drpb = at::empty({0}, q.options());
+  if (bp) {
+    drpb = at::empty({heads, nb, nb}, q.options());
+    float* out = drpb.data_ptr<float>();
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t e = 0; e < nb * nb; ++e) {
+        double acc = 0.0;
+        for (int64_t b = 0; b < B; ++b) acc += dbias[(b * heads + h) * nb * nb + e];
+        out[h * nb * nb + e] = static_cast<float>(acc);
+      }
+  }
+  return {dq, dk, dv, drpb};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lmnet_native, m) {
   m.def("neighborhood_attention_forward(Tensor q, Tensor k, Tensor v, Tensor? rpb, int heads, "
         "int ks, float scale) -> Tensor",
         &neighborhood_attention_forward);
+  m.def("neighborhood_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor? rpb, "
+        "int heads, int ks, float scale) -> Tensor[]",
+        &neighborhood_attention_backward);
 }
