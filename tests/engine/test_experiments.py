@@ -420,3 +420,25 @@ def test_finished_runs_rebuild_tables_and_figures_from_their_small_files(experim
     assert {f: (out / f).read_bytes() for f in before} == before
     with Image.open(out / "qualitative.png") as im:
         assert np.array_equal(np.asarray(im), figure)
+
+
+def test_a_network_s_size_is_counted_once_a_process(monkeypatch):
+    """The tables are written again after every run of a matrix: each network's parameters and
+    MACs are counted once (counting LM-Net at 256 x 256 takes seconds), per size."""
+    from types import SimpleNamespace
+
+    from lmnet.config import TrainConfig
+    from lmnet.engine import experiment_tables
+    from lmnet.models import _size
+
+    counted, real = [], _size.size_report
+    monkeypatch.setattr(_size, "size_report",
+                        lambda model, name, *a: counted.append(name) or real(model, name, *a))
+    experiment_tables._counted_size.cache_clear()
+    run = SimpleNamespace(config=TrainConfig(model="basic_unet", image_size=32))
+    first = experiment_tables._model_size(run)
+    assert experiment_tables._model_size(run) == first and counted == ["basic_unet"]
+    larger = experiment_tables._model_size(
+        SimpleNamespace(config=TrainConfig(model="basic_unet", image_size=64)))
+    assert counted == ["basic_unet"] * 2
+    assert larger[0] == first[0] and abs(larger[1] / first[1] - 4) < 0.01  # MACs grow with area

@@ -4,10 +4,12 @@ The columns are :mod:`lmnet.metrics.report`'s.
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
 
+from lmnet.config import TrainConfig
 from lmnet.engine.experiment_matrix import (
     ExperimentConfig,
     Run,
@@ -41,11 +43,22 @@ _NOTES = {
 
 def _model_size(run: Run) -> tuple[float, float]:
     """Deployed parameters (M) and MACs (G) at the run's image size."""
+    c = run.config
+    return _counted_size(c.model, json.dumps(c.model_args, sort_keys=True, default=str),
+                         c.in_channels, c.n_classes, c.deployed_form, c.image_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _counted_size(model: str, model_args: str, in_channels: int, n_classes: int,
+                  deployed_form: bool, image_size: int) -> tuple[float, float]:
+    """:func:`_model_size` of one network and size, counted once a process (the tables are
+    written again after every run of a matrix; counting LM-Net's MACs takes seconds)."""
     from lmnet.deploy.checkpoint import build_model
     from lmnet.models._size import size_report
 
-    rep = size_report(build_model(run.config), run.label, run.config.image_size,
-                      run.config.in_channels)
+    config = TrainConfig(model=model, model_args=json.loads(model_args), in_channels=in_channels,
+                         n_classes=n_classes, deployed_form=deployed_form, image_size=image_size)
+    rep = size_report(build_model(config), model, image_size, in_channels)
     return rep.params_deployed / 1e6, rep.macs_deployed / 1e9
 
 
