@@ -10,9 +10,10 @@ BatchNorm modules, summed (``lmnet.layers.fused_norm.NATIVE = False``) and PyTor
 gradient of the depthwise convolutions (``lmnet.layers.depthwise.NATIVE = False``) and PyTorch's
 dropout (``lmnet.layers.dropout.NATIVE = False``); all switched by
 ``lmnet.layers.fast_path.fast_path``. The fast path is today's default. Two more variants
-measure what one piece of it adds: the fast path with PyTorch's dropout, and with the PyTorch
+measure what one piece of it adds: the fast path with PyTorch's dropout, with the PyTorch
 formulation of neighborhood attention (``NATIVE_TRAINING = False``: its hand-written backward of
-the interior instead of the native forward and backward). All train the same model (LM-Net,
+the interior instead of the native forward and backward), and with PyTorch's LayerNorm
+(``lmnet.layers.layer_norm.NATIVE = False``). All train the same model (LM-Net,
 channels-last, fp32, AdamW, the paper's loss) on the same random batch; each round takes one
 step of every variant in turn, so that a noisy period of this shared machine slows them alike.
 The native kernels are built first (their build time, on a fresh cache, is reported: it is paid
@@ -39,7 +40,7 @@ import torch  # noqa: E402
 from _common import interleaved_times, machine, report  # noqa: E402  (first: oneDNN's cache)
 
 import lmnet  # noqa: E402
-from lmnet.layers import dropout  # noqa: E402
+from lmnet.layers import dropout, layer_norm  # noqa: E402
 from lmnet.layers import neighborhood_attention as na  # noqa: E402
 from lmnet.layers.fast_path import fast_path as path  # noqa: E402
 from lmnet.losses import SegmentationLoss  # noqa: E402
@@ -47,17 +48,19 @@ from lmnet.runtime import keep_freed_memory  # noqa: E402
 
 
 @contextlib.contextmanager
-def switches(fast: bool, hashed_dropout: bool, native_attention: bool):
-    """The fast path (or not), with the hashed-mask dropout only where ``hashed_dropout`` and the
-    native attention kernels only where ``native_attention``."""
+def switches(fast: bool, hashed_dropout: bool, native_attention: bool, native_norm: bool):
+    """The fast path (or not), with the hashed-mask dropout only where ``hashed_dropout``, the
+    native attention kernels only where ``native_attention`` and the native LayerNorm only where
+    ``native_norm``."""
     with path(fast):
         dropout.NATIVE = fast and hashed_dropout
         na.NATIVE_TRAINING = fast and native_attention
+        layer_norm.NATIVE = fast and native_norm
         yield
 
 
 def make_step(fast: bool, bf16: bool, size: int, batch: int, hashed_dropout: bool = True,
-              native_attention: bool = True):
+              native_attention: bool = True, native_norm: bool = True):
     torch.manual_seed(0)
     model = lmnet.create_model("lmnet").to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
@@ -68,9 +71,10 @@ def make_step(fast: bool, bf16: bool, size: int, batch: int, hashed_dropout: boo
 
     def step() -> None:
         ac = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-        with switches(fast, hashed_dropout, native_attention), ac:
+        pieces = (hashed_dropout, native_attention, native_norm)
+        with switches(fast, *pieces), ac:
             loss = loss_fn(model(x), y)
-        with switches(fast, hashed_dropout, native_attention):
+        with switches(fast, *pieces):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -106,15 +110,16 @@ def main() -> None:
 
     status = native_status()  # loads the cached build in this process
     print(f"native kernels: {status}; a fresh build took {built:.1f} s")
-    # (fast path, bf16 autocast, hashed-mask dropout, native attention training)
-    variants = {"stock (b5568b3 path)": (False, False, False, False),
-                "fast": (True, False, True, True),
-                "fast, PyTorch's dropout": (True, False, False, True),
-                "fast, PyTorch's attention": (True, False, True, False)}
+    # (fast path, bf16 autocast, hashed-mask dropout, native attention training, native LayerNorm)
+    variants = {"stock (b5568b3 path)": (False, False, False, False, False),
+                "fast": (True, False, True, True, True),
+                "fast, PyTorch's dropout": (True, False, False, True, True),
+                "fast, PyTorch's attention": (True, False, True, False, True),
+                "fast, PyTorch's LayerNorm": (True, False, True, True, False)}
     if args.bf16:
-        variants["fast, bf16 autocast"] = (True, True, True, True)
-    steps = {name: make_step(fast, bf16, args.size, args.batch, hashed, attention)
-             for name, (fast, bf16, hashed, attention) in variants.items()}
+        variants["fast, bf16 autocast"] = (True, True, True, True, True)
+    steps = {name: make_step(fast, bf16, args.size, args.batch, *pieces)
+             for name, (fast, bf16, *pieces) in variants.items()}
     t0 = time.perf_counter()
     times = interleaved_times(steps, repeats=args.rounds, per_round=1, warmup=2)
     base = sorted(times["stock (b5568b3 path)"])[len(times["stock (b5568b3 path)"]) // 2]

@@ -15,7 +15,9 @@ cd "$(dirname "$0")/.."
 asan="$(gcc -print-file-name=libasan.so)"
 stdcxx="$(gcc -print-file-name=libstdc++.so.6)"
 [ -f "$asan" ] || { echo "no libasan.so from gcc here: install gcc's sanitizer runtime" >&2; exit 2; }
-[ "$#" -gt 0 ] || set -- tests/layers/test_fast_path.py tests/layers/test_depthwise.py tests/layers/test_native_attention.py tests/layers/test_dropout.py tests/engine/test_train_seams.py \
+[ "$#" -gt 0 ] || set -- tests/layers/test_fast_path.py tests/layers/test_depthwise.py \
+    tests/layers/test_native_attention.py tests/layers/test_dropout.py \
+    tests/layers/test_layer_norm.py tests/engine/test_train_seams.py \
     "tests/engine/test_experiments.py::test_matrix_skip_resume_and_tables"
 export LMNET_NATIVE_CACHE="${LMNET_ASAN_CACHE:-${TMPDIR:-/tmp}/lmnet-native-asan}"
 export ASAN_OPTIONS="detect_leaks=0${ASAN_OPTIONS:+:$ASAN_OPTIONS}"

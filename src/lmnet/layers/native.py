@@ -5,12 +5,12 @@ PyTorch's extension tools (``torch.utils.cpp_extension``, a C++ compiler needed)
 The build is cached (``$LMNET_NATIVE_CACHE``, else ``$LMNET_CACHE_DIR/native``, else
 ``~/.cache/lmnet/native``) under a name that holds a digest of the sources, the compiler flags,
 the processor and PyTorch's version, so a build made on another machine is never loaded here. The
-first use on a machine (training, or inference: the attention kernel) compiles, about 85 s for the
-four sources on two cores of a Xeon (87.4 s in ``benchmarks/results/train_fast_xeon207.json``;
-:func:`native_status` reports it); later processes load the cached library in a fraction of a
-second. Where it cannot be built (no compiler, another OS), or
-with ``LMNET_NATIVE=0``, :func:`native_ops` returns None after a one-line notice and every caller
-runs its pure-PyTorch path, which gives the same numbers.
+first use on a machine (training, or inference: the attention kernel) compiles, about 90 s for the
+five sources on two cores of a Xeon (88.2 s in
+``benchmarks/results/train_fast_xeon207_layernorm.json``; :func:`native_status` reports it);
+later processes load the cached library in a fraction of a second. Where it cannot be built (no
+compiler, another OS), or with ``LMNET_NATIVE=0``, :func:`native_ops` returns None after a
+one-line notice and every caller runs its pure-PyTorch path, which gives the same numbers.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 #: The C++ sources, compiled into one library.
 SOURCES = tuple(Path(__file__).with_name("_native") / name
                 for name in ("batchnorm_sum.cpp", "depthwise.cpp", "neighborhood_attention.cpp",
-                             "dropout.cpp"))
+                             "dropout.cpp", "layer_norm.cpp"))
 _FLAGS = ["-O3", "-march=native", "-fopenmp"]
 _state: dict[str, Any] = {}
 _lock = threading.Lock()

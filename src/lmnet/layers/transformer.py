@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmnet.layers.dropout import Dropout
+from lmnet.layers.layer_norm import LayerNorm
 from lmnet.layers.neighborhood_attention import NeighborhoodAttention2d
 
 __all__ = ["Mlp", "MultiHeadSelfAttention", "GlobalFeatureTransformer", "LocalFeatureTransformer"]
@@ -84,9 +85,9 @@ class GlobalFeatureTransformer(nn.Module):
         else:
             self.lift = nn.Conv2d(in_channels[-1], dim, 1)
         self.embed = nn.Conv2d(dim, dim, 3, padding=1)
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = LayerNorm(dim)
         self.attn = MultiHeadSelfAttention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
         self.mlp = Mlp(dim, mlp_ratio, drop)
         self.out = nn.Conv2d(dim, out_channels, 1)
 
@@ -117,9 +118,9 @@ class LocalFeatureTransformer(nn.Module):
                  mlp_ratio: float = 2.0, drop: float = 0.1, position_bias: bool = True) -> None:
         super().__init__()
         self.embed = nn.Conv2d(dim, dim, 3, padding=1)
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = LayerNorm(dim)
         self.attn = NeighborhoodAttention2d(dim, num_heads, kernel_size, bias=position_bias)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
         self.mlp = Mlp(dim, mlp_ratio, drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
