@@ -106,32 +106,36 @@ void row_weights(const float* q, const float* k, const float* bias, int64_t d, i
   }
 }
 
+// dst[j] += a[j] * src[kr, kc], over a row j of queries, kc = clamp(j - r, 0, W - ks) + b the
+// column of their window's position b; src is one channel's (H, W) plane. The interior columns
+// as one vector loop (their window starts at j - r), the r border columns on each side one by one.
+inline void add_window_products(float* dst, const float* a, const float* src, int64_t kr,
+                                int64_t b, int64_t W, int64_t ks) {
+  const int64_t r = ks / 2;
+  const int64_t lo = std::min<int64_t>(r, W), hi = std::max<int64_t>(lo, W - r);
+  const float* sp = src + kr * W + b - r;
+#pragma omp simd
+  for (int64_t j = lo; j < hi; ++j) dst[j] += a[j] * sp[j];
+  for (int64_t j = 0; j < W; ++j) {
+    if (j == lo) j = hi;
+    if (j >= W) break;
+    dst[j] += a[j] * src[kr * W + std::clamp<int64_t>(j - r, 0, W - ks) + b];
+  }
+}
+
 // Row i of the output: out = sum over the window of weight * value, v and out as q above.
 void attend_row(const float* q, const float* k, const float* v, const float* bias, float* out,
                 int64_t d, int64_t H, int64_t W, int64_t ks, int64_t i, float scale,
                 float* w, float* m, float* s) {
   row_weights(q, k, bias, d, H, W, ks, i, scale, w, m, s);
-  const int64_t HW = H * W, r = ks / 2;
-  const int64_t rs = std::clamp<int64_t>(i - r, 0, H - ks);
-  const int64_t lo = std::min<int64_t>(r, W), hi = std::max<int64_t>(lo, W - r);
+  const int64_t HW = H * W;
+  const int64_t rs = std::clamp<int64_t>(i - ks / 2, 0, H - ks);
   for (int64_t c = 0; c < d; ++c) {
     float* o = out + c * HW + i * W;
     for (int64_t j = 0; j < W; ++j) o[j] = 0.f;
-    for (int64_t a = 0; a < ks; ++a) {
-      const int64_t kr = rs + a;
-      for (int64_t b = 0; b < ks; ++b) {
-        const float* L = w + (a * ks + b) * W;
-        const float* vp = v + c * HW + kr * W + b - r;
-#pragma omp simd
-        for (int64_t j = lo; j < hi; ++j) o[j] += L[j] * vp[j];
-        for (int64_t j = 0; j < W; ++j) {
-          if (j == lo) j = hi;
-          if (j >= W) break;
-          const int64_t kc = std::clamp<int64_t>(j - r, 0, W - ks) + b;
-          o[j] += L[j] * v[c * HW + kr * W + kc];
-        }
-      }
-    }
+    for (int64_t a = 0; a < ks; ++a)
+      for (int64_t b = 0; b < ks; ++b)
+        add_window_products(o, w + (a * ks + b) * W, v + c * HW, rs + a, b, W, ks);
   }
 }
 
@@ -152,22 +156,11 @@ void attend_row_backward(const float* q, const float* k, const float* v, const f
   const int64_t lo = std::min<int64_t>(r, W), hi = std::max<int64_t>(lo, W - r);
   // dw into dl
   for (int64_t a = 0; a < ks; ++a) {
-    const int64_t kr = rs + a;
     for (int64_t b = 0; b < ks; ++b) {
       float* D = dl + (a * ks + b) * W;
       for (int64_t j = 0; j < W; ++j) D[j] = 0.f;
-      for (int64_t c = 0; c < d; ++c) {
-        const float* gr = g + c * HW + i * W;
-        const float* vp = v + c * HW + kr * W + b - r;
-#pragma omp simd
-        for (int64_t j = lo; j < hi; ++j) D[j] += gr[j] * vp[j];
-        for (int64_t j = 0; j < W; ++j) {
-          if (j == lo) j = hi;
-          if (j >= W) break;
-          const int64_t kc = std::clamp<int64_t>(j - r, 0, W - ks) + b;
-          D[j] += gr[j] * v[c * HW + kr * W + kc];
-        }
-      }
+      for (int64_t c = 0; c < d; ++c)
+        add_window_products(D, g + c * HW + i * W, v + c * HW, rs + a, b, W, ks);
     }
   }
   // the softmax's backward: dl = w (dw - sum_p w dw)
