@@ -268,3 +268,69 @@ def test_inference_loads_a_built_library_but_never_compiles_one(tmp_path):
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "applies True" in out.stdout and "loaded True" in out.stdout
+
+
+@pytest.mark.parametrize("dim,heads,ks,bias,size", [
+    (12, 12, 3, True, (9, 11)),    # LM-Net's full resolution
+    (24, 12, 3, True, (8, 8)),
+    (8, 2, 5, False, (7, 9)),
+])
+def test_the_layer_trains_on_one_qkv_map_as_pytorch_computes_it(dim, heads, ks, bias, size):
+    """In training the layer reads q, k and v in place from one channels-first qkv map and gets
+    its gradient as one tensor: output and every gradient against the PyTorch formulation of the
+    same layer in float64."""
+    import copy
+
+    from lmnet.layers.neighborhood_attention import NeighborhoodAttention2d
+
+    torch.manual_seed(0)
+    layer = NeighborhoodAttention2d(dim, heads, ks, bias=bias).train()
+    x = torch.randn(2, *size, dim)
+    grad = torch.randn_like(x)
+    reference = copy.deepcopy(layer).double()
+    x64 = x.double().requires_grad_()
+    before = na.NATIVE_TRAINING
+    try:
+        na.NATIVE_TRAINING = False
+        assert not reference._trains_natively(x64)
+        out64 = reference(x64)
+        want = torch.autograd.grad(out64, [x64, *reference.parameters()], grad.double())
+    finally:
+        na.NATIVE_TRAINING = before
+    x32 = x.clone().requires_grad_()
+    assert layer._trains_natively(x32)
+    out = layer(x32)
+    got = torch.autograd.grad(out, [x32, *layer.parameters()], grad)
+    assert torch.allclose(out.double(), out64, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got, want):
+        scale = float(b.abs().max())
+        assert torch.allclose(a.double(), b, rtol=1e-5, atol=1e-5 * scale), \
+            float((a.double() - b).abs().max())
+    with torch.no_grad():
+        assert not layer._trains_natively(x)  # evaluation: the inference kernel's path
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # PyTorch's path, in bf16
+        assert not layer._trains_natively(x32)
+        assert layer(x32).dtype == torch.bfloat16
+
+
+def test_kernels_read_channel_slices_in_place_and_write_one_gradient_tensor():
+    """q, k and v cut from one map (a batch stride of 3C planes) give what contiguous copies
+    give, and ``one_tensor`` returns dq, dk and dv as the slices of one gradient map."""
+    g = torch.Generator().manual_seed(6)
+    qkv = torch.randn(2, 36, 11, 10, generator=g)
+    rpb = torch.randn(12, 5, 5, generator=g)
+    grad = torch.randn(2, 12, 11, 10, generator=g)
+    q, k, v = qkv.chunk(3, dim=1)
+    assert not q.is_contiguous()
+    ops = torch.ops.lmnet_native
+    sliced = ops.neighborhood_attention_forward(q, k, v, rpb, 12, 3, 1.0)
+    copied = ops.neighborhood_attention_forward(q.contiguous(), k.contiguous(), v.contiguous(),
+                                                rpb, 12, 3, 1.0)
+    assert torch.equal(sliced, copied)
+    *separate, drpb, empty = ops.neighborhood_attention_backward(
+        grad, q.contiguous(), k.contiguous(), v.contiguous(), rpb, 12, 3, 1.0)
+    dq, dk, dv, drpb_one, dqkv = ops.neighborhood_attention_backward(grad, q, k, v, rpb, 12, 3,
+                                                                     1.0, True)
+    assert empty.numel() == 0 and dqkv.shape == qkv.shape and dqkv.is_contiguous()
+    assert torch.equal(dqkv, torch.cat(separate, dim=1)) and torch.equal(drpb_one, drpb)
+    assert dq.data_ptr() == dqkv.data_ptr()  # slices of it, not copies

@@ -259,6 +259,15 @@ at::Tensor check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k
   return rpb;
 }
 
+// t itself where each batch element's (C, H, W) block is contiguous (a slice of channels of a
+// larger map too, such as q, k and v cut from one qkv projection), else a contiguous copy; the
+// kernels index a batch element by the tensor's own batch stride.
+at::Tensor planes(const at::Tensor& t) {
+  const int64_t H = t.size(2), W = t.size(3);
+  if (t.stride(3) == 1 && t.stride(2) == W && t.stride(1) == H * W) return t;
+  return t.contiguous();
+}
+
 at::Tensor neighborhood_attention_forward(const at::Tensor& q_in, const at::Tensor& k_in,
                                           const at::Tensor& v_in,
                                           const c10::optional<at::Tensor>& rpb_in,
@@ -266,8 +275,9 @@ at::Tensor neighborhood_attention_forward(const at::Tensor& q_in, const at::Tens
   const at::Tensor rpb = check_inputs("neighborhood_attention_forward", q_in, k_in, v_in, rpb_in,
                                       heads, ks);
   const int64_t B = q_in.size(0), C = q_in.size(1), H = q_in.size(2), W = q_in.size(3);
-  const auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const auto q = planes(q_in), k = planes(k_in), v = planes(v_in);
   auto out = at::empty({B, C, H, W}, q.options());
+  const int64_t sq = q.stride(0), sk = k.stride(0), sv = v.stride(0);
   const int64_t d = C / heads, HW = H * W, nb = 2 * ks - 1;
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
@@ -278,9 +288,10 @@ at::Tensor neighborhood_attention_forward(const at::Tensor& q_in, const at::Tens
   at::parallel_for(0, B * heads * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch((ks * ks + 2) * W);
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t i = row % H, bh = row / H, h = bh % heads;
-      const int64_t base = bh * d * HW;  // (b, h * d) plane
-      attend_row(qp + base, kp + base, vp + base, bp ? bp + h * nb * nb : nullptr, op + base, d,
+      const int64_t i = row % H, bh = row / H, h = bh % heads, b = bh / heads;
+      const int64_t hp = h * d * HW;  // (b, h * d) plane
+      attend_row(qp + b * sq + hp, kp + b * sk + hp, vp + b * sv + hp,
+                 bp ? bp + h * nb * nb : nullptr, op + bh * d * HW, d,
                  H, W, ks, i, sc, scratch.data(), scratch.data() + ks * ks * W,
                  scratch.data() + (ks * ks + 1) * W);
     }
@@ -292,22 +303,33 @@ at::Tensor neighborhood_attention_forward(const at::Tensor& q_in, const at::Tens
 // (B, C, H, W) and the bias's (heads, 2k - 1, 2k - 1), empty where there is no bias. One thread
 // owns a (batch, head) plane, whose keys and values only its own queries read, so dk and dv
 // accumulate without contention; the bias's gradient is summed per plane in double, then over
-// the batch in a fixed order, so the bits do not depend on the thread count.
+// the batch in a fixed order, so the bits do not depend on the thread count. one_tensor: dq, dk
+// and dv are the three channel slices of one (B, 3C, H, W) tensor, returned fifth (the gradient
+// of a qkv map that q, k and v were cut from); else the fifth is empty.
 std::vector<at::Tensor> neighborhood_attention_backward(
     const at::Tensor& grad_in, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const c10::optional<at::Tensor>& rpb_in, int64_t heads, int64_t ks,
-    double scale) {
+    double scale, bool one_tensor) {
   const at::Tensor rpb = check_inputs("neighborhood_attention_backward", q_in, k_in, v_in, rpb_in,
                                       heads, ks);
   TORCH_CHECK(grad_in.sizes() == q_in.sizes() && grad_in.scalar_type() == at::kFloat &&
                   grad_in.device().is_cpu(),
               "lmnet neighborhood_attention_backward: the gradient must be float32 of q's shape");
   const int64_t B = q_in.size(0), C = q_in.size(1), H = q_in.size(2), W = q_in.size(3);
-  const auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const auto q = planes(q_in), k = planes(k_in), v = planes(v_in);
   const auto g = grad_in.contiguous();
-  auto dq = at::empty({B, C, H, W}, q.options());
-  auto dk = at::zeros({B, C, H, W}, q.options());
-  auto dv = at::zeros({B, C, H, W}, q.options());
+  at::Tensor dq, dk, dv, dqkv = at::empty({0}, q.options());
+  if (one_tensor) {
+    dqkv = at::zeros({B, 3 * C, H, W}, q.options());
+    dq = dqkv.narrow(1, 0, C);
+    dk = dqkv.narrow(1, C, C);
+    dv = dqkv.narrow(1, 2 * C, C);
+  } else {
+    dq = at::empty({B, C, H, W}, q.options());
+    dk = at::zeros({B, C, H, W}, q.options());
+    dv = at::zeros({B, C, H, W}, q.options());
+  }
+  const int64_t sq = q.stride(0), sk = k.stride(0), sv = v.stride(0), sd = dq.stride(0);
   const int64_t d = C / heads, HW = H * W, nb = 2 * ks - 1, P = ks * ks;
   std::vector<double> dbias(rpb.defined() ? B * heads * nb * nb : 0, 0.0);
   const float* qp = q.data_ptr<float>();
@@ -323,12 +345,13 @@ std::vector<at::Tensor> neighborhood_attention_backward(
     std::vector<float> scratch((2 * P + 2) * W);
     float* w = scratch.data();
     for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t h = bh % heads, base = bh * d * HW;
+      const int64_t h = bh % heads, b = bh / heads, hp = h * d * HW, od = b * sd + hp;
       double* db = bp ? dbias.data() + bh * nb * nb : nullptr;
       for (int64_t i = 0; i < H; ++i)
-        attend_row_backward(qp + base, kp + base, vp + base, bp ? bp + h * nb * nb : nullptr,
-                            gp + base, dqp + base, dkp + base, dvp + base, db, d, H, W, ks, i, sc,
-                            w, w + P * W, w + 2 * P * W, w + (2 * P + 1) * W);
+        attend_row_backward(qp + b * sq + hp, kp + b * sk + hp, vp + b * sv + hp,
+                            bp ? bp + h * nb * nb : nullptr, gp + bh * d * HW, dqp + od,
+                            dkp + od, dvp + od, db, d, H, W, ks, i, sc, w, w + P * W,
+                            w + 2 * P * W, w + (2 * P + 1) * W);
     }
   });
   at::Tensor drpb = at::empty({0}, q.options());
@@ -342,7 +365,7 @@ std::vector<at::Tensor> neighborhood_attention_backward(
         out[h * nb * nb + e] = static_cast<float>(acc);
       }
   }
-  return {dq, dk, dv, drpb};
+  return {dq, dk, dv, drpb, dqkv};
 }
 
 }  // namespace
@@ -352,6 +375,6 @@ TORCH_LIBRARY_FRAGMENT(lmnet_native, m) {
         "int ks, float scale) -> Tensor",
         &neighborhood_attention_forward);
   m.def("neighborhood_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor? rpb, "
-        "int heads, int ks, float scale) -> Tensor[]",
+        "int heads, int ks, float scale, bool one_tensor=False) -> Tensor[]",
         &neighborhood_attention_backward);
 }
