@@ -267,7 +267,11 @@ def native_training_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Whether :func:`neighborhood_attention_2d` trains with the native kernels on these inputs:
     float32 CPU maps that autograd records, in plain eager PyTorch (not traced, exported or
     compiled), the native library built (training builds it on first use)."""
-    tensors = (q, k, v) if rpb is None else (q, k, v, rpb)
+    return _trains_natively_on([t for t in (q, k, v, rpb) if t is not None])
+
+
+def _trains_natively_on(tensors: list[torch.Tensor]) -> bool:
+    """The native training kernels' conditions on the tensors a call computes with."""
     return (NATIVE_TRAINING and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
             and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
             and in_plain_eager() and native_ops() is not None)
@@ -426,13 +430,12 @@ class NeighborhoodAttention2d(nn.Module):
 
     def _trains_natively(self, x: torch.Tensor) -> bool:
         """Whether training takes :meth:`_native_training_forward` (the native kernels'
-        conditions, :func:`native_training_applies`, for the input and the parameters)."""
+        conditions, as :func:`native_training_applies`, for the input and the parameters)."""
         params = [p for p in (self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias,
                               self.rpb) if p is not None]
         return (x.dim() == 4 and x.shape[-1] == self.dim
                 and not torch.is_autocast_enabled("cpu")  # its products would come out bf16
-                and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in params)
-                and native_training_applies(x, x, x, self.rpb))
+                and _trains_natively_on([x, *params]))
 
     def _native_training_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The same projections as ``forward``'s as batched matrix products on the tokens' own
