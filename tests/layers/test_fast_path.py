@@ -108,16 +108,45 @@ def test_the_batchnorm_kernels_give_the_same_bits_on_one_thread_or_two():
     g, b = torch.rand(4, 24) + 0.5, torch.randn(4, 24)
     dy = torch.randn_like(zs[0])
     threads = torch.get_num_threads()
-    found = []
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            y, mean, invstd, var = native_ops().bn_sum_forward(zs, g, b, 1e-5, 1)
-            found.append([y, mean, invstd, var,
-                          *native_ops().bn_sum_backward(dy, zs, g, b, mean, invstd, 1)])
-    finally:
-        torch.set_num_threads(threads)
-    assert all(torch.equal(a, b) for a, b in zip(*found))
+    for act in (1, 2):  # Hardswish, GELU
+        found = []
+        try:
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                y, mean, invstd, var = native_ops().bn_sum_forward(zs, g, b, 1e-5, act)
+                found.append([y, mean, invstd, var,
+                              *native_ops().bn_sum_backward(dy, zs, g, b, mean, invstd, act)])
+        finally:
+            torch.set_num_threads(threads)
+        assert all(torch.equal(a, b) for a, b in zip(*found)), act
+
+
+def test_the_native_gelu_is_the_exact_gelu_over_its_whole_range():
+    """The kernel's GELU (act 2: erf and exp of its own, vectorised) against erf in float64, for
+    normalised values from -16 to 15, the tails included; its derivative through the bias
+    gradient (dy = 1: the sum of GELU'(u) over each channel)."""
+    import math
+
+    from lmnet.layers.native import native_ops
+
+    z = torch.linspace(-1.7, 1.7, 2 * 50 * 50 * 3).reshape(2, 50, 50, 3).permute(0, 3, 1, 2)
+    assert z.is_contiguous(memory_format=torch.channels_last)  # each channel spans the range
+    g, b = torch.full((1, 3), 10.0), torch.tensor([[0.0, 2.0, -3.0]])
+    y, mean, invstd, _ = native_ops().bn_sum_forward([z], g, b, 1e-5, 2)
+
+    def per_channel(t: torch.Tensor) -> torch.Tensor:
+        return t.double().reshape(1, 3, 1, 1)
+
+    u = per_channel(g) * (z.double() - per_channel(mean)) * per_channel(invstd) + per_channel(b)
+    assert float(u.min()) < -15 and float(u.max()) > 14
+    cdf = 0.5 * (1 + torch.special.erf(u / math.sqrt(2)))
+    exact = u * cdf
+    # a few fp32 units of u (u itself is rounded to fp32 in the kernel); PyTorch's own float32
+    # GELU of the rounded u is up to 6e-7 off the exact value here. A wrong formula: 1e-2 and up.
+    assert float(((y.double() - exact).abs() / u.abs().clamp(min=1)).max()) < 5e-7
+    grad = cdf + u * torch.exp(-u * u / 2) / math.sqrt(2 * math.pi)
+    *_, dbeta = native_ops().bn_sum_backward(torch.ones_like(z), [z], g, b, mean, invstd, 2)
+    assert torch.allclose(dbeta[0].double(), grad.sum((0, 2, 3)), rtol=1e-6, atol=1e-3)
 
 
 TABLE6 = [lmnet.create_model(n).config.branches for n in list_models("lmnet_mb_*")]
@@ -129,6 +158,16 @@ def test_multibranch_block_fast_equals_stock(branches):
     torch.manual_seed(0)
     block = randomize_batchnorm(MultiBranchBlock(6, 12, 8, branches))
     x = (torch.randn(3, 6, 20, 24) * 2 + 1).contiguous(memory_format=torch.channels_last)
+    _compare(block, x)
+
+
+def test_pyramid_fuse_conv_bn_gelu_fast_equals_stock():
+    """The skips' Conv3x3 -> BN -> GELU: BN and GELU in the native kernel in training."""
+    from lmnet.layers.pyramid import ConvBnAct
+
+    torch.manual_seed(0)
+    block = randomize_batchnorm(ConvBnAct(9, 6))
+    x = (torch.randn(2, 9, 16, 12) * 2 + 1).contiguous(memory_format=torch.channels_last)
     _compare(block, x)
 
 
@@ -156,6 +195,23 @@ def test_batchnorm_sum_matches_the_modules_with_each_activation():
             _close(bn.running_mean, ref.running_mean, "running_mean")
             _close(bn.running_var, ref.running_var, "running_var")
             assert int(bn.num_batches_tracked) == int(ref.num_batches_tracked) == 1
+
+
+def test_a_gelu_the_kernel_does_not_compute_runs_as_the_module():
+    """The tanh approximation of GELU is not the kernel's GELU: it runs after the native sum."""
+    from lmnet.layers.fused_norm import activation_code
+
+    assert activation_code(nn.GELU()) == 2 and activation_code(nn.GELU(approximate="tanh")) is None
+    torch.manual_seed(0)
+    bns = [randomize_batchnorm(nn.BatchNorm2d(4)).train()]
+    z = (torch.randn(2, 4, 5, 5) * 3).contiguous(memory_format=torch.channels_last)
+    act = nn.GELU(approximate="tanh")
+    ref_bns = copy.deepcopy(bns)
+    with stock_path():
+        expected = batchnorm_sum([z], ref_bns, act)
+    _close(batchnorm_sum([z], bns, act), expected, "tanh GELU")
+    assert not torch.allclose(batchnorm_sum([z], copy.deepcopy(ref_bns), nn.GELU()), expected,
+                              atol=1e-5)  # the two GELUs differ where the test looks
 
 
 def test_batchnorm_sum_falls_back_outside_training_on_cpu_fp32():

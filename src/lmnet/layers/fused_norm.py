@@ -1,6 +1,6 @@
 """The sum of training-mode batch normalisations of several maps, then an activation, as one
-operation: ``y = act(sum_b BN_b(z_b))`` (one map: a single ``BatchNorm2d``; ``act``: none or
-Hardswish natively; any other module is applied after the native sum).
+operation: ``y = act(sum_b BN_b(z_b))`` (one map: a single ``BatchNorm2d``; ``act``: none,
+Hardswish or the exact (erf) GELU natively; any other module is applied after the native sum).
 
 In LM-Net's multi-branch block the four depthwise branches each end in a BatchNorm and are summed;
 at 256 x 256 the 24-channel maps are 50 MB each at batch 8, and a training step on a 2-core CPU is
@@ -9,7 +9,9 @@ normalisations and K - 1 additions, each reading and writing whole maps, and a c
 BatchNorm backward several times slower than the bandwidth allows. The native kernel
 (``_native/batchnorm_sum.cpp``, :mod:`lmnet.layers.native`) reads each map twice and writes the
 sum once, forward and backward alike; the activation is applied on the way out and its
-derivative recomputed in the backward from the maps it reads anyway.
+derivative recomputed in the backward from the maps it reads anyway (GELU's erf by the same
+rational formula PyTorch's vectorised CPU GELU uses, so its values agree with PyTorch's to a few
+units of fp32 rounding).
 
 :func:`batchnorm_sum` is exact to ``act(sum(bn(z) for bn, z in zip(bns, zs)))`` in training mode, up to
 the summation order of fp32: the same normalisation (biased batch variance), the same update of
@@ -27,10 +29,15 @@ from torch import nn
 
 from lmnet.layers.native import in_plain_eager, native_ops
 
-__all__ = ["batchnorm_sum", "reference_batchnorm_sum", "NATIVE", "ACTIVATIONS"]
+__all__ = ["batchnorm_sum", "reference_batchnorm_sum", "activation_code", "NATIVE", "ACTIVATIONS"]
 
-#: Activations the native kernel applies: the module type -> its code in the C++ source.
-ACTIVATIONS = {type(None): 0, nn.Hardswish: 1}
+#: Activations the native kernel applies: the module type -> its code in the C++ source
+#: (``nn.GELU`` only with ``approximate="none"``; see :func:`activation_code`).
+ACTIVATIONS = {type(None): 0, nn.Hardswish: 1, nn.GELU: 2}
+
+#: Apply GELU in the native kernel. False: PyTorch's GELU after the native sum, as lmnet did
+#: before; for comparisons (``benchmarks/bench_train_fast.py``).
+NATIVE_GELU = True
 
 #: Use the native kernel where it applies. False: PyTorch's modules, as lmnet did before; for
 #: comparisons (``benchmarks/bench_train_fast.py``, the tests).
@@ -44,6 +51,14 @@ def reference_batchnorm_sum(zs: Sequence[torch.Tensor], bns: Sequence[nn.BatchNo
     for bn, z in zip(bns[1:], zs[1:]):
         out = out + bn(z)
     return out if act is None else act(out)
+
+
+def activation_code(act: nn.Module | None) -> int | None:
+    """The C++ source's code for ``act``, or None where the kernel does not compute it (then
+    ``act`` runs as a module after the native sum)."""
+    if isinstance(act, nn.GELU) and (act.approximate != "none" or not NATIVE_GELU):
+        return None
+    return ACTIVATIONS.get(type(act))
 
 
 def _native_applies(zs: Sequence[torch.Tensor], bns: Sequence[nn.BatchNorm2d]) -> bool:
@@ -65,7 +80,7 @@ def batchnorm_sum(zs: Sequence[torch.Tensor], bns: Sequence[nn.BatchNorm2d],
     docstring), else :func:`reference_batchnorm_sum`."""
     if not _native_applies(zs, bns):
         return reference_batchnorm_sum(zs, bns, act)
-    code = ACTIVATIONS.get(type(act))
+    code = activation_code(act)
     gamma = torch.stack([bn.weight for bn in bns])
     beta = torch.stack([bn.bias for bn in bns])
     y, mean, var = _BatchNormSum.apply(bns[0].eps, 0 if code is None else code, gamma, beta, *zs)
