@@ -156,3 +156,40 @@ def test_a_run_stopped_by_the_code_before_the_trainer_resumes_exactly(tmp_path, 
         moved = sum(abs(epoch_1[n][k] - w[k]) for n, w in expected["weights"].items())
         off = sum(abs(weights[n][k] - w[k]) for n, w in expected["weights"].items())
         assert off < 0.02 * moved, (k, off, moved)
+
+
+def _small_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 2, 1))
+
+
+def _steps(net: torch.nn.Module, opt: torch.optim.Optimizer, n: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        for p in net.parameters():
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+
+
+def test_the_default_optimiser_is_fused_adamw_with_the_same_updates():
+    """On a CPU the Trainer's AdamW is PyTorch's fused one: the same update as the per-tensor
+    AdamW to fp32 rounding, and either one's state dict resumes the other."""
+    cfg = TrainConfig(model="basic_unet", lr=1e-2, weight_decay=0.1)
+    fused_net, plain_net = _small_net(), _small_net()
+    fused = Trainer(cfg, progress=False).build_optimizer(fused_net)
+    assert fused.defaults["fused"] is True
+    plain = torch.optim.AdamW(plain_net.parameters(), lr=1e-2, weight_decay=0.1)
+    start = [p.detach().clone() for p in plain_net.parameters()]
+    _steps(fused_net, fused, 5, seed=1)
+    _steps(plain_net, plain, 5, seed=1)
+    for a, b, s in zip(fused_net.parameters(), plain_net.parameters(), start):
+        assert not torch.equal(b, s)  # the steps moved the weights
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    # a checkpoint of the per-tensor AdamW resumes in the fused one, and the other way round
+    resumed = Trainer(cfg, progress=False).build_optimizer(fused_net)
+    resumed.load_state_dict(plain.state_dict())
+    plain.load_state_dict(fused.state_dict())
+    _steps(fused_net, resumed, 2, seed=2)
+    _steps(plain_net, plain, 2, seed=2)
+    for a, b in zip(fused_net.parameters(), plain_net.parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)

