@@ -12,8 +12,11 @@ dropout (``lmnet.layers.dropout.NATIVE = False``); all switched by
 ``lmnet.layers.fast_path.fast_path``. The fast path is today's default. Two more variants
 measure what one piece of it adds: the fast path with PyTorch's dropout, with the PyTorch
 formulation of neighborhood attention (``NATIVE_TRAINING = False``: its hand-written backward of
-the interior instead of the native forward and backward), and with PyTorch's LayerNorm
-(``lmnet.layers.layer_norm.NATIVE = False``). All train the same model (LM-Net,
+the interior instead of the native forward and backward), with PyTorch's LayerNorm
+(``lmnet.layers.layer_norm.NATIVE = False``), with PyTorch's GELU after the native BatchNorm sum
+(``lmnet.layers.fused_norm.NATIVE_GELU = False``) and with the per-tensor AdamW (the fast path
+uses ``lmnet train``'s optimiser, :func:`lmnet.engine.train.adamw`, fused on a CPU; stock the
+per-tensor one it used at b5568b3). All train the same model (LM-Net,
 channels-last, fp32, AdamW, the paper's loss) on the same random batch; each round takes one
 step of every variant in turn, so that a noisy period of this shared machine slows them alike.
 The native kernels are built first (their build time, on a fresh cache, is reported: it is paid
@@ -40,7 +43,8 @@ import torch  # noqa: E402
 from _common import interleaved_times, machine, report  # noqa: E402  (first: oneDNN's cache)
 
 import lmnet  # noqa: E402
-from lmnet.layers import dropout, layer_norm  # noqa: E402
+from lmnet.engine.train import adamw  # noqa: E402
+from lmnet.layers import dropout, fused_norm, layer_norm  # noqa: E402
 from lmnet.layers import neighborhood_attention as na  # noqa: E402
 from lmnet.layers.fast_path import fast_path as path  # noqa: E402
 from lmnet.losses import SegmentationLoss  # noqa: E402
@@ -48,22 +52,28 @@ from lmnet.runtime import keep_freed_memory  # noqa: E402
 
 
 @contextlib.contextmanager
-def switches(fast: bool, hashed_dropout: bool, native_attention: bool, native_norm: bool):
+def switches(fast: bool, hashed_dropout: bool, native_attention: bool, native_norm: bool,
+             native_gelu: bool):
     """The fast path (or not), with the hashed-mask dropout only where ``hashed_dropout``, the
-    native attention kernels only where ``native_attention`` and the native LayerNorm only where
-    ``native_norm``."""
+    native attention kernels only where ``native_attention``, the native LayerNorm only where
+    ``native_norm`` and GELU in the BatchNorm kernel only where ``native_gelu``."""
     with path(fast):
         dropout.NATIVE = fast and hashed_dropout
         na.NATIVE_TRAINING = fast and native_attention
         layer_norm.NATIVE = fast and native_norm
+        fused_norm.NATIVE_GELU = fast and native_gelu
         yield
 
 
 def make_step(fast: bool, bf16: bool, size: int, batch: int, hashed_dropout: bool = True,
-              native_attention: bool = True, native_norm: bool = True):
+              native_attention: bool = True, native_norm: bool = True, native_gelu: bool = True,
+              fused_adamw: bool = True):
     torch.manual_seed(0)
     model = lmnet.create_model("lmnet").to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    if fast and fused_adamw:  # lmnet train's optimiser
+        opt = adamw(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
     loss_fn = SegmentationLoss(torch.tensor([0.8, 1.2]), dice_weight=1.0)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, size, size, generator=g).contiguous(memory_format=torch.channels_last)
@@ -71,7 +81,7 @@ def make_step(fast: bool, bf16: bool, size: int, batch: int, hashed_dropout: boo
 
     def step() -> None:
         ac = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-        pieces = (hashed_dropout, native_attention, native_norm)
+        pieces = (hashed_dropout, native_attention, native_norm, native_gelu)
         with switches(fast, *pieces), ac:
             loss = loss_fn(model(x), y)
         with switches(fast, *pieces):
@@ -110,14 +120,17 @@ def main() -> None:
 
     status = native_status()  # loads the cached build in this process
     print(f"native kernels: {status}; a fresh build took {built:.1f} s")
-    # (fast path, bf16 autocast, hashed-mask dropout, native attention training, native LayerNorm)
-    variants = {"stock (b5568b3 path)": (False, False, False, False, False),
-                "fast": (True, False, True, True, True),
-                "fast, PyTorch's dropout": (True, False, False, True, True),
-                "fast, PyTorch's attention": (True, False, True, False, True),
-                "fast, PyTorch's LayerNorm": (True, False, True, True, False)}
+    # (fast path, bf16 autocast, hashed-mask dropout, native attention training, native
+    # LayerNorm, GELU in the BatchNorm kernel, fused AdamW)
+    variants = {"stock (b5568b3 path)": (False, False, False, False, False, False, False),
+                "fast": (True, False, True, True, True, True, True),
+                "fast, PyTorch's dropout": (True, False, False, True, True, True, True),
+                "fast, PyTorch's attention": (True, False, True, False, True, True, True),
+                "fast, PyTorch's LayerNorm": (True, False, True, True, False, True, True),
+                "fast, PyTorch's GELU": (True, False, True, True, True, False, True),
+                "fast, per-tensor AdamW": (True, False, True, True, True, True, False)}
     if args.bf16:
-        variants["fast, bf16 autocast"] = (True, True, True, True, True)
+        variants["fast, bf16 autocast"] = (True, True, True, True, True, True, True)
     steps = {name: make_step(fast, bf16, args.size, args.batch, *pieces)
              for name, (fast, bf16, *pieces) in variants.items()}
     t0 = time.perf_counter()
