@@ -162,3 +162,35 @@ def test_bf16_hint_runs_the_fused_model(small, warm_cache):
     out = openvino_runner(model, 3, 20, precision="bf16", fused_attention=True)(x)
     assert out.shape == reference.shape and np.isfinite(out).all()
     np.testing.assert_allclose(out, reference, atol=0.05 * float(np.abs(reference).max()))
+
+
+def test_an_openvino_whose_decoder_differs_converts_the_module_itself(small, monkeypatch, caplog):
+    """Conversions skip the trace check through OpenVINO's TorchScript decoder; where that
+    decoder cannot be built so (another OpenVINO), ``convert_model`` traces the module as before:
+    with the attention fused (the path with extensions to pass on), the same nodes and logits."""
+    import logging
+
+    import openvino as ov
+    from openvino.frontend.pytorch import ts_decoder
+
+    from lmnet.deploy import openvino_ops
+    from lmnet.deploy.convert import convert_to_openvino
+
+    model, x, reference = small
+    direct = _op_types(convert_to_openvino(model, 3, 20, fused_attention=True))
+
+    class Older(ts_decoder.TorchScriptPythonDecoder):  # an OpenVINO without trace_kwargs
+        def __init__(self, *args, trace_kwargs=None, **kwargs):
+            if trace_kwargs is not None:
+                raise TypeError("unexpected keyword argument 'trace_kwargs'")
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(ts_decoder, "TorchScriptPythonDecoder", Older)
+    core = ov.Core()
+    openvino_ops.register(core)
+    with caplog.at_level(logging.DEBUG, logger="lmnet.deploy.convert"):
+        converted = convert_to_openvino(model, 3, 20, fused_attention=True)
+    assert "convert_model traces" in caplog.text
+    assert sorted(_op_types(converted)) == sorted(direct) and openvino_ops.OP_NAME in direct
+    # fp32: OpenVINO's CPU default is bf16 where the CPU has it
+    _close(core.compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(x)[0], reference)
