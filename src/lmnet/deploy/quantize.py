@@ -99,8 +99,10 @@ def quantize_openvino(ov_model: Any, inputs: Sequence[np.ndarray],
     bits, which saturate with full 8-bit weights; NNCF by default narrows only the first layer's.
     Measured on the shipped Kvasir-SEG weights on a Zen 3 (``benchmarks/bench_int8.py``),
     narrowing every layer took the masks' agreement with fp32 from 0.946 to 0.972 (validation) and
-    the validation Dice change from -0.94 to -0.02 points; on a VNNI CPU it costs half a bit of
-    weight resolution (not measured: no VNNI CPU was at hand; the same benchmark measures it).
+    the validation Dice change from -0.94 to -0.02 points. On a VNNI CPU, where 8-bit weights do
+    not saturate, the half bit given away costs nothing measurable: on a model-207 Xeon with
+    AVX512-VNNI (the same benchmark, the stage-3 weights) agreement 0.977 with 7 bits against
+    0.976 with 8, validation Dice change -0.31 against -0.28 points.
 
     With ``validation`` (inputs and true masks), accuracy-controlled: NNCF returns layers to
     fp32, the most harmful first, until the mean foreground Dice on ``validation`` is within
