@@ -177,7 +177,10 @@ def test_an_openvino_whose_decoder_differs_converts_the_module_itself(small, mon
     from lmnet.deploy.convert import convert_to_openvino
 
     model, x, reference = small
-    direct = _op_types(convert_to_openvino(model, 3, 20, fused_attention=True))
+    with caplog.at_level(logging.DEBUG, logger="lmnet.deploy.convert"):
+        direct = _op_types(convert_to_openvino(model, 3, 20, fused_attention=True))
+    assert "convert_model traces" not in caplog.text  # this OpenVINO takes the decoder
+    caplog.clear()
 
     class Older(ts_decoder.TorchScriptPythonDecoder):  # an OpenVINO without trace_kwargs
         def __init__(self, *args, trace_kwargs=None, **kwargs):

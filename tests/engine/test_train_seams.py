@@ -9,7 +9,7 @@ import torch
 
 from lmnet.config import TrainConfig
 from lmnet.engine.callbacks import Callback
-from lmnet.engine.train import Trainer, step_seconds
+from lmnet.engine.train import Trainer, load_optimizer_state, step_seconds
 from lmnet.losses import SegmentationLoss
 
 SMALL = {"image_size": 32, "batch_size": 4, "epochs": 2, "split_ratios": [0.5, 0.25, 0.25],
@@ -185,11 +185,37 @@ def test_the_default_optimiser_is_fused_adamw_with_the_same_updates():
     for a, b, s in zip(fused_net.parameters(), plain_net.parameters(), start):
         assert not torch.equal(b, s)  # the steps moved the weights
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
-    # a checkpoint of the per-tensor AdamW resumes in the fused one, and the other way round
+    # a checkpoint of the per-tensor AdamW resumes in the fused one, and the other way round,
+    # each keeping its own kind (PyTorch's loading alone would take the checkpoint's)
     resumed = Trainer(cfg, progress=False).build_optimizer(fused_net)
-    resumed.load_state_dict(plain.state_dict())
-    plain.load_state_dict(fused.state_dict())
+    load_optimizer_state(resumed, plain.state_dict())
+    load_optimizer_state(plain, fused.state_dict())
+    assert resumed.param_groups[0]["fused"] is True and not plain.param_groups[0]["fused"]
     _steps(fused_net, resumed, 2, seed=2)
     _steps(plain_net, plain, 2, seed=2)
     for a, b in zip(fused_net.parameters(), plain_net.parameters()):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    # ... so a gradient scaler (mixed precision) steps it: a per-tensor AdamW that kept the fused
+    # kind's claim to take the scale itself failed here
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(fused_net(torch.randn(2, 3, 8, 8)).square().mean()).backward()
+    scaler.step(resumed)
+    scaler.update()
+
+
+def test_without_a_fused_kernel_the_optimiser_is_the_per_tensor_adamw(monkeypatch):
+    """A PyTorch without the fused AdamW for the parameters' device (a CPU before 2.4) refuses
+    ``fused=True`` when the optimiser is built: training goes on with the per-tensor one."""
+    import lmnet.engine.train as training
+
+    real = torch.optim.AdamW
+
+    def older(params, fused=None, **kwargs):
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors "
+                               "of supported devices: ['cuda']")
+        return real(params, fused=fused, **kwargs)
+
+    monkeypatch.setattr(training.torch.optim, "AdamW", older)
+    opt = training.adamw(_small_net().parameters(), 1e-3, 0.0)
+    assert isinstance(opt, real) and not opt.defaults["fused"]

@@ -34,7 +34,7 @@ from lmnet.losses import SegmentationLoss, class_balanced_weights
 from lmnet.run_folder import RunFolder
 from lmnet.runtime import ThreadGovernor, cpu_name, installed_versions
 
-__all__ = ["Trainer", "train", "adamw", "run_folder", "run_split", "read_log", "read_sessions", "step_seconds", "step_memory",
+__all__ = ["Trainer", "train", "adamw", "load_optimizer_state", "run_folder", "run_split", "read_log", "read_sessions", "step_seconds", "step_memory",
            "LOG_FIELDS", "RESUME_OVERRIDABLE"]
 
 log = logging.getLogger(__name__)
@@ -159,14 +159,39 @@ def step_seconds(cfg: TrainConfig, size: int | None = None, probe_batch: int | N
 
 def adamw(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW, fused where PyTorch has the fused kernel for the parameters (float, on a CPU or
-    CUDA): one pass over all parameters instead of a few whole-tensor operations per parameter
-    (LM-Net's 514 tensors: 29 ms a step -> 5 ms on two cores of the model-207 Xeon). The same
-    update to fp32 rounding; the state dict has the same entries, so checkpoints of either kind
-    resume with each other (a resumed optimiser keeps the kind it was saved with)."""
+    CUDA; a CPU since PyTorch 2.4): one pass over all parameters instead of a few whole-tensor
+    operations per parameter (LM-Net's 514 tensors: 29 ms a step -> 5 ms on two cores of the
+    model-207 Xeon). The same update to fp32 rounding; the state dict has the same entries, and
+    :func:`load_optimizer_state` resumes a checkpoint of either kind into this one."""
     params = list(params)
-    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
-                                 for p in params)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+    if params and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params):
+        try:
+            return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+        except RuntimeError as err:  # a PyTorch without this device's fused kernel
+            log.debug("fused AdamW not available here (%s): the per-tensor one", err)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+#: Optimiser settings that say how it computes, not what: they stay the running optimiser's
+#: when a checkpoint is loaded into it (see :func:`load_optimizer_state`).
+_KIND_KEYS = ("fused", "foreach")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """``optimizer.load_state_dict(state)``, keeping the optimiser's own kind (fused or not).
+
+    PyTorch's loading takes every group setting from the checkpoint, ``fused`` included: a
+    checkpoint of a per-tensor AdamW (lmnet before the fused default) would turn the fused
+    optimiser back into a per-tensor one that still claims the fused kind's gradient-scaler
+    support, and mixed precision on CUDA then fails at its first step; a fused checkpoint would
+    ask for a kernel another machine's PyTorch may not have. The moments, steps and learning
+    rates come from the checkpoint as before."""
+    saved = state.get("param_groups", [])
+    if len(saved) == len(optimizer.param_groups):
+        saved = [{**group, **{k: now[k] for k in _KIND_KEYS if k in now}}
+                 for group, now in zip(saved, optimizer.param_groups)]
+        state = {**state, "param_groups": saved}
+    optimizer.load_state_dict(state)
 
 
 def _check_readable(samples: list[Sample], channels: int) -> None:
@@ -394,7 +419,7 @@ class Trainer:
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
         """Continue from a checkpoint of :meth:`state_dict` (the RNG state included)."""
         load_weights(self.model, ckpt["model"], self.folder.last)
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer_state(self.optimizer, ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scheduler.T_max = self.cfg.epochs
         self.scaler.load_state_dict(ckpt["scaler"])
