@@ -131,9 +131,10 @@ void check_activation(int64_t act) {
 // exp(x) for x <= 0: x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts, Cody and Waite),
 // exp(r) by its Taylor polynomial of degree 7 (relative error below 6e-9 there), times 2^n built
 // in the exponent bits; below -87 (exp under 1.7e-38) the input is clamped, which leaves GELU's
-// values and derivative unchanged to float precision.
+// values and derivative unchanged to float precision. A NaN is clamped too (the comparison is
+// false), so none reaches the integer conversion; GELU's u carries it to the result.
 inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.f);
+  x = x > -87.f ? x : -87.f;
   const float n = std::nearbyint(x * 1.44269504088896341f);
   const float r = std::fma(n, -0.693145751953125f, std::fma(n, -1.428606765330187e-06f, x));
   float p = 1.f / 5040.f;
