@@ -29,7 +29,7 @@ from torch import nn
 
 from lmnet.layers.native import in_plain_eager, native_ops
 
-__all__ = ["batchnorm_sum", "reference_batchnorm_sum", "activation_code", "NATIVE", "ACTIVATIONS"]
+__all__ = ["batchnorm_sum", "norm_act", "reference_batchnorm_sum", "activation_code", "NATIVE", "ACTIVATIONS"]
 
 #: Activations the native kernel applies: the module type -> its code in the C++ source
 #: (``nn.GELU`` only with ``approximate="none"``; see :func:`activation_code`).
@@ -115,3 +115,12 @@ class _BatchNormSum(torch.autograd.Function):
         return (None, None, dgamma if ctx.needs_input_grad[2] else None,
                 dbeta if ctx.needs_input_grad[3] else None,
                 *(dz if ctx.needs_input_grad[4 + i] else None for i, dz in enumerate(dzs)))
+
+
+def norm_act(h: torch.Tensor, norm: nn.Module, act: nn.Module) -> torch.Tensor:
+    """``act(norm(h))`` for a conv's normalisation: through :func:`batchnorm_sum` while ``norm``
+    is a ``BatchNorm2d`` (one native operation in training on a CPU), as the modules once it is
+    folded into the conv (deployed: an ``nn.Identity``)."""
+    if isinstance(norm, nn.BatchNorm2d):
+        return batchnorm_sum([h], [norm], act)
+    return act(norm(h))

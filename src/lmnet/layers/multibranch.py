@@ -16,7 +16,7 @@ from torch import nn
 
 from lmnet.layers.depthwise import depthwise_conv, depthwise_convs
 from lmnet.layers.fuse import bn_scale_shift, fuse_conv_bn
-from lmnet.layers.fused_norm import batchnorm_sum
+from lmnet.layers.fused_norm import batchnorm_sum, norm_act
 from lmnet.layers.squeeze_excite import SqueezeExcite
 
 __all__ = ["BranchSpec", "parse_branches", "MultiBranchBlock", "DEFAULT_BRANCHES"]
@@ -117,13 +117,9 @@ class MultiBranchBlock(nn.Module):
         return self.fused is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.expand(x)
-        # batchnorm_sum: BN and activation (of the expand conv; of the branches, summed) as one
-        # native operation in training on a CPU, the modules themselves elsewhere
-        if isinstance(self.expand_bn, nn.BatchNorm2d):
-            h = batchnorm_sum([h], [self.expand_bn], self.expand_act)
-        else:  # deployed: the BN is folded into the expand conv
-            h = self.expand_act(self.expand_bn(h))
+        # BN and activation (of the expand conv; of the branches, summed) as one native
+        # operation in training on a CPU, the modules themselves elsewhere
+        h = norm_act(self.expand(x), self.expand_bn, self.expand_act)
         # depthwise_conv(s): the native backward of the depthwise convolutions in training on a
         # CPU (the branches' input gradients summed in one pass), the modules themselves elsewhere
         if self.fused is not None:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmnet.layers.fuse import fuse_conv_bn
-from lmnet.layers.fused_norm import batchnorm_sum
+from lmnet.layers.fused_norm import norm_act
 
 __all__ = ["ConvBnAct", "Up2Conv", "LocalPyramidSkip", "up2"]
 
@@ -45,11 +45,7 @@ class ConvBnAct(nn.Module):
         self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv(x)
-        if isinstance(self.bn, nn.BatchNorm2d):
-            # BN and GELU as one native operation in training on a CPU (the modules elsewhere)
-            return batchnorm_sum([h], [self.bn], self.act)
-        return self.act(self.bn(h))  # deployed: the BN is folded into the conv
+        return norm_act(self.conv(x), self.bn, self.act)
 
     def reparameterize(self) -> None:
         """Fold the BatchNorm into the convolution (eval-mode exact). Idempotent."""
