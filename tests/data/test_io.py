@@ -140,3 +140,60 @@ def test_list_images_errors(tmp_path):
     (tmp_path / "a.png").write_bytes(b"")
     (tmp_path / "notes.txt").write_text("x")
     assert [p.name for p in list_images(tmp_path)] == ["a.png"]
+
+
+def _reference_binarize(arr):
+    """The mask rules written the plain way (numpy's max over the channel axis, np.unique):
+    what :func:`binarize_mask` computed before its faster formulation."""
+    a = np.asarray(arr)
+    if a.ndim == 3:
+        c = a.shape[2]
+        colour, alpha = (a[..., :c - 1], a[..., -1]) if c in (2, 4) else (a, None)
+        colour = colour.max(axis=2)
+        a = alpha if alpha is not None and colour.min() == colour.max() \
+            and alpha.min() != alpha.max() else colour
+    values = np.unique(a)
+    if a.dtype == bool:
+        return a
+    if np.isin(values, (0, 1)).all():
+        return a.astype(bool)
+    if len(values) <= 2 and values[0] == 0:
+        return a > 0
+    if len(values) == 1:
+        values = np.array([0, values[0]])
+    if np.issubdtype(a.dtype, np.integer):
+        return a >= ((255 if values[-1] <= 255 else np.iinfo(a.dtype).max) + 1) / 2
+    return a >= (0.5 if float(values[-1]) <= 1.0 else 127.5)
+
+
+def test_mask_rules_equal_their_plain_formulation_on_every_kind_of_mask(tmp_path):
+    """The brightest channel taken plane by plane and the values counted (8 and 16 bits) give the
+    masks of the plain formulation, for colour, alpha, grey, 16-bit, float, 0/1, label-map and
+    constant masks; read from files, the label maps are still reported."""
+    from lmnet.data.io import label_map_values
+
+    rng = np.random.default_rng(0)
+    soft = rng.integers(0, 256, (23, 31, 3), dtype=np.uint8)
+    alpha_only = np.zeros((9, 8, 4), np.uint8)
+    alpha_only[..., :3] = 40
+    alpha_only[2:5, 3:6, 3] = 255
+    cases = {
+        "rgb jpeg-like": soft, "rgba": rng.integers(0, 256, (7, 5, 4), dtype=np.uint8),
+        "alpha drawn": alpha_only, "grey+alpha": rng.integers(0, 256, (6, 6, 2), dtype=np.uint8),
+        "grey": soft[..., 0], "16-bit": rng.integers(0, 65536, (9, 9), dtype=np.uint16),
+        "16-bit 0/255": (rng.random((9, 9)) > 0.5).astype(np.uint16) * 255,
+        "0/1": (rng.random((5, 7)) > 0.5).astype(np.uint8), "all 1": np.ones((4, 4), np.uint8),
+        "label map": rng.integers(0, 3, (8, 8), dtype=np.uint8), "constant 90": np.full((3, 3), 90, np.uint8),
+        "float": rng.random((6, 5)).astype(np.float32), "float 0-255": rng.random((6, 5)) * 255,
+        "bool": rng.random((4, 6)) > 0.5, "int32": rng.integers(0, 300, (5, 5), dtype=np.int32),
+    }
+    for name, arr in cases.items():
+        np.testing.assert_array_equal(binarize_mask(arr), _reference_binarize(arr), err_msg=name)
+    assert label_map_values(cases["label map"]) == [0, 1, 2]
+    assert label_map_values(cases["16-bit"]) is None and label_map_values(cases["0/1"]) is None
+    for name in ("rgb jpeg-like", "label map", "16-bit 0/255"):
+        path = tmp_path / f"{name.replace(' ', '_').replace('/', '_')}.png"
+        Image.fromarray(cases[name]).save(path)
+        found: list = []
+        np.testing.assert_array_equal(read_mask(path, found), _reference_binarize(read_array(path)))
+        assert bool(found) == (name == "label map"), name
