@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
-__all__ = ["atomic_path", "atomic_write_text", "atomic_write_bytes", "atomic_save",
+__all__ = ["atomic_path", "atomic_write_text", "atomic_write_bytes", "atomic_save", "atomic_link",
            "check_writable_file", "umask_mode"]
 
 _counter = itertools.count()
@@ -78,6 +78,23 @@ def atomic_save(path: str | Path, write: Callable[[Path], object], suffix_keep: 
     with atomic_path(path, suffix_keep=suffix_keep) as tmp:
         write(tmp)
     return path
+
+
+def atomic_link(source: str | Path, path: str | Path) -> bool:
+    """Make ``path`` the same file as ``source`` (a hard link, renamed into place as
+    :func:`atomic_path` does): no second copy written. ``source`` must be replaced, never changed
+    in place, from then on (lmnet's writers all replace). False, and nothing changed, where the
+    file system has no hard links (the caller writes the file instead)."""
+    path = Path(path)
+    tmp = _temporary_name(path)
+    try:
+        os.link(source, tmp)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        return False
+    return True
 
 
 def check_writable_file(path: str | Path, what: str = "output") -> Path:

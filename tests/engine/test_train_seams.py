@@ -219,3 +219,47 @@ def test_without_a_fused_kernel_the_optimiser_is_the_per_tensor_adamw(monkeypatc
     monkeypatch.setattr(training.torch.optim, "AdamW", older)
     opt = training.adamw(_small_net().parameters(), 1e-3, 0.0)
     assert isinstance(opt, real) and not opt.defaults["fused"]
+
+
+def test_the_best_checkpoint_links_the_last_one_and_keeps_its_epoch(tmp_path, monkeypatch):
+    """An improved epoch's ``checkpoint_best.pt`` is the ``checkpoint_last.pt`` just written (a
+    hard link, not a second copy); the next epoch's last replaces its own file and leaves the best
+    as it was; without hard links the state is written again."""
+    import os
+
+    from lmnet._files import atomic_save
+    from lmnet.engine.callbacks import BestCheckpoint
+    from lmnet.run_folder import RunFolder
+
+    class FakeTrainer:
+        folder = RunFolder(tmp_path)
+        written: list = []
+
+        def save_state(self, state, path):
+            self.written.append(path.name)
+            atomic_save(path, lambda tmp: torch.save(state, tmp), suffix_keep=False)
+
+    trainer, best = FakeTrainer(), BestCheckpoint()
+
+    def epoch(n, improved):
+        state = {"epoch": n}
+        trainer.save_state(state, trainer.folder.last)  # what Trainer.checkpoint does first
+        best.on_checkpoint(trainer, state, improved)
+
+    def epoch_in(path):
+        return torch.load(path, weights_only=True)["epoch"]
+
+    epoch(1, True)
+    assert os.path.samefile(trainer.folder.best, trainer.folder.last)
+    assert trainer.written == ["checkpoint_last.pt"]  # written once
+    epoch(2, False)
+    assert epoch_in(trainer.folder.best) == 1 and epoch_in(trainer.folder.last) == 2
+    assert not os.path.samefile(trainer.folder.best, trainer.folder.last)
+
+    def no_links(*args):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    epoch(3, True)
+    assert epoch_in(trainer.folder.best) == 3 and trainer.written[-1] == "checkpoint_best.pt"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left

@@ -20,7 +20,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from lmnet._files import atomic_path
+from lmnet._files import atomic_link, atomic_path
 from lmnet.runtime import steady_signal_stack
 
 #: :class:`lmnet.engine.train.Trainer`, which imports this module (so it is not imported here).
@@ -139,10 +139,13 @@ class ProgressBar(Callback):
 
 
 class BestCheckpoint(Callback):
-    """``checkpoint_best.pt``: the checkpoint of the epoch with the best validation score."""
+    """``checkpoint_best.pt``: the checkpoint of the epoch with the best validation score. It is
+    the ``checkpoint_last.pt`` just written (``state``), so it becomes a hard link to that file
+    instead of a second copy (LM-Net's checkpoint with its optimiser state: 48 MB); where the file
+    system has none, ``state`` is written again."""
 
     def on_checkpoint(self, trainer: Trainer, state: dict[str, Any], improved: bool) -> None:
-        if improved:
+        if improved and not atomic_link(trainer.folder.last, trainer.folder.best):
             trainer.save_state(state, trainer.folder.best)
 
 
