@@ -19,6 +19,18 @@ os.environ["LMNET_CACHE_DIR"] = tempfile.mkdtemp(prefix="lmnet-test-cache-")
 os.environ.setdefault("LMNET_NATIVE_CACHE", str(Path.home() / ".cache" / "lmnet" / "native"))
 # The thread governor would follow other processes' load: runs compared for exactness keep theirs.
 os.environ["LMNET_THREAD_GOVERNOR"] = "0"
+# Under pytest-xdist (pyproject's ``-n auto``: a worker per CPU) the workers share the cores, so
+# each computes on its share of them, and so do the commands the tests start (LMNET_THREADS and
+# OMP_NUM_THREADS): two workers of two threads each on two cores wait on each other's descheduled
+# threads, slower than one worker alone.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+if _WORKERS > 1:
+    from lmnet.runtime import available_cpus
+
+    _share = max(1, available_cpus() // _WORKERS)
+    os.environ["LMNET_THREADS"] = os.environ["OMP_NUM_THREADS"] = str(_share)
+    torch.set_num_threads(_share)
 
 # A crash in native code (a segmentation fault) kills pytest before it reports: with
 # LMNET_CRASH_LOG set (CI sets it and turns pytest's own faulthandler off) every thread's Python
@@ -27,8 +39,18 @@ _crash_log = None
 if os.environ.get("LMNET_CRASH_LOG"):
     import faulthandler
 
-    _crash_log = open(os.environ["LMNET_CRASH_LOG"], "w")  # noqa: SIM115 - open until the process ends
+    # one file a worker under pytest-xdist (LOG.gw0, LOG.gw1, ...)
+    _crash_log = open(os.environ["LMNET_CRASH_LOG"] + (f".{_WORKER}" if _WORKER else ""),  # noqa: SIM115
+                      "w")  # open until the process ends
     faulthandler.enable(file=_crash_log, all_threads=True)
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: a worker per CPU this process may use (its affinity and cgroup quota), not
+    per CPU of the machine."""
+    from lmnet.runtime import available_cpus
+
+    return available_cpus()
 
 
 def pytest_runtest_logstart(nodeid: str, location: tuple) -> None:
