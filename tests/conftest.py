@@ -45,12 +45,19 @@ if os.environ.get("LMNET_CRASH_LOG"):
     faulthandler.enable(file=_crash_log, all_threads=True)
 
 
-def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    """``-n auto``: a worker per CPU this process may use (its affinity and cgroup quota), not
-    per CPU of the machine."""
-    from lmnet.runtime import available_cpus
+#: Memory one test worker may need at its peak (the paper recipe's dry run stays under 6 GiB in
+#: its own process; the int8 and OpenVINO tests about 2 GiB).
+WORKER_MEMORY = 4 * 2**30
 
-    return available_cpus()
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: a worker per CPU this process may use (its affinity and cgroup quota, not the
+    machine's count), fewer where the free memory would not hold them."""
+    from lmnet.runtime import available_cpus, available_memory
+
+    memory = available_memory()
+    by_memory = max(1, int(memory // WORKER_MEMORY)) if memory else available_cpus()
+    return max(1, min(available_cpus(), by_memory))
 
 
 def pytest_runtest_logstart(nodeid: str, location: tuple) -> None:

@@ -232,3 +232,16 @@ def test_openvino_leaves_a_signal_stack_that_outlives_it(sigint_as_in_a_terminal
         os.kill(os.getpid(), signal.SIGINT)
         for _ in range(100):  # the handler runs between bytecodes
             pass
+
+
+def test_the_suite_takes_a_worker_per_usable_cpu_that_memory_holds(monkeypatch):
+    """``pytest`` (``-n auto``): as many workers as CPUs this process may use, fewer where the free
+    memory would not hold them, at least one."""
+    import lmnet.runtime
+    from tests.conftest import WORKER_MEMORY, pytest_xdist_auto_num_workers
+
+    monkeypatch.setattr(lmnet.runtime, "available_cpus", lambda: 8)
+    for memory, workers in ((None, 8), (64 * WORKER_MEMORY, 8), (2.5 * WORKER_MEMORY, 2),
+                            (WORKER_MEMORY // 2, 1)):
+        monkeypatch.setattr(lmnet.runtime, "available_memory", lambda m=memory: m)
+        assert pytest_xdist_auto_num_workers(None) == workers, memory
