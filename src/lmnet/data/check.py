@@ -8,7 +8,6 @@ from typing import Any
 from tqdm import tqdm
 
 from lmnet.data.dataset import load_sample
-from lmnet.data.io import mask_findings, read_array
 from lmnet.data.layouts import discover
 
 __all__ = ["check_dataset"]
@@ -34,15 +33,14 @@ def check_dataset(root: str | Path, fmt: str | None = None, read: bool = True,
         empty = 0
         suspicious: list[str] = []
         for s in tqdm(samples, desc="reading", unit="img", disable=not progress):
+            findings: dict = {}
             try:
-                image, mask = load_sample(s)
-                for path in s.masks:
-                    findings = mask_findings(read_array(path))
-                    if findings:
-                        suspicious.append(f"{path}: {'; '.join(findings)}")
+                image, mask = load_sample(s, findings=findings)  # each file read once
             except (ValueError, OSError) as err:
                 report["problems"].append(str(err))
                 continue
+            finally:
+                suspicious.extend(f"{path}: {'; '.join(found)}" for path, found in findings.items())
             sizes[image.shape[:2]] += 1
             empty += not mask.any()
         report["suspicious_masks"] = suspicious

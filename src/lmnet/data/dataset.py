@@ -26,15 +26,15 @@ log = logging.getLogger(__name__)
 
 
 
-def load_sample(sample: Sample, channels: int = 3, label_maps: list | None = None
-                ) -> tuple[np.ndarray, np.ndarray]:
+def load_sample(sample: Sample, channels: int = 3, label_maps: list | None = None,
+                findings: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Image ``uint8 (H, W, channels)`` and mask ``uint8 (H, W)`` in {0, 1} (union of its masks).
-    ``label_maps`` collects the mask files that look like label maps (see
-    :func:`~lmnet.data.io.read_mask`)."""
+    ``label_maps`` collects the mask files that look like label maps, ``findings`` what looks
+    wrong about each mask (see :func:`~lmnet.data.io.read_mask`)."""
     image = read_image(sample.image, channels)
     mask = np.zeros(image.shape[:2], dtype=bool)
     for path in sample.masks:
-        m = read_mask(path, label_maps)
+        m = read_mask(path, label_maps, findings)
         if m.shape != mask.shape:
             raise ValueError(f"{path} is {m.shape[1]}x{m.shape[0]} but its image {sample.image} is "
                              f"{mask.shape[1]}x{mask.shape[0]} (width x height)")

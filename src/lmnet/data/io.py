@@ -114,10 +114,11 @@ def _values(a: np.ndarray) -> np.ndarray:
     return np.unique(a)
 
 
-def _threshold(a: np.ndarray) -> np.ndarray:
+def _threshold(a: np.ndarray, values: np.ndarray | None = None) -> np.ndarray:
+    """The rules of :func:`binarize_mask` on a plane (``values``: its :func:`_values`, if known)."""
     if a.dtype == bool:
         return a
-    values = _values(a)
+    values = _values(a) if values is None else values
     if np.isin(values, (0, 1)).all():  # 0/1 masks, including all-1 (lesion everywhere)
         return a.astype(bool)
     if len(values) <= 2 and values[0] == 0:  # {0}, {0, v}: v is lesion, whatever its value
@@ -160,11 +161,12 @@ def label_map_values(arr: np.ndarray) -> list[int] | None:
     return _label_values(_mask_plane(arr))
 
 
-def _label_values(plane: np.ndarray) -> list[int] | None:
-    """:func:`label_map_values` of a plane :func:`_mask_plane` returned."""
+def _label_values(plane: np.ndarray, values: np.ndarray | None = None) -> list[int] | None:
+    """:func:`label_map_values` of a plane :func:`_mask_plane` returned (``values``: its
+    :func:`_values`, if known)."""
     if plane.dtype == bool or not np.issubdtype(plane.dtype, np.integer):
         return None
-    values = _values(plane)
+    values = _values(plane) if values is None else values
     if 3 <= len(values) <= 32 and values[0] >= 0 and values[-1] <= 63:
         return [int(v) for v in values]
     return None
@@ -179,9 +181,10 @@ def mask_findings(arr: np.ndarray) -> list[str]:
     JPEG noise and soft edges stay well below that).
     """
     plane = _mask_plane(arr)
-    binary = _threshold(plane)
+    values = _values(plane) if plane.dtype != bool else None
+    binary = _threshold(plane, values)
     found = []
-    labels = label_map_values(plane)
+    labels = _label_values(plane, values)
     if labels is not None:
         found.append(f"a label map with values {', '.join(map(str, labels[:8]))}: lmnet reads one "
                      "lesion class (values >= 128 here); merge the labels into 0/255 first")
@@ -195,18 +198,24 @@ def mask_findings(arr: np.ndarray) -> list[str]:
         middle = float(((rel > 0.25) & (rel < 0.75)).mean())
         if middle > 0.05:
             found.append(f"{middle:.0%} of pixels are neither background nor lesion "
-                         f"(values {', '.join(map(str, np.unique(plane)[:5]))}...)")
+                         f"(values {', '.join(map(str, values[:5]))}...)")
     return found
 
 
-def read_mask(path: str | Path, label_maps: list[Path] | None = None) -> np.ndarray:
+def read_mask(path: str | Path, label_maps: list[Path] | None = None,
+              findings: dict[Path, list[str]] | None = None) -> np.ndarray:
     """Read a mask file as ``bool`` ``(H, W)``; see :func:`binarize_mask`. ``label_maps``: a list
     that gets ``path`` when the mask looks like a label map (:func:`label_map_values`), so the
-    caller can warn."""
+    caller can warn. ``findings``: a mapping that gets ``path``'s :func:`mask_findings`, if any
+    (``lmnet check-data``; the file is read once for both)."""
     try:
-        plane = _mask_plane(read_array(path))  # once, for both questions
+        plane = _mask_plane(read_array(path))  # once, for every question
         if label_maps is not None and _label_values(plane) is not None:
             label_maps.append(Path(path))
+        if findings is not None:
+            found = mask_findings(plane)
+            if found:
+                findings[Path(path)] = found
         return _binarize_plane(plane)
     except ValueError as err:
         if str(path) in str(err):
