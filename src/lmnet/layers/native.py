@@ -5,10 +5,11 @@ PyTorch's extension tools (``torch.utils.cpp_extension``, a C++ compiler needed)
 The build is cached (``$LMNET_NATIVE_CACHE``, else ``$LMNET_CACHE_DIR/native``, else
 ``~/.cache/lmnet/native``) under a name that holds a digest of the sources, the compiler flags,
 the processor and PyTorch's version, so a build made on another machine is never loaded here. The
-first use on a machine (training, or inference: the attention kernel) compiles, about 90 s for the
-five sources on two cores of a Xeon (88.2 s in
-``benchmarks/results/train_fast_xeon207_layernorm.json``; :func:`native_status` reports it);
-later processes load the cached library in a fraction of a second. Where it cannot be built (no
+first use on a machine (training, or inference: the attention kernel) compiles, about 26 s for the
+five sources on two cores of a Xeon (:func:`native_status` reports it; 74 s while they included
+``torch/extension.h``, PyTorch's whole C++ API and pybind11, about 25 s of parsing per source
+where ATen's headers and the operator registry, all they use, take about 7 s); later processes
+load the cached library in a fraction of a second. Where it cannot be built (no
 compiler, another OS), or with ``LMNET_NATIVE=0``, :func:`native_ops` returns None after a
 one-line notice and every caller runs its pure-PyTorch path, which gives the same numbers.
 """
@@ -100,7 +101,7 @@ def native_ops(build: bool = True) -> Any | None:
                 from torch.utils import cpp_extension
 
                 log.warning("note: building lmnet's native CPU kernels (once per machine, "
-                            "about 1.5 minutes on two cores)")
+                            "about half a minute on two cores)")
                 folder.mkdir(parents=True, exist_ok=True)
                 cpp_extension.load(name=name, sources=[str(s) for s in SOURCES],
                                    build_directory=str(folder), extra_cflags=_FLAGS,

@@ -18,7 +18,8 @@
 // instead of going C values (12 or 24 in LM-Net) a pixel at a time. Statistics are summed in
 // double, in a fixed order of fixed chunks, so the result does not depend on the number of
 // threads.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>

@@ -12,7 +12,8 @@
 //
 // Rows of the output (n, h) are summed in float, each row's sums added in double into one of a
 // fixed number of chunks, and the chunks added in order: the same bits on any number of threads.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>

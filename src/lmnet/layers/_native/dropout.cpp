@@ -12,7 +12,8 @@
 //
 // The mask depends on the keys and the index only: the same bits on any number of threads;
 // lmnet/layers/dropout.py holds the same hash in PyTorch operations (the tests compare them).
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>

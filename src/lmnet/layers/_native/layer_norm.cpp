@@ -12,7 +12,8 @@
 //
 // The parameter gradients are summed over fixed blocks of 2048 rows (in float) and the blocks'
 // sums added in order in double, so the bits do not depend on the thread count.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>

@@ -11,7 +11,8 @@
 // does a few multiply-adds per value read. Here one pass over a row of queries keeps its ks * ks
 // logits in a small buffer, so each input is read ks * ks times from cache and the output
 // written once.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
