@@ -52,11 +52,15 @@ def main() -> None:
     ap.add_argument("--before", default="7d9a540", help="git revision to compare with")
     ap.add_argument("--out", default="benchmarks/results/data_load.json")
     args = ap.parse_args()
+    if not Path(args.data).is_dir():
+        ap.error(f"no data set folder at {args.data} (--data)")
 
     samples = discover(args.data)[1][: args.count]
     masks = [m for s in samples for m in s.masks]
+    old = io_module_at(args.before).read_mask  # (path, label_maps) only, no findings
     readers = {"this checkout": dataset_module.read_mask,
-               f"before ({args.before})": io_module_at(args.before).read_mask}
+               f"before ({args.before})": lambda path, label_maps=None, findings=None:
+               old(path, label_maps)}
     for p in masks[:50]:  # the same masks both ways
         a, b = (r(p) for r in readers.values())
         assert np.array_equal(a, b), p

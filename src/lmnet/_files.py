@@ -85,14 +85,10 @@ def atomic_link(source: str | Path, path: str | Path) -> bool:
     :func:`atomic_path` does): no second copy written. ``source`` must be replaced, never changed
     in place, from then on (lmnet's writers all replace). False, and nothing changed, where the
     file system has no hard links (the caller writes the file instead)."""
-    path = Path(path)
-    tmp = _temporary_name(path)
     try:
-        os.link(source, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            os.link(source, tmp)
     except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         return False
     return True
 

@@ -146,11 +146,12 @@ def binarize_mask(arr: np.ndarray) -> np.ndarray:
     return _binarize_plane(_mask_plane(arr))
 
 
-def _binarize_plane(a: np.ndarray) -> np.ndarray:
-    """:func:`binarize_mask` of a plane :func:`_mask_plane` returned."""
+def _binarize_plane(a: np.ndarray, values: np.ndarray | None = None) -> np.ndarray:
+    """:func:`binarize_mask` of a plane :func:`_mask_plane` returned (``values``: its
+    :func:`_values`, if known)."""
     if a.dtype.kind in "if" and a.size and a.min() < 0:  # unsigned: never negative
         raise ValueError(f"a mask has negative values (min {a.min()})")
-    return _threshold(a)
+    return _threshold(a, values)
 
 
 def label_map_values(arr: np.ndarray) -> list[int] | None:
@@ -172,16 +173,18 @@ def _label_values(plane: np.ndarray, values: np.ndarray | None = None) -> list[i
     return None
 
 
-def mask_findings(arr: np.ndarray) -> list[str]:
+def mask_findings(arr: np.ndarray, values: np.ndarray | None = None) -> list[str]:
     """What looks wrong about a mask array (empty list: nothing); used by ``lmnet check-data``.
 
     Flags: non-zero values that the rules of :func:`binarize_mask` turn into an empty mask (a
     label map 0/1/2, 0/255 misread), a mask that is lesion everywhere, and more than 5 % of
     pixels far from both background and lesion values (a photo or probability map saved as a mask;
-    JPEG noise and soft edges stay well below that).
+    JPEG noise and soft edges stay well below that). ``values``: the :func:`_values` of its
+    plane, if known.
     """
     plane = _mask_plane(arr)
-    values = _values(plane) if plane.dtype != bool else None
+    if values is None and plane.dtype != bool:
+        values = _values(plane)
     binary = _threshold(plane, values)
     found = []
     labels = _label_values(plane, values)
@@ -209,14 +212,15 @@ def read_mask(path: str | Path, label_maps: list[Path] | None = None,
     caller can warn. ``findings``: a mapping that gets ``path``'s :func:`mask_findings`, if any
     (``lmnet check-data``; the file is read once for both)."""
     try:
-        plane = _mask_plane(read_array(path))  # once, for every question
-        if label_maps is not None and _label_values(plane) is not None:
+        plane = _mask_plane(read_array(path))  # plane and values once, for every question
+        values = None if plane.dtype == bool else _values(plane)
+        if label_maps is not None and _label_values(plane, values) is not None:
             label_maps.append(Path(path))
         if findings is not None:
-            found = mask_findings(plane)
+            found = mask_findings(plane, values)
             if found:
                 findings[Path(path)] = found
-        return _binarize_plane(plane)
+        return _binarize_plane(plane, values)
     except ValueError as err:
         if str(path) in str(err):
             raise
