@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -102,6 +103,28 @@ def summarize_times(times: list[float], batch: int) -> dict[str, float]:
             "images_per_second": round(1e3 / float(med), 2), "runs": len(times)}
 
 
+#: ``--isa``: run as a CPU with only this vector instruction set would (PyTorch's kernels, oneDNN's
+#: and lmnet's native build), on a machine that has more. AVX2 is what most laptops have. PyTorch
+#: and lmnet only: OpenVINO's CPU plugin fails under ``ONEDNN_MAX_CPU_ISA`` ("node is not
+#: initialized", or a crash), and Inductor's code gave wrong values under ``ATEN_CPU_CAPABILITY``
+#: on an AVX-512 machine (torch 2.13), so neither is timed or tested this way.
+ISA_LIMITS = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                       "LMNET_NATIVE_MARCH": "x86-64-v3"}}
+
+
+def limit_isa(isa: str | None) -> None:
+    """Run this script again in a fresh process limited to ``isa`` (the limits are read when
+    PyTorch and oneDNN load, so they cannot be set in this one); nothing where ``isa`` is None
+    or the limits are already set."""
+    if not isa:
+        return
+    wanted = ISA_LIMITS[isa]
+    if all(os.environ.get(k) == v for k, v in wanted.items()):
+        return
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **wanted})
+
+
 def machine() -> dict[str, Any]:
     import onnxruntime
 
@@ -121,6 +144,8 @@ def machine() -> dict[str, Any]:
     return {"cpu": cpu, "machine": platform.machine(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__,
             "onnxruntime": onnxruntime.__version__, "lmnet": lmnet.__version__,
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "isa_limits": {k: os.environ[k] for k in ISA_LIMITS["avx2"] if k in os.environ},
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 

@@ -2,7 +2,8 @@
 run (run by hand, not in CI).
 
     python benchmarks/bench_train_fast.py [--size 256] [--batch 8] [--rounds 4] [--bf16]
-                                          [--profile] [--out benchmarks/results/train_fast.json]
+                                          [--profile] [--isa avx2]
+                                          [--out benchmarks/results/train_fast.json]
 
 The stock path is lmnet's training as it was at b5568b3: autograd's backward of neighborhood
 attention (``lmnet.layers.neighborhood_attention.FAST_BACKWARD = False``), PyTorch's
@@ -23,7 +24,10 @@ The native kernels are built first (their build time, on a fresh cache, is repor
 once per machine). ``--bf16`` adds the fast path under bf16 autocast. ``--profile`` then
 profiles one step of the fast path (``torch.profiler``, self CPU time per operation) and keeps
 the 15 largest in the JSON, and the 25 largest by operation and input shapes (which layer at
-which resolution).
+which resolution). ``--isa avx2`` runs every variant as a CPU with AVX2 and no AVX-512 would
+(most laptops): PyTorch's kernels (``ATEN_CPU_CAPABILITY``), oneDNN's (``ONEDNN_MAX_CPU_ISA``)
+and lmnet's native build (``LMNET_NATIVE_MARCH=x86-64-v3``), on a machine that has more (the
+memory and caches stay this machine's).
 
 Prints a table (median seconds per step, images per second, speed-up against stock) and writes
 the JSON with the command, the machine and every step's time.
@@ -40,7 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
-from _common import interleaved_times, machine, report  # noqa: E402  (first: oneDNN's cache)
+from _common import ISA_LIMITS, interleaved_times, limit_isa, machine, report  # noqa: E402  (first: oneDNN's cache)
 
 import lmnet  # noqa: E402
 from lmnet.engine.train import adamw  # noqa: E402
@@ -111,8 +115,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--bf16", action="store_true", help="also the fast path under bf16 autocast")
     p.add_argument("--profile", action="store_true", help="profile one step of the fast path")
+    p.add_argument("--isa", choices=sorted(ISA_LIMITS), default=None,
+                   help="run as a CPU with only this instruction set would")
     p.add_argument("--out", default="benchmarks/results/train_fast.json")
     args = p.parse_args()
+    limit_isa(args.isa)
     keep_freed_memory()
     torch.set_num_threads(args.threads)
     built = build_seconds()

@@ -273,3 +273,14 @@ def test_without_a_compiler_the_stock_path_runs_after_one_notice(tmp_path):
     assert "status False" in done.stdout
     notices = [ln for ln in done.stderr.splitlines() if "native CPU kernels could not be built" in ln]
     assert len(notices) == 1 and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_build_for_another_target_is_cached_apart(monkeypatch):
+    from lmnet.layers import native
+
+    monkeypatch.delenv("LMNET_NATIVE_MARCH", raising=False)
+    assert "-march=native" in native._flags()
+    here = native._build_name()
+    monkeypatch.setenv("LMNET_NATIVE_MARCH", "x86-64-v3")
+    assert "-march=x86-64-v3" in native._flags()
+    assert native._build_name() != here  # an AVX2 build never loads as this machine's, or back

@@ -9,7 +9,9 @@ first use on a machine (training, or inference: the attention kernel) compiles, 
 five sources on two cores of a Xeon (:func:`native_status` reports it; 74 s while they included
 ``torch/extension.h``, PyTorch's whole C++ API and pybind11, about 25 s of parsing per source
 where ATen's headers and the operator registry, all they use, take about 7 s); later processes
-load the cached library in a fraction of a second. Where it cannot be built (no
+load the cached library in a fraction of a second. The kernels are compiled for this processor
+(``-march=native``); ``LMNET_NATIVE_MARCH`` names another target instead (``x86-64-v3``: what an
+AVX2 laptop would run, used by the benchmarks' ``--isa avx2``), built and cached apart. Where it cannot be built (no
 compiler, another OS), or with ``LMNET_NATIVE=0``, :func:`native_ops` returns None after a
 one-line notice and every caller runs its pure-PyTorch path, which gives the same numbers.
 """
@@ -33,7 +35,18 @@ log = logging.getLogger(__name__)
 SOURCES = tuple(Path(__file__).with_name("_native") / name
                 for name in ("batchnorm_sum.cpp", "depthwise.cpp", "neighborhood_attention.cpp",
                              "dropout.cpp", "layer_norm.cpp"))
-_FLAGS = ["-O3", "-march=native", "-fopenmp"]
+
+
+def _flags() -> list[str]:
+    # -fno-trapping-math: the kernels never read floating-point exception flags, and without it
+    # GCC will not vectorise a loop whose select it could only make by computing both sides
+    # (the activations' derivatives) unless the CPU can mask lanes (AVX-512): on an AVX2 CPU the
+    # BatchNorm kernel's Hardswish and GELU ran one value at a time (docs/performance.md). It
+    # changes no result: no reassociation, no assumption about NaN, infinity or signed zeros.
+    march = os.environ.get("LMNET_NATIVE_MARCH") or "native"
+    return ["-O3", f"-march={march}", "-fno-trapping-math", "-fopenmp"]
+
+
 _state: dict[str, Any] = {}
 _lock = threading.Lock()
 
@@ -50,7 +63,7 @@ def _cache_root() -> Path:
 def _build_name() -> str:
     from lmnet.runtime import cpu_name
 
-    h = hashlib.sha256(f"{torch.__version__}|{cpu_name()}|{' '.join(_FLAGS)}".encode())
+    h = hashlib.sha256(f"{torch.__version__}|{cpu_name()}|{' '.join(_flags())}".encode())
     for source in SOURCES:
         h.update(source.read_bytes())
     return "lmnet_native_" + h.hexdigest()[:16]
@@ -104,7 +117,7 @@ def native_ops(build: bool = True) -> Any | None:
                             "about half a minute on two cores)")
                 folder.mkdir(parents=True, exist_ok=True)
                 cpp_extension.load(name=name, sources=[str(s) for s in SOURCES],
-                                   build_directory=str(folder), extra_cflags=_FLAGS,
+                                   build_directory=str(folder), extra_cflags=_flags(),
                                    extra_ldflags=["-fopenmp"],
                                    verbose=False, is_python_module=False)
             ops = torch.ops.lmnet_native
