@@ -104,7 +104,7 @@ def summarize_times(times: list[float], batch: int) -> dict[str, float]:
 
 
 #: ``--isa``: run as a CPU with only this vector instruction set would (PyTorch's kernels, oneDNN's
-#: and lmnet's native build), on a machine that has more. AVX2 is what most laptops have. PyTorch
+#: and lmnet's native build), on a machine that has more. Many laptops have AVX2 only. PyTorch
 #: and lmnet only: OpenVINO's CPU plugin fails under ``ONEDNN_MAX_CPU_ISA`` ("node is not
 #: initialized", or a crash), and Inductor's code gave wrong values under ``ATEN_CPU_CAPABILITY``
 #: on an AVX-512 machine (torch 2.13), so neither is timed or tested this way.
@@ -122,7 +122,9 @@ def limit_isa(isa: str | None) -> None:
     if all(os.environ.get(k) == v for k, v in wanted.items()):
         return
     sys.stdout.flush()
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **wanted})
+    sys.stderr.flush()
+    # sys.orig_argv: the interpreter's own options (-u, -X ...) too
+    os.execve(sys.executable, sys.orig_argv, {**os.environ, **wanted})
 
 
 def machine() -> dict[str, Any]:

@@ -25,7 +25,7 @@ once per machine). ``--bf16`` adds the fast path under bf16 autocast. ``--profil
 profiles one step of the fast path (``torch.profiler``, self CPU time per operation) and keeps
 the 15 largest in the JSON, and the 25 largest by operation and input shapes (which layer at
 which resolution). ``--isa avx2`` runs every variant as a CPU with AVX2 and no AVX-512 would
-(most laptops): PyTorch's kernels (``ATEN_CPU_CAPABILITY``), oneDNN's (``ONEDNN_MAX_CPU_ISA``)
+(many laptops): PyTorch's kernels (``ATEN_CPU_CAPABILITY``), oneDNN's (``ONEDNN_MAX_CPU_ISA``)
 and lmnet's native build (``LMNET_NATIVE_MARCH=x86-64-v3``), on a machine that has more (the
 memory and caches stay this machine's).
 
@@ -44,7 +44,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
-from _common import ISA_LIMITS, interleaved_times, limit_isa, machine, report  # noqa: E402  (first: oneDNN's cache)
+from _common import (  # noqa: E402  (first: oneDNN's cache)
+    ISA_LIMITS,
+    interleaved_times,
+    limit_isa,
+    machine,
+    report,
+)
 
 import lmnet  # noqa: E402
 from lmnet.engine.train import adamw  # noqa: E402

@@ -278,9 +278,37 @@ def test_without_a_compiler_the_stock_path_runs_after_one_notice(tmp_path):
 def test_a_build_for_another_target_is_cached_apart(monkeypatch):
     from lmnet.layers import native
 
-    monkeypatch.delenv("LMNET_NATIVE_MARCH", raising=False)
-    assert "-march=native" in native._flags()
-    here = native._build_name()
+    for unset in (None, ""):
+        if unset is None:
+            monkeypatch.delenv("LMNET_NATIVE_MARCH", raising=False)
+        else:
+            monkeypatch.setenv("LMNET_NATIVE_MARCH", unset)
+        assert "-march=native" in native._flags()
+    here = native._build_name(native._flags())
     monkeypatch.setenv("LMNET_NATIVE_MARCH", "x86-64-v3")
     assert "-march=x86-64-v3" in native._flags()
-    assert native._build_name() != here  # an AVX2 build never loads as this machine's, or back
+    assert native._build_name(native._flags()) != here  # never loaded as this machine's build
+    monkeypatch.setenv("LMNET_NATIVE_MARCH", "native; touch x")  # reaches a shell: refused
+    assert "-march=native" in native._flags()
+
+
+def test_the_kernels_are_built_with_the_flags_their_name_was_made_of(monkeypatch, tmp_path):
+    from torch.utils import cpp_extension
+
+    from lmnet.layers import native
+
+    monkeypatch.setattr(native, "_state", {})  # a process that has not loaded the kernels yet
+    monkeypatch.setenv("LMNET_NATIVE_CACHE", str(tmp_path))
+    monkeypatch.setenv("LMNET_NATIVE_MARCH", "x86-64-v3")
+    assert native.native_ops(build=False) is None  # inference: nothing built here, none built
+    monkeypatch.setenv("LMNET_NATIVE_MARCH", "haswell")  # changed within the process
+    seen = {}
+
+    def load(name, extra_cflags, **_):
+        seen.update(name=name, flags=extra_cflags)
+        raise RuntimeError("no compiler in this test")
+
+    monkeypatch.setattr(cpp_extension, "load", load)
+    assert native.native_ops() is None  # the failed build: the PyTorch path
+    assert "-march=x86-64-v3" in seen["flags"]
+    assert seen["name"] == native._build_name(seen["flags"])

@@ -10,8 +10,10 @@ five sources on two cores of a Xeon (:func:`native_status` reports it; 74 s whil
 ``torch/extension.h``, PyTorch's whole C++ API and pybind11, about 25 s of parsing per source
 where ATen's headers and the operator registry, all they use, take about 7 s); later processes
 load the cached library in a fraction of a second. The kernels are compiled for this processor
-(``-march=native``); ``LMNET_NATIVE_MARCH`` names another target instead (``x86-64-v3``: what an
-AVX2 laptop would run, used by the benchmarks' ``--isa avx2``), built and cached apart. Where it cannot be built (no
+(``-march=native``); ``LMNET_NATIVE_MARCH`` names another GCC target instead (``x86-64-v3``: the
+AVX2 an older laptop has, used by the benchmarks' ``--isa avx2``), built and cached apart; a
+target this processor lacks stops the process at the first kernel call (an illegal
+instruction), so it is for measuring, not for running. Where it cannot be built (no
 compiler, another OS), or with ``LMNET_NATIVE=0``, :func:`native_ops` returns None after a
 one-line notice and every caller runs its pure-PyTorch path, which gives the same numbers.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -38,12 +41,20 @@ SOURCES = tuple(Path(__file__).with_name("_native") / name
 
 
 def _flags() -> list[str]:
-    # -fno-trapping-math: the kernels never read floating-point exception flags, and without it
-    # GCC will not vectorise a loop whose select it could only make by computing both sides
-    # (the activations' derivatives) unless the CPU can mask lanes (AVX-512): on an AVX2 CPU the
-    # BatchNorm kernel's Hardswish and GELU ran one value at a time (docs/performance.md). It
-    # changes no result: no reassociation, no assumption about NaN, infinity or signed zeros.
+    """The compiler flags, read once per process with the build's name (see :func:`native_ops`).
+
+    ``-fno-trapping-math``: the kernels never read floating-point exception flags, and without
+    it GCC will not vectorise a loop whose select it could only make by computing both sides
+    (the activations' derivatives, the softmax's exp) unless the CPU can mask lanes (AVX-512): on
+    an AVX2 CPU the BatchNorm kernel's Hardswish and GELU ran one value at a time
+    (docs/performance.md). The values stay the same: no reassociation, no assumption about NaN,
+    infinities or signed zeros (only a NaN's sign bit may differ).
+    """
     march = os.environ.get("LMNET_NATIVE_MARCH") or "native"
+    if not re.fullmatch(r"[A-Za-z0-9_.+-]+", march):  # it reaches a shell command line
+        log.warning("note: LMNET_NATIVE_MARCH=%r is not a compiler target name; using native",
+                    march)
+        march = "native"
     return ["-O3", f"-march={march}", "-fno-trapping-math", "-fopenmp"]
 
 
@@ -60,10 +71,10 @@ def _cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmnet" / "native"
 
 
-def _build_name() -> str:
+def _build_name(flags: list[str]) -> str:
     from lmnet.runtime import cpu_name
 
-    h = hashlib.sha256(f"{torch.__version__}|{cpu_name()}|{' '.join(_flags())}".encode())
+    h = hashlib.sha256(f"{torch.__version__}|{cpu_name()}|{' '.join(flags)}".encode())
     for source in SOURCES:
         h.update(source.read_bytes())
     return "lmnet_native_" + h.hexdigest()[:16]
@@ -93,7 +104,8 @@ def native_ops(build: bool = True) -> Any | None:
             _state["ops"] = None
             return None
         if "library" not in _state:  # the digest reads the sources: once a process
-            name = _build_name()
+            _state["flags"] = _flags()  # the build below uses the flags its name was made of
+            name = _build_name(_state["flags"])
             _state["library"] = _cache_root() / name / f"{name}.so"
         library = _state["library"]
         folder, name = library.parent, library.stem
@@ -117,7 +129,7 @@ def native_ops(build: bool = True) -> Any | None:
                             "about half a minute on two cores)")
                 folder.mkdir(parents=True, exist_ok=True)
                 cpp_extension.load(name=name, sources=[str(s) for s in SOURCES],
-                                   build_directory=str(folder), extra_cflags=_flags(),
+                                   build_directory=str(folder), extra_cflags=_state["flags"],
                                    extra_ldflags=["-fopenmp"],
                                    verbose=False, is_python_module=False)
             ops = torch.ops.lmnet_native
