@@ -1,7 +1,9 @@
 """Shared fixtures and helpers for the test suite."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -13,7 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
 
 # Engine probes (--engine auto) cache their choice per machine: the tests keep theirs apart.
+# ... and remove it when the process ends (each pytest-xdist worker has its own).
 os.environ["LMNET_CACHE_DIR"] = tempfile.mkdtemp(prefix="lmnet-test-cache-")
+atexit.register(shutil.rmtree, os.environ["LMNET_CACHE_DIR"], ignore_errors=True)
 # ... but the native kernels' build (keyed by a digest of sources, flags, CPU and torch) is shared
 # with the user's, so that a test run compiles them at most once per machine.
 os.environ.setdefault("LMNET_NATIVE_CACHE", str(Path.home() / ".cache" / "lmnet" / "native"))
@@ -62,8 +66,11 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
 
 def pytest_runtest_logstart(nodeid: str, location: tuple) -> None:
     if _crash_log is not None:  # the crash log names the test that was running
-        _crash_log.write(f"running {nodeid}\n")
-        _crash_log.flush()
+        try:
+            _crash_log.write(f"running {nodeid}\n")
+            _crash_log.flush()
+        except OSError:  # a full disk: the tests' own failures say so, not pytest's internals
+            pass
 
 
 @pytest.fixture(autouse=True)
