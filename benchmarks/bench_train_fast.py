@@ -2,7 +2,7 @@
 run (run by hand, not in CI).
 
     python benchmarks/bench_train_fast.py [--size 256] [--batch 8] [--rounds 4] [--bf16]
-                                          [--profile] [--isa avx2]
+                                          [--no-ablations] [--profile] [--isa avx2]
                                           [--out benchmarks/results/train_fast.json]
 
 The stock path is lmnet's training as it was at b5568b3: autograd's backward of neighborhood
@@ -21,7 +21,9 @@ per-tensor one it used at b5568b3). All train the same model (LM-Net,
 channels-last, fp32, AdamW, the paper's loss) on the same random batch; each round takes one
 step of every variant in turn, so that a noisy period of this shared machine slows them alike.
 The native kernels are built first (their build time, on a fresh cache, is reported: it is paid
-once per machine). ``--bf16`` adds the fast path under bf16 autocast. ``--profile`` then
+once per machine). ``--bf16`` adds the stock and the fast path under bf16 autocast (issue 28,
+item 2); ``--no-ablations`` leaves out the variants with one piece of the fast path off (stock
+and fast only, and their bf16 twins). ``--profile`` then
 profiles one step of the fast path (``torch.profiler``, self CPU time per operation) and keeps
 the 15 largest in the JSON, and the 25 largest by operation and input shapes (which layer at
 which resolution). ``--isa avx2`` runs every variant as a CPU with AVX2 and no AVX-512 would
@@ -119,7 +121,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--bf16", action="store_true", help="also the fast path under bf16 autocast")
+    p.add_argument("--bf16", action="store_true",
+                   help="also the stock and the fast path under bf16 autocast")
+    p.add_argument("--no-ablations", action="store_true",
+                   help="only stock and fast (and with --bf16 their bf16 twins)")
     p.add_argument("--profile", action="store_true", help="profile one step of the fast path")
     p.add_argument("--isa", choices=sorted(ISA_LIMITS), default=None,
                    help="run as a CPU with only this instruction set would")
@@ -142,7 +147,10 @@ def main() -> None:
                 "fast, PyTorch's LayerNorm": (True, False, True, True, False, True, True),
                 "fast, PyTorch's GELU": (True, False, True, True, True, False, True),
                 "fast, per-tensor AdamW": (True, False, True, True, True, True, False)}
+    if args.no_ablations:
+        variants = {k: v for k, v in variants.items() if k in ("stock (b5568b3 path)", "fast")}
     if args.bf16:
+        variants["stock, bf16 autocast"] = (False, True, False, False, False, False, False)
         variants["fast, bf16 autocast"] = (True, True, True, True, True, True, True)
     steps = {name: make_step(fast, bf16, args.size, args.batch, *pieces)
              for name, (fast, bf16, *pieces) in variants.items()}

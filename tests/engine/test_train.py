@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from PIL import Image
 
 from lmnet.cli.main import main
 from lmnet.config import TrainConfig, load_config
-from lmnet.engine.train import train
+from lmnet.engine.train import Trainer, train
 from tests.conftest import ROOT
 
 SMALL = {"image_size": 32, "batch_size": 8, "epochs": 2, "split_ratios": [0.5, 0.25, 0.25],
@@ -336,12 +337,32 @@ def test_the_demo_report_says_what_its_training_did():
     assert replanned.endswith("the cosine schedule completed.")
 
 
-def test_cpu_options_bf16_and_channels_last(disc_data, tmp_path):
+def test_cpu_options_bf16_and_channels_last(disc_data, tmp_path, monkeypatch, caplog):
+    import lmnet.engine.train as train_module
+
+    monkeypatch.setattr(train_module, "amx_bf16", lambda: False)  # as on most CPUs
     cfg = TrainConfig(data=str(disc_data), out=str(tmp_path), name="bf16", bf16=True,
                       channels_last=True, **{**SMALL, "epochs": 1})
-    run = train(cfg, progress=False)
+    with caplog.at_level(logging.WARNING, logger="lmnet"):
+        run = train(cfg, progress=False)
     rows = list(csv.DictReader((run / "log.csv").open()))
     assert len(rows) == 1 and np.isfinite(float(rows[0]["train_loss"]))
+    notes = [r.getMessage() for r in caplog.records if "--bf16 on a CPU without AMX" in r.getMessage()]
+    assert len(notes) == 1 and "slower" in notes[0]
+
+
+def test_the_bf16_note_is_for_cpus_without_amx(monkeypatch):
+    import lmnet.engine.train as train_module
+
+    def note(bf16, amx, device="cpu"):
+        monkeypatch.setattr(train_module, "amx_bf16", lambda: amx)
+        trainer = Trainer(TrainConfig(data="unused", bf16=bf16), progress=False)
+        trainer.device = torch.device(device)
+        return trainer.bf16_note()
+
+    assert note(True, False) is not None
+    assert note(True, True) is None and note(False, False) is None
+    assert note(True, False, device="meta") is None  # CUDA and other devices: no CPU note
 
 
 def test_evaluate_and_predict_in_bf16(trained_run, tmp_path, disc_data):

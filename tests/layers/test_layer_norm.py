@@ -85,8 +85,10 @@ def test_module_is_an_nn_layer_norm_and_falls_back_where_the_kernel_does_not_app
     assert not native_layer_norm_applies(norm, x.double())
     assert not native_layer_norm_applies(LayerNorm(12, elementwise_affine=False), x)
     assert not native_layer_norm_applies(LayerNorm((5, 12)), x)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not native_layer_norm_applies(norm, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the kernel, in float32 (as autocast's)
+        assert native_layer_norm_applies(norm, x) and norm(x).dtype == torch.float32
+        assert native_layer_norm_applies(norm, x.bfloat16())
+        assert not native_layer_norm_applies(norm, x.half())  # not autocast's dtype
     before = layer_norm.NATIVE
     try:
         layer_norm.NATIVE = False

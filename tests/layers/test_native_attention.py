@@ -94,6 +94,21 @@ def test_only_outside_autograd():
     assert rpb.grad is not None and rpb.grad.abs().sum() > 0
 
 
+def test_inference_under_bf16_autocast_runs_the_kernel_in_float32():
+    """``--precision bf16`` in PyTorch: the attention takes the float32 kernel on its bf16 maps
+    (the same result as on those maps cast), not the slower PyTorch formulation in bf16."""
+    q, k, v = (torch.randn(1, 8, 9, 11).bfloat16() for _ in range(3))
+    rpb = torch.randn(2, 5, 5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert native_forward_applies(q, k, v, rpb)
+        with torch.profiler.profile() as prof:
+            out = neighborhood_attention_2d(q, k, v, 2, 3, rpb)
+    assert any(e.name == "lmnet_native::neighborhood_attention_forward" for e in prof.events())
+    with torch.no_grad():
+        assert not native_forward_applies(q, k, v, rpb)  # bf16 outside autocast: PyTorch's
+        assert torch.equal(out, neighborhood_attention_2d(q.float(), k.float(), v.float(), 2, 3, rpb))
+
+
 @pytest.mark.parametrize("shape,heads,ks,bias", [
     ((2, 12, 14, 15), 12, 3, True),    # LM-Net's full-resolution attention: 12 heads of 1 channel
     ((2, 24, 33, 17), 12, 3, True),    # odd sizes, 2 channels a head
@@ -308,8 +323,8 @@ def test_the_layer_trains_on_one_qkv_map_as_pytorch_computes_it(dim, heads, ks, 
             float((a.double() - b).abs().max())
     with torch.no_grad():
         assert not layer._trains_natively(x)  # evaluation: the inference kernel's path
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # PyTorch's path, in bf16
-        assert not layer._trains_natively(x32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the kernels in float32, the projections
+        assert layer._trains_natively(x32)  # in bf16 (tests/layers/test_fast_path.py)
         assert layer(x32).dtype == torch.bfloat16
 
 

@@ -32,7 +32,7 @@ from lmnet.engine.evaluate import evaluate_samples
 from lmnet.engine.warm_start import initial_weights
 from lmnet.losses import SegmentationLoss, class_balanced_weights
 from lmnet.run_folder import RunFolder
-from lmnet.runtime import ThreadGovernor, cpu_name, installed_versions
+from lmnet.runtime import ThreadGovernor, amx_bf16, cpu_name, installed_versions
 
 __all__ = ["Trainer", "train", "adamw", "load_optimizer_state", "run_folder", "run_split", "read_log", "read_sessions", "step_seconds", "step_memory",
            "LOG_FIELDS", "RESUME_OVERRIDABLE"]
@@ -358,6 +358,15 @@ class Trainer:
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.cfg.epochs,
                                                           eta_min=self.cfg.min_lr)
 
+    def bf16_note(self) -> str | None:
+        """A one-line note where ``--bf16`` is expected to train slower than fp32: a CPU without
+        AMX (its bf16 convolutions are slower than fp32's; ``docs/performance.md``)."""
+        if not self.cfg.bf16 or self.device.type != "cpu" or amx_bf16():
+            return None
+        return (f"note: --bf16 on a CPU without AMX ({cpu_name()}): its bf16 convolutions run "
+                "slower than fp32's, so this trains slower than without --bf16 "
+                "(docs/performance.md)")
+
     def setup(self, class_weights: torch.Tensor) -> None:
         """Build model, loss, optimiser, scheduler, mixed precision on ``self.device`` (in this
         order: the model's initialisation draws from the seeded RNG)."""
@@ -374,6 +383,8 @@ class Trainer:
             self.autocast: Any = torch.autocast("cuda", dtype=torch.float16)
         elif cfg.bf16:
             self.autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+            if (note := self.bf16_note()) and self.ctx.is_main:
+                log.warning("%s", note)
         else:
             self.autocast = contextlib.nullcontext()
         self.net: torch.nn.Module = self.model

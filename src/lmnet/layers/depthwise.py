@@ -27,7 +27,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lmnet.layers.native import in_plain_eager, native_ops
+from lmnet.layers.native import (fp32_backward, fp32_forward, in_plain_eager, kernel_dtype,
+                                 native_ops)
 
 __all__ = ["depthwise_convs", "depthwise_conv", "native_backward_applies", "NATIVE"]
 
@@ -44,8 +45,10 @@ def _native_weight_grad(kernel: Sequence[int], dilation: Sequence[int]) -> bool:
 def native_backward_applies(convs: Sequence[nn.Conv2d], x: torch.Tensor) -> bool:
     """Whether :func:`depthwise_convs` takes the native backward for ``convs`` on ``x``: stride-1,
     zero-padded depthwise convolutions of ``x``'s channels, training float32 weights on a
-    channels-last CPU map, outside autocast, tracing, export and compilation (a single convolution
-    only where its weight gradient is native: larger than 3 x 3 or dilated)."""
+    channels-last CPU map (float32, or autocast's dtype: then computed in float32, forward
+    included, see :func:`~lmnet.layers.native.kernel_dtype`), outside tracing, export and
+    compilation (a single convolution only where its weight gradient is native: larger than
+    3 x 3 or dilated)."""
     c = x.shape[1] if x.dim() == 4 else -1
     return (NATIVE and len(convs) > 0 and torch.is_grad_enabled()
             and all(type(conv) is nn.Conv2d and conv.groups == c == conv.in_channels == conv.out_channels
@@ -53,9 +56,9 @@ def native_backward_applies(convs: Sequence[nn.Conv2d], x: torch.Tensor) -> bool
                     and isinstance(conv.padding, tuple) and conv.weight.requires_grad
                     and conv.weight.dtype == torch.float32 for conv in convs)
             and (len(convs) > 1 or _native_weight_grad(convs[0].kernel_size, convs[0].dilation))
-            and x.device.type == "cpu" and x.dtype == torch.float32
+            and x.device.type == "cpu" and kernel_dtype(x)
             and x.is_contiguous(memory_format=torch.channels_last)
-            and not torch.is_autocast_enabled("cpu") and in_plain_eager()
+            and in_plain_eager()
             and native_ops() is not None)
 
 
@@ -76,6 +79,7 @@ def depthwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 class _DepthwiseConvs(torch.autograd.Function):
     @staticmethod
+    @fp32_forward
     def forward(ctx: Any, x: torch.Tensor, geometry: list, *params: torch.Tensor) -> tuple:
         weights, biases, it = [], [], iter(params)
         for _, _, has_bias in geometry:
@@ -89,6 +93,7 @@ class _DepthwiseConvs(torch.autograd.Function):
                      for w, b, (pad, dil, _) in zip(weights, biases, geometry))
 
     @staticmethod
+    @fp32_backward
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple:
         # grads[i] is None where branch i's output was not used: its parameters get none

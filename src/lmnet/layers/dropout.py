@@ -22,7 +22,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lmnet.layers.native import in_plain_eager, native_ops
+from lmnet.layers.native import (fp32_backward, fp32_forward, in_plain_eager, kernel_dtype,
+                                 native_ops)
 
 __all__ = ["Dropout", "dropout", "native_dropout_applies", "reference_mask", "NATIVE"]
 
@@ -70,9 +71,10 @@ def reference_mask(numel: int, k0: int, k1: int, threshold: int) -> torch.Tensor
 
 def native_dropout_applies(x: torch.Tensor, p: float, training: bool) -> bool:
     """Whether :func:`dropout` takes the native kernel: training, ``0 < p < 1``, a float32 CPU
-    tensor, outside tracing, export and compilation, the kernels built."""
+    tensor (or autocast's dtype, cast to float32: :func:`~lmnet.layers.native.kernel_dtype`),
+    outside tracing, export and compilation, the kernels built."""
     return (NATIVE and training and 0.0 < p < 1.0 and x.device.type == "cpu"
-            and x.dtype == torch.float32 and in_plain_eager() and native_ops() is not None)
+            and kernel_dtype(x) and in_plain_eager() and native_ops() is not None)
 
 
 def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True,
@@ -93,6 +95,7 @@ class Dropout(nn.Dropout):
 
 class _HashDropout(torch.autograd.Function):
     @staticmethod
+    @fp32_forward
     def forward(ctx: Any, x: torch.Tensor, p: float) -> torch.Tensor:
         k0, k1 = draw_keys()
         threshold, scale = threshold_and_scale(p)
@@ -100,6 +103,7 @@ class _HashDropout(torch.autograd.Function):
         return native_ops().dropout_apply(x.contiguous(), k0, k1, threshold, scale)
 
     @staticmethod
+    @fp32_backward
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
         return native_ops().dropout_apply(grad.contiguous(), *ctx.args), None

@@ -16,9 +16,10 @@ units of fp32 rounding).
 :func:`batchnorm_sum` is exact to ``act(sum(bn(z) for bn, z in zip(bns, zs)))`` in training mode, up to
 the summation order of fp32: the same normalisation (biased batch variance), the same update of
 the running statistics (unbiased variance, ``momentum``, ``num_batches_tracked``), the same
-gradients. It takes the native path for float32 channels-last CPU maps in training mode and
-falls back to the modules themselves everywhere else (evaluation, CUDA, autocast, export,
-compilation, or no native build).
+gradients. It takes the native path for float32 channels-last CPU maps in training mode (under
+bf16 autocast too: the maps cast to float32, see :func:`~lmnet.layers.native.kernel_dtype`) and
+falls back to the modules themselves everywhere else (evaluation, CUDA, export, compilation, or
+no native build).
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from lmnet.layers.native import in_plain_eager, native_ops
+from lmnet.layers.native import (fp32_backward, fp32_forward, in_plain_eager, kernel_dtype,
+                                 native_ops)
 
 __all__ = ["batchnorm_sum", "norm_act", "reference_batchnorm_sum", "activation_code", "NATIVE", "ACTIVATIONS"]
 
@@ -63,14 +65,13 @@ def activation_code(act: nn.Module | None) -> int | None:
 
 def _native_applies(zs: Sequence[torch.Tensor], bns: Sequence[nn.BatchNorm2d]) -> bool:
     z0 = zs[0]
-    return (NATIVE and z0.device.type == "cpu" and z0.dtype == torch.float32 and z0.dim() == 4
+    return (NATIVE and z0.device.type == "cpu" and kernel_dtype(z0) and z0.dim() == 4
             and all(bn.training and bn.affine and bn.track_running_stats and type(bn) is nn.BatchNorm2d
                     and bn.weight.dtype == torch.float32 for bn in bns)
             and all(z.shape == z0.shape and z.dtype == z0.dtype
                     and z.is_contiguous(memory_format=torch.channels_last) for z in zs)
             and len({bn.eps for bn in bns}) == 1
-            and not torch.is_autocast_enabled("cpu") and in_plain_eager()
-            and z0.numel() // z0.shape[1] > 1
+            and in_plain_eager() and z0.numel() // z0.shape[1] > 1
             and native_ops() is not None)
 
 
@@ -97,6 +98,7 @@ def batchnorm_sum(zs: Sequence[torch.Tensor], bns: Sequence[nn.BatchNorm2d],
 
 class _BatchNormSum(torch.autograd.Function):
     @staticmethod
+    @fp32_forward
     def forward(ctx: Any, eps: float, act: int, gamma: torch.Tensor, beta: torch.Tensor,
                 *zs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ops = native_ops()
@@ -108,6 +110,7 @@ class _BatchNormSum(torch.autograd.Function):
         return y, mean, var
 
     @staticmethod
+    @fp32_backward
     def backward(ctx: Any, grad: torch.Tensor, _mean: Any, _var: Any) -> tuple:
         gamma, beta, mean, invstd, *zs = ctx.saved_tensors
         out = native_ops().bn_sum_backward(grad, list(zs), gamma, beta, mean, invstd, ctx.act)

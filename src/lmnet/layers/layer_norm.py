@@ -7,7 +7,8 @@ forward and 40 ms backward a call at 8 x 256 x 256 x 12 in a profiled training s
 kernel (``_native/layer_norm.cpp``) computes the same normalisation (biased variance, ``eps``
 inside the square root) and its gradients in one pass each, the parameters' gradients summed in a
 fixed order (the same bits on any number of threads). It applies under autograd to float32 CPU
-tensors normalised over their last dimension with a weight and a bias, in plain eager PyTorch;
+tensors normalised over their last dimension with a weight and a bias, in plain eager PyTorch
+(under bf16 autocast too, in float32 as autocast's own LayerNorm);
 everywhere else (evaluation, export, tracing, compilation, another dtype or device, ``NATIVE``
 False, no native kernels) :class:`LayerNorm` is ``nn.LayerNorm``.
 """
@@ -19,7 +20,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lmnet.layers.native import in_plain_eager, native_ops
+from lmnet.layers.native import (fp32_backward, fp32_forward, in_plain_eager, kernel_dtype,
+                                 native_ops)
 
 __all__ = ["LayerNorm", "native_layer_norm_applies", "NATIVE"]
 
@@ -30,14 +32,14 @@ NATIVE = True
 
 def native_layer_norm_applies(norm: nn.LayerNorm, x: torch.Tensor) -> bool:
     """Whether :class:`LayerNorm` ``norm`` computes ``x`` with the native kernel: autograd
-    recording, a float32 CPU input normalised over its last dimension with a weight and a bias,
-    outside autocast, tracing, export and compilation, the kernels built."""
+    recording, a float32 CPU input (or autocast's dtype: computed in float32, see
+    :func:`~lmnet.layers.native.kernel_dtype`) normalised over its last dimension with a weight
+    and a bias, outside tracing, export and compilation, the kernels built."""
     w, b = norm.weight, norm.bias
     return (NATIVE and torch.is_grad_enabled() and in_plain_eager()
-            and not torch.is_autocast_enabled("cpu")
             and len(norm.normalized_shape) == 1 and w is not None and b is not None
             and any(t.requires_grad for t in (x, w, b))
-            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (x, w, b))
+            and all(t.device.type == "cpu" for t in (x, w, b)) and kernel_dtype(x, w, b)
             and x.dim() >= 1 and x.shape[-1] == norm.normalized_shape[0] and x.numel() > 0
             and native_ops() is not None)
 
@@ -53,6 +55,7 @@ class LayerNorm(nn.LayerNorm):
 
 class _NativeLayerNorm(torch.autograd.Function):
     @staticmethod
+    @fp32_forward
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                 eps: float) -> torch.Tensor:
         shape = x.shape
@@ -64,6 +67,7 @@ class _NativeLayerNorm(torch.autograd.Function):
         return y.view(shape)
 
     @staticmethod
+    @fp32_backward
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
         x2, mean, rstd, w = ctx.saved_tensors

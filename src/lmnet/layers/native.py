@@ -30,7 +30,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["native_ops", "native_status", "in_plain_eager", "SOURCES"]
+__all__ = ["native_ops", "native_status", "in_plain_eager", "kernel_dtype", "fp32_forward",
+           "fp32_backward", "SOURCES"]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,24 @@ def in_plain_eager() -> bool:
     compiled, where a native kernel (opaque to those tools) may stand in for PyTorch's ops."""
     return not (torch.jit.is_tracing() or torch.jit.is_scripting()
                 or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling())
+
+
+def kernel_dtype(*tensors: torch.Tensor) -> bool:
+    """Whether the native training kernels take these tensors: float32, or under CPU autocast
+    (``lmnet train --bf16``) also autocast's lower precision, which their autograd functions
+    cast to float32 (:data:`fp32_forward`). The kernels compute in float32 either way, so bf16
+    training keeps them and only autocast's own operations (the dense convolutions and matrix
+    products, where AMX makes bf16 cheap) compute in bf16."""
+    low = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    return all(t.dtype == torch.float32 or t.dtype == low for t in tensors)
+
+
+#: An autograd function's ``forward`` under CPU autocast: floating-point inputs cast to float32,
+#: autocast off inside (``torch.amp.custom_fwd``); outside autocast nothing changes. Autograd
+#: casts each input's gradient back to that input's dtype.
+fp32_forward = torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)
+#: The matching ``backward``: runs with the autocast state of its forward (off).
+fp32_backward = torch.amp.custom_bwd(device_type="cpu")
 
 
 def native_ops(build: bool = True) -> Any | None:

@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from lmnet.layers.dropout import Dropout
-from lmnet.layers.native import in_plain_eager, native_ops
+from lmnet.layers.native import (fp32_backward, fp32_forward, in_plain_eager, kernel_dtype,
+                                 native_ops)
 
 __all__ = ["neighborhood_window_index", "neighborhood_attention_2d", "NeighborhoodAttention2d",
            "NeighborhoodAttentionCore", "native_forward_applies", "native_training_applies",
@@ -251,11 +252,11 @@ def _attend_border(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ks: int,
 def native_forward_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            rpb: torch.Tensor | None) -> bool:
     """Whether :func:`neighborhood_attention_2d` runs the native kernel on these inputs: float32
-    CPU maps, nothing that autograd records, outside tracing, export and compilation, the
-    native library loaded."""
+    CPU maps (or, under bf16 autocast, bf16 ones: computed in float32, as in training), nothing
+    that autograd records, outside tracing, export and compilation, the native library loaded."""
     tensors = (q, k, v) if rpb is None else (q, k, v, rpb)
     return (NATIVE_FORWARD
-            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and all(t.device.type == "cpu" for t in tensors) and kernel_dtype(*tensors)
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
             and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()
             and not torch.compiler.is_compiling()
@@ -273,7 +274,7 @@ def native_training_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def _trains_natively_on(tensors: list[torch.Tensor]) -> bool:
     """The native training kernels' conditions on the tensors a call computes with."""
     return (NATIVE_TRAINING and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and all(t.device.type == "cpu" for t in tensors) and kernel_dtype(*tensors)
             and in_plain_eager() and native_ops() is not None)
 
 
@@ -282,12 +283,14 @@ class _NativeAttention(torch.autograd.Function):
     ``k`` (one pass over a row of queries) instead of keeping a ``ks * ks`` map per head."""
 
     @staticmethod
+    @fp32_forward
     def forward(ctx, q, k, v, rpb, heads, ks, scale):  # noqa: ANN001, ANN205 - autograd.Function
         ctx.save_for_backward(q, k, v, rpb)
         ctx.args = (heads, ks, scale)
         return native_ops().neighborhood_attention_forward(q, k, v, rpb, heads, ks, scale)
 
     @staticmethod
+    @fp32_backward
     def backward(ctx, grad):  # noqa: ANN001, ANN205 - autograd.Function signature
         q, k, v, rpb = ctx.saved_tensors
         ops = native_ops()
@@ -303,6 +306,7 @@ class _NativeAttentionQKV(torch.autograd.Function):
     split, no concatenation of the three gradients)."""
 
     @staticmethod
+    @fp32_forward
     def forward(ctx, qkv, rpb, heads, ks, scale):  # noqa: ANN001, ANN205 - autograd.Function
         ctx.save_for_backward(qkv, rpb)
         ctx.args = (heads, ks, scale)
@@ -310,6 +314,7 @@ class _NativeAttentionQKV(torch.autograd.Function):
         return native_ops().neighborhood_attention_forward(q, k, v, rpb, heads, ks, scale)
 
     @staticmethod
+    @fp32_backward
     def backward(ctx, grad):  # noqa: ANN001, ANN205 - autograd.Function signature
         qkv, rpb = ctx.saved_tensors
         q, k, v = qkv.chunk(3, dim=1)
@@ -355,7 +360,9 @@ def neighborhood_attention_2d(
     h, d, r = num_heads, C // num_heads, ks // 2
     scale = d ** -0.5 if scale is None else scale
     if native_forward_applies(q, k, v, rpb):
-        return native_ops().neighborhood_attention_forward(q, k, v, rpb, h, ks, float(scale))
+        q, k, v = q.float(), k.float(), v.float()  # bf16 under autocast: the kernel is float32
+        return native_ops().neighborhood_attention_forward(q, k, v, None if rpb is None else rpb.float(),
+                                                           h, ks, float(scale))
     if native_training_applies(q, k, v, rpb):
         return _NativeAttention.apply(q, k, v, rpb, h, ks, float(scale))
     q = (q * scale).reshape(B, h, d, H, W)
@@ -433,9 +440,7 @@ class NeighborhoodAttention2d(nn.Module):
         conditions, as :func:`native_training_applies`, for the input and the parameters)."""
         params = [p for p in (self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias,
                               self.rpb) if p is not None]
-        return (x.dim() == 4 and x.shape[-1] == self.dim
-                and not torch.is_autocast_enabled("cpu")  # its products would come out bf16
-                and _trains_natively_on([x, *params]))
+        return (x.dim() == 4 and x.shape[-1] == self.dim and _trains_natively_on([x, *params]))
 
     def _native_training_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The same projections as ``forward``'s as batched matrix products on the tokens' own
