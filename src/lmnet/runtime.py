@@ -324,7 +324,15 @@ def amx_bf16() -> bool:
     """Whether this CPU has AMX's bf16 matrix instructions (``amx_bf16`` in ``/proc/cpuinfo``),
     the hardware where bf16 convolutions run several times faster than fp32 ones; with
     AVX512-BF16 alone they run slower than fp32 (``docs/performance.md``)."""
-    return "amx_bf16" in _cpuinfo()[1]
+    _, flags = _cpuinfo()
+    if flags:
+        return "amx_bf16" in flags
+    import torch  # no /proc/cpuinfo (another OS): PyTorch's own check
+
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 #: lmnet's alternate signal stack: allocated once, never freed (256 KiB: the kernel's signal frame

@@ -376,6 +376,27 @@ def test_under_bf16_autocast_the_kernels_compute_in_fp32(piece):
         _close(a, b, "parameter gradient")
 
 
+def test_under_bf16_autocast_the_running_statistics_are_the_modules():
+    """The kernel's BatchNorm statistics under autocast update the running ones as PyTorch's
+    BatchNorm under autocast does (momentum and cumulative average both)."""
+    torch.manual_seed(0)
+    for momentum in (0.1, None):
+        bns = randomize_batchnorm(nn.ModuleList([nn.BatchNorm2d(6, momentum=momentum)
+                                                 for _ in range(2)]))
+        ref = copy.deepcopy(bns)
+        for step in range(3):
+            zs = [torch.randn(2, 6, 7, 9).contiguous(memory_format=torch.channels_last)
+                  .bfloat16().requires_grad_() for _ in range(2)]
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                batchnorm_sum(zs, bns, nn.GELU())
+                with stock_path():
+                    reference_batchnorm_sum(zs, ref, nn.GELU())
+        for a, b in zip(bns, ref):
+            assert int(a.num_batches_tracked) == int(b.num_batches_tracked) == 3
+            _close(a.running_mean, b.running_mean, "running mean")
+            _close(a.running_var, b.running_var, "running variance")
+
+
 def test_bf16_training_keeps_the_native_kernels_and_is_closer_to_fp32_than_stock_bf16():
     """The whole model under bf16 autocast: lmnet's kernels run (in float32), so its gradients
     are nearer the float32 ones than PyTorch's bf16 path (every op autocast lowers in bf16,

@@ -89,6 +89,8 @@ def test_module_is_an_nn_layer_norm_and_falls_back_where_the_kernel_does_not_app
         assert native_layer_norm_applies(norm, x) and norm(x).dtype == torch.float32
         assert native_layer_norm_applies(norm, x.bfloat16())
         assert not native_layer_norm_applies(norm, x.half())  # not autocast's dtype
+    with torch.autocast("cpu", dtype=torch.float16):  # fp16 autocast: float32 inputs only
+        assert not native_layer_norm_applies(norm, x.half())
     before = layer_norm.NATIVE
     try:
         layer_norm.NATIVE = False

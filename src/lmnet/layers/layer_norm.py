@@ -8,7 +8,7 @@ kernel (``_native/layer_norm.cpp``) computes the same normalisation (biased vari
 inside the square root) and its gradients in one pass each, the parameters' gradients summed in a
 fixed order (the same bits on any number of threads). It applies under autograd to float32 CPU
 tensors normalised over their last dimension with a weight and a bias, in plain eager PyTorch
-(under bf16 autocast too, in float32 as autocast's own LayerNorm);
+(under bf16 autocast too: a bf16 input is cast, the output is float32);
 everywhere else (evaluation, export, tracing, compilation, another dtype or device, ``NATIVE``
 False, no native kernels) :class:`LayerNorm` is ``nn.LayerNorm``.
 """
