@@ -20,6 +20,7 @@ import ctypes.util
 import os
 import sys
 import time
+from typing import Any, Callable
 
 __all__ = ["installed_versions", "keep_freed_memory", "available_cpus", "available_memory", "cgroup_cpu_quota", "cpu_name",
            "native_bf16", "amx_bf16", "set_threads", "threads_were_chosen", "ThreadGovernor", "cpu_busy_seconds", "govern_threads",
@@ -309,28 +310,27 @@ def native_bf16() -> bool:
     """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX-BF16), where bf16 inference
     can be faster than fp32; elsewhere it is emulated and slower. Where ``/proc/cpuinfo`` is
     missing, oneDNN's own check decides."""
-    _, flags = _cpuinfo()
-    if flags:
-        return bool(flags & {"avx512_bf16", "amx_bf16"})
-    import torch
-
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    return _cpu_has({"avx512_bf16", "amx_bf16"},
+                    lambda torch: torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def amx_bf16() -> bool:
     """Whether this CPU has AMX's bf16 matrix instructions (``amx_bf16`` in ``/proc/cpuinfo``),
     the hardware where bf16 convolutions run several times faster than fp32 ones; with
     AVX512-BF16 alone they run slower than fp32 (``docs/performance.md``)."""
+    return _cpu_has({"amx_bf16"}, lambda torch: torch.cpu._is_amx_tile_supported())
+
+
+def _cpu_has(any_of: set[str], torch_check: Callable[[Any], Any]) -> bool:
+    """Whether ``/proc/cpuinfo`` lists one of the flags ``any_of``; where it lists none (another
+    OS), PyTorch's own check ``torch_check(torch)``, False where that is missing."""
     _, flags = _cpuinfo()
     if flags:
-        return "amx_bf16" in flags
-    import torch  # no /proc/cpuinfo (another OS): PyTorch's own check
+        return bool(flags & any_of)
+    import torch
 
     try:
-        return bool(torch.cpu._is_amx_tile_supported())
+        return bool(torch_check(torch))
     except (AttributeError, RuntimeError):
         return False
 

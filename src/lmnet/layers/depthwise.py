@@ -45,7 +45,7 @@ def _native_weight_grad(kernel: Sequence[int], dilation: Sequence[int]) -> bool:
 def native_backward_applies(convs: Sequence[nn.Conv2d], x: torch.Tensor) -> bool:
     """Whether :func:`depthwise_convs` takes the native backward for ``convs`` on ``x``: stride-1,
     zero-padded depthwise convolutions of ``x``'s channels, training float32 weights on a
-    channels-last CPU map (float32, or autocast's dtype: then computed in float32, forward
+    channels-last CPU map (float32, or bf16 under bf16 autocast: then computed in float32, forward
     included, see :func:`~lmnet.layers.native.kernel_dtype`), outside tracing, export and
     compilation (a single convolution only where its weight gradient is native: larger than
     3 x 3 or dilated)."""

@@ -71,7 +71,7 @@ def reference_mask(numel: int, k0: int, k1: int, threshold: int) -> torch.Tensor
 
 def native_dropout_applies(x: torch.Tensor, p: float, training: bool) -> bool:
     """Whether :func:`dropout` takes the native kernel: training, ``0 < p < 1``, a float32 CPU
-    tensor (or autocast's dtype, cast to float32: :func:`~lmnet.layers.native.kernel_dtype`),
+    tensor (or bf16 under bf16 autocast, cast to float32: :func:`~lmnet.layers.native.kernel_dtype`),
     outside tracing, export and compilation, the kernels built."""
     return (NATIVE and training and 0.0 < p < 1.0 and x.device.type == "cpu"
             and kernel_dtype(x) and in_plain_eager() and native_ops() is not None)

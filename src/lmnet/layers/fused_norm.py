@@ -18,9 +18,8 @@ the summation order of fp32: the same normalisation (biased batch variance), the
 the running statistics (unbiased variance, ``momentum``, ``num_batches_tracked``), the same
 gradients. It takes the native path for float32 channels-last CPU maps in training mode (under
 bf16 autocast too: the maps cast to float32 and the result float32, where the modules would
-give bf16; see :func:`~lmnet.layers.native.kernel_dtype`) and
-falls back to the modules themselves everywhere else (evaluation, CUDA, export, compilation, or
-no native build).
+give bf16; see :func:`~lmnet.layers.native.kernel_dtype`) and falls back to the modules
+themselves everywhere else (evaluation, CUDA, export, compilation, or no native build).
 """
 from __future__ import annotations
 

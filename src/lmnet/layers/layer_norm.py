@@ -32,7 +32,7 @@ NATIVE = True
 
 def native_layer_norm_applies(norm: nn.LayerNorm, x: torch.Tensor) -> bool:
     """Whether :class:`LayerNorm` ``norm`` computes ``x`` with the native kernel: autograd
-    recording, a float32 CPU input (or autocast's dtype: computed in float32, see
+    recording, a float32 CPU input (or bf16 under bf16 autocast: computed in float32, see
     :func:`~lmnet.layers.native.kernel_dtype`) normalised over its last dimension with a weight
     and a bias, outside tracing, export and compilation, the kernels built."""
     w, b = norm.weight, norm.bias

@@ -89,11 +89,11 @@ def in_plain_eager() -> bool:
 
 
 def kernel_dtype(*tensors: torch.Tensor) -> bool:
-    """Whether the native training kernels take these tensors: float32, or under CPU autocast
+    """Whether the native kernels take these tensors: float32, or under CPU bf16 autocast
     (``lmnet train --bf16``) also bf16, which their autograd functions cast to float32
-    (:data:`fp32_forward`; their outputs are float32). Not under fp16 autocast (untested there). The kernels compute in float32 either way, so bf16
-    training keeps them and only autocast's own operations (the dense convolutions and matrix
-    products, where AMX makes bf16 cheap) compute in bf16."""
+    (:data:`fp32_forward`; their outputs are float32). Not fp16 under fp16 autocast. So bf16
+    training keeps the kernels, in float32, and only autocast's own operations (the dense
+    convolutions and matrix products, where AMX makes bf16 cheap) compute in bf16."""
     low = (torch.bfloat16 if torch.is_autocast_enabled("cpu")
            and torch.get_autocast_dtype("cpu") == torch.bfloat16 else None)
     return all(t.dtype == torch.float32 or t.dtype == low for t in tensors)

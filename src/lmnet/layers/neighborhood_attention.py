@@ -360,8 +360,9 @@ def neighborhood_attention_2d(
     h, d, r = num_heads, C // num_heads, ks // 2
     scale = d ** -0.5 if scale is None else scale
     if native_forward_applies(q, k, v, rpb):
-        q, k, v = q.float(), k.float(), v.float()  # bf16 under autocast: the kernel is float32
-        return native_ops().neighborhood_attention_forward(q, k, v, None if rpb is None else rpb.float(),
+        # bf16 under autocast: the kernel computes in float32 (.float() of float32 is a no-op)
+        rpb32 = None if rpb is None else rpb.float()
+        return native_ops().neighborhood_attention_forward(q.float(), k.float(), v.float(), rpb32,
                                                            h, ks, float(scale))
     if native_training_applies(q, k, v, rpb):
         return _NativeAttention.apply(q, k, v, rpb, h, ks, float(scale))
